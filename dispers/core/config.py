@@ -1,0 +1,330 @@
+"""Cluster configuration: settings and the roster (role, endpoint, public keys per actor)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dispers.core.errors import DispersError, ErrorCode
+from dispers.core.ids import Role, check_name
+from dispers.crypto.keys import SealingPublicKey, VerifyKey
+
+SINGLETON_ROLES = (Role.CONDUCTOR, Role.CONCEPT_INDEXOR, Role.TARGET_FINDER, Role.TARGET)
+
+
+def _config_error(message: str) -> DispersError:
+    return DispersError(ErrorCode.CONFIG, message)
+
+
+@dataclass(frozen=True)
+class RosterEntry:
+    """The public face of one actor: what everyone may know about it."""
+
+    name: str
+    role: Role
+    endpoint: str
+    sealing_key: SealingPublicKey
+    verify_key: VerifyKey
+    parent: str | None = None
+
+
+@dataclass(frozen=True)
+class DAPlan:
+    """The tree of Data Aggregators: contributions go to the leaves, the root seals to Q."""
+
+    root: str
+    parents: tuple[tuple[str, str], ...]  # (child, parent), sorted
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Every DA of the plan, root last."""
+        return tuple(sorted(child for child, _ in self.parents)) + (self.root,)
+
+    def children(self, name: str) -> tuple[str, ...]:
+        """The DAs whose parent is `name`."""
+        return tuple(sorted(child for child, parent in self.parents if parent == name))
+
+    def parent(self, name: str) -> str | None:
+        """The parent of `name`, or None for the root."""
+        for child, parent in self.parents:
+            if child == name:
+                return parent
+        return None
+
+    @property
+    def leaves(self) -> tuple[str, ...]:
+        """The DAs that receive contributions (layer 1)."""
+        return tuple(m for m in self.members if not self.children(m))
+
+    def layers(self) -> list[tuple[str, ...]]:
+        """DAs grouped by height, leaves first, root last: the order partials move up."""
+        height: dict[str, int] = {}
+
+        def h(name: str) -> int:
+            if name not in height:
+                kids = self.children(name)
+                height[name] = 0 if not kids else 1 + max(h(k) for k in kids)
+            return height[name]
+
+        top = h(self.root)
+        return [tuple(m for m in self.members if h(m) == level) for level in range(top + 1)]
+
+    def to_obj(self) -> dict[str, Any]:
+        """JSON-able form, for signing and sealing."""
+        return {"root": self.root, "parents": [list(p) for p in self.parents]}
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> DAPlan:
+        """Parse and validate the JSON-able form."""
+        try:
+            root = check_name(obj["root"], "plan root")
+            parents = tuple(sorted((check_name(c), check_name(p)) for c, p in obj["parents"]))
+        except (KeyError, TypeError, ValueError):
+            raise DispersError(ErrorCode.MALFORMED, "the aggregator plan is malformed") from None
+        plan = cls(root, parents)
+        plan.validate()
+        return plan
+
+    def validate(self) -> None:
+        """One root, every parent in the plan, no cycles, no DA twice."""
+        children = [c for c, _ in self.parents]
+        if len(set(children)) != len(children) or self.root in children:
+            raise DispersError(ErrorCode.MALFORMED, "the aggregator plan names a DA twice")
+        known = set(children) | {self.root}
+        for _, parent in self.parents:
+            if parent not in known:
+                raise DispersError(ErrorCode.MALFORMED, "the aggregator plan has a dangling parent")
+        for child in children:
+            seen = {child}
+            node: str | None = self.parent(child)
+            while node is not None:
+                if node in seen:
+                    raise DispersError(ErrorCode.MALFORMED, "the aggregator plan has a cycle")
+                seen.add(node)
+                node = self.parent(node)
+
+
+@dataclass(frozen=True)
+class Roster:
+    """Every actor of the cluster by name."""
+
+    entries: tuple[RosterEntry, ...]
+
+    def __post_init__(self) -> None:
+        names = [e.name for e in self.entries]
+        if len(set(names)) != len(names):
+            raise _config_error("the roster names an actor twice")
+
+    def __iter__(self) -> Iterator[RosterEntry]:
+        return iter(self.entries)
+
+    def get(self, name: str) -> RosterEntry:
+        """The entry named `name`."""
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        raise DispersError(ErrorCode.NOT_FOUND, f"no actor named {name!r} in the roster")
+
+    def by_role(self, role: Role) -> list[RosterEntry]:
+        """Every entry of a role, in roster order."""
+        return [e for e in self.entries if e.role is role]
+
+    def one(self, role: Role) -> RosterEntry:
+        """The single actor of a singleton role."""
+        found = self.by_role(role)
+        if len(found) != 1:
+            raise _config_error(f"the roster must have exactly one {role.value} ({len(found)} found)")
+        return found[0]
+
+    def require(self, name: str, role: Role) -> RosterEntry:
+        """The entry `name`, checked to have `role` (UNAUTHORIZED otherwise)."""
+        try:
+            entry = self.get(name)
+        except DispersError:
+            raise DispersError(ErrorCode.UNAUTHORIZED, f"{name!r} is not a {role.value} of this cluster") from None
+        if entry.role is not role:
+            raise DispersError(ErrorCode.UNAUTHORIZED, f"{name!r} is not a {role.value} of this cluster")
+        return entry
+
+    def da_plan(self) -> DAPlan:
+        """The aggregator tree the roster describes."""
+        das = self.by_role(Role.DATA_AGGREGATOR)
+        roots = [d.name for d in das if d.parent is None]
+        if len(roots) != 1:
+            raise _config_error(f"exactly one data_aggregator must have no parent ({len(roots)} found)")
+        plan = DAPlan(roots[0], tuple(sorted((d.name, d.parent) for d in das if d.parent)))
+        try:
+            plan.validate()
+        except DispersError as exc:
+            raise _config_error(exc.message) from None
+        return plan
+
+    def to_obj(self) -> list[dict[str, Any]]:
+        """JSON/TOML-able public form (no secrets, no paths)."""
+        out = []
+        for e in self.entries:
+            item: dict[str, Any] = {
+                "name": e.name,
+                "role": e.role.value,
+                "endpoint": e.endpoint,
+                "sealing_public_key": e.sealing_key.hex(),
+                "verify_key": e.verify_key.hex(),
+            }
+            if e.parent:
+                item["parent"] = e.parent
+            out.append(item)
+        return out
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Cluster-wide policy and tuning."""
+
+    k_min: int = 10
+    max_query_age_s: float = 600.0
+    batch_size: int = 1000
+    query_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """What only the process serving an actor needs: its key file and stores."""
+
+    key_file: Path | None = None
+    backend: str = "memory"
+    state_path: Path | None = None
+    documents: Path | None = None
+    as_of: dt.date | None = None  # personal_cloud: reference date for deriving concepts
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A parsed cluster.toml."""
+
+    path: Path | None
+    settings: ClusterSettings
+    roster: Roster
+    local: Mapping[str, LocalSettings]
+
+    def local_for(self, name: str) -> LocalSettings:
+        """The private settings of actor `name`."""
+        if name not in self.local:
+            raise _config_error(f"no actor named {name!r} in the config")
+        return self.local[name]
+
+
+_ACTOR_KEYS = {
+    "name", "role", "endpoint", "sealing_public_key", "verify_key", "parent",
+    "key_file", "backend", "state_path", "documents", "as_of",
+}  # fmt: skip
+_SETTING_KEYS = {"k_min", "max_query_age_s", "batch_size", "query_timeout_s"}
+
+
+def _settings(raw: Any) -> ClusterSettings:
+    if not isinstance(raw, dict):
+        raise _config_error("[cluster] must be a table")
+    unknown = set(raw) - _SETTING_KEYS
+    if unknown:
+        raise _config_error(f"[cluster] has unknown key(s): {', '.join(sorted(unknown))}")
+    s = ClusterSettings(**raw)
+    if not isinstance(s.k_min, int) or s.k_min < 2:
+        raise _config_error("cluster.k_min must be an integer >= 2")
+    if not isinstance(s.batch_size, int) or not 1 <= s.batch_size <= 100_000:
+        raise _config_error("cluster.batch_size must be an integer in 1..100000")
+    for key in ("max_query_age_s", "query_timeout_s"):
+        if not isinstance(getattr(s, key), int | float) or getattr(s, key) <= 0:
+            raise _config_error(f"cluster.{key} must be a positive number")
+    return s
+
+
+def _entry(raw: Any, i: int, base: Path | None) -> tuple[RosterEntry, LocalSettings]:
+    where = f"actor[{i}]"
+    if not isinstance(raw, dict):
+        raise _config_error(f"{where} must be a table")
+    unknown = set(raw) - _ACTOR_KEYS
+    if unknown:
+        raise _config_error(f"{where} has unknown key(s): {', '.join(sorted(unknown))}")
+    for key in ("name", "role", "endpoint", "sealing_public_key", "verify_key"):
+        if not isinstance(raw.get(key), str):
+            raise _config_error(f"{where}.{key} is missing or not a string")
+    try:
+        name = check_name(raw["name"])
+        role = Role.parse(raw["role"])
+        sealing = SealingPublicKey.from_hex(raw["sealing_public_key"])
+        verify = VerifyKey.from_hex(raw["verify_key"])
+    except DispersError as exc:
+        raise _config_error(f"{where}: {exc.message}") from None
+    parent = raw.get("parent")
+    if parent is not None and (role is not Role.DATA_AGGREGATOR or not isinstance(parent, str)):
+        raise _config_error(f"{where}.parent is only for data_aggregator actors, as a name")
+    backend = raw.get("backend", "memory")
+    if backend not in ("memory", "sqlite"):
+        raise _config_error(f"{where}.backend must be 'memory' or 'sqlite'")
+
+    def path(key: str) -> Path | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise _config_error(f"{where}.{key} must be a path string")
+        p = Path(value)
+        return p if p.is_absolute() or base is None else base / p
+
+    as_of = raw.get("as_of")
+    if isinstance(as_of, str):
+        try:
+            as_of = dt.date.fromisoformat(as_of)
+        except ValueError:
+            raise _config_error(f"{where}.as_of must be a date (YYYY-MM-DD)") from None
+    if as_of is not None and (not isinstance(as_of, dt.date) or isinstance(as_of, dt.datetime)):
+        raise _config_error(f"{where}.as_of must be a date (YYYY-MM-DD)")
+    local = LocalSettings(
+        key_file=path("key_file"), backend=backend, state_path=path("state_path"),
+        documents=path("documents"), as_of=as_of,
+    )  # fmt: skip
+    if backend == "sqlite" and local.state_path is None:
+        raise _config_error(f"{where}.state_path is required with backend = 'sqlite'")
+    return RosterEntry(name, role, raw["endpoint"], sealing, verify, parent), local
+
+
+def parse_config(data: Mapping[str, Any], path: Path | None = None) -> ClusterConfig:
+    """Validate a cluster config mapping; errors name the bad key."""
+    unknown = set(data) - {"cluster", "actor"}
+    if unknown:
+        raise _config_error(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
+    settings = _settings(data.get("cluster", {}))
+    actors = data.get("actor")
+    if not isinstance(actors, list) or not actors:
+        raise _config_error("the config needs [[actor]] entries")
+    base = path.parent if path is not None else None
+    pairs = [_entry(raw, i, base) for i, raw in enumerate(actors)]
+    roster = Roster(tuple(e for e, _ in pairs))
+    for role in SINGLETON_ROLES:
+        roster.one(role)
+    roster.da_plan()
+    if not roster.by_role(Role.QUERIER):
+        raise _config_error("the roster needs at least one querier")
+    return ClusterConfig(path, settings, roster, {e.name: loc for e, loc in pairs})
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    """Read and validate cluster.toml."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise _config_error(f"config file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise _config_error(f"config file {p} is not valid TOML: {exc}") from None
+    return parse_config(data, p)
+
+
+def roster_from_obj(items: Any) -> Roster:
+    """Parse the public roster form served by the Conductor."""
+    if not isinstance(items, list):
+        raise DispersError(ErrorCode.MALFORMED, "the roster must be a list")
+    return Roster(tuple(_entry(raw, i, None)[0] for i, raw in enumerate(items)))

@@ -1,0 +1,332 @@
+"""What a researcher asks (QuerySpec) and the plaintexts it becomes: data request, aggregate spec, result."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dispers.core.codec import field as get_field
+from dispers.core.errors import DispersError, ErrorCode, malformed
+from dispers.core.expression import compile_named
+from dispers.core.ids import check_query_id
+
+STATS = ("count", "sum", "mean", "var", "std", "min", "max")
+
+
+def _spec_error(message: str) -> DispersError:
+    return malformed(f"query spec: {message}")
+
+
+@dataclass(frozen=True)
+class GroupBy:
+    """Group contributions by a bucketed field the instance computes locally."""
+
+    field: str
+    edges: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.field, str) or not self.field.isidentifier():
+            raise malformed("group_by.field must be an identifier")
+        if len(self.edges) < 2 or any(not isinstance(e, int | float) for e in self.edges):
+            raise malformed("group_by.edges must be at least two numbers")
+        if any(not math.isfinite(e) for e in self.edges) or any(
+            b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)
+        ):
+            raise malformed("group_by.edges must be finite and strictly increasing")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """One label per bucket, such as '12-25'."""
+        return tuple(f"{_num(a)}-{_num(b)}" for a, b in zip(self.edges, self.edges[1:], strict=False))
+
+    def to_obj(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"field": self.field, "edges": list(self.edges)}
+
+    @classmethod
+    def from_obj(cls, obj: Any, what: str) -> GroupBy | None:
+        """Parse the JSON-able form (None stays None)."""
+        if obj is None:
+            return None
+        if not isinstance(obj, dict):
+            raise malformed(f"{what}: group_by must be an object")
+        edges = get_field(obj, "edges", list, what)
+        return cls(get_field(obj, "field", str, what), tuple(edges))
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What T asks each target instance to compute, signed by Q; names a registry function."""
+
+    query_id: str
+    function: str
+    params: Mapping[str, Any]
+    as_of: dt.date
+    group_by: GroupBy | None
+    aggregators: tuple[str, ...]  # the leaf DAs an instance may seal to
+
+    def to_obj(self) -> dict[str, Any]:
+        """JSON-able form (what Q signs)."""
+        return {
+            "query_id": self.query_id,
+            "function": self.function,
+            "params": dict(self.params),
+            "as_of": self.as_of.isoformat(),
+            "group_by": self.group_by.to_obj() if self.group_by else None,
+            "aggregators": list(self.aggregators),
+        }
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> DataRequest:
+        """Parse and validate."""
+        what = "data request"
+        try:
+            as_of = dt.date.fromisoformat(get_field(obj, "as_of", str, what))
+        except ValueError:
+            raise malformed(f"{what}: as_of is not an ISO date") from None
+        return cls(
+            query_id=check_query_id(get_field(obj, "query_id", str, what)),
+            function=get_field(obj, "function", str, what),
+            params=get_field(obj, "params", dict, what),
+            as_of=as_of,
+            group_by=GroupBy.from_obj(obj.get("group_by"), what),
+            aggregators=tuple(str(a) for a in get_field(obj, "aggregators", list, what)),
+        )
+
+
+@dataclass(frozen=True)
+class AggregateSpec:
+    """What each DA must compute: bounds to check, stats to release, groups, k."""
+
+    query_id: str
+    k: int
+    bounds: tuple[float, float]
+    stats: tuple[str, ...]
+    groups: tuple[str, ...]  # labels; contributions carry an index into this
+
+    def __post_init__(self) -> None:
+        lo, hi = self.bounds
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise malformed("aggregate spec: bounds must be finite with lower < upper")
+        bad = [s for s in self.stats if s not in STATS]
+        if bad or not self.stats:
+            raise malformed(f"aggregate spec: stats must be a non-empty subset of {', '.join(STATS)}")
+        if not self.groups:
+            raise malformed("aggregate spec: at least one group")
+
+    def to_obj(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {
+            "query_id": self.query_id,
+            "k": self.k,
+            "bounds": list(self.bounds),
+            "stats": list(self.stats),
+            "groups": list(self.groups),
+        }
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> AggregateSpec:
+        """Parse and validate."""
+        what = "aggregate spec"
+        bounds = get_field(obj, "bounds", list, what)
+        if len(bounds) != 2 or not all(isinstance(b, int | float) for b in bounds):
+            raise malformed(f"{what}: bounds must be two numbers")
+        return cls(
+            query_id=check_query_id(get_field(obj, "query_id", str, what)),
+            k=get_field(obj, "k", int, what),
+            bounds=(float(bounds[0]), float(bounds[1])),
+            stats=tuple(get_field(obj, "stats", list, what)),
+            groups=tuple(get_field(obj, "groups", list, what)),
+        )
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """A researcher's aggregate query, as written in a spec file."""
+
+    target: str  # expression over concept names
+    function: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    as_of: dt.date = dt.date(2026, 11, 1)
+    group_by: GroupBy | None = None
+    bounds: tuple[float, float] = (0.0, 1.0)
+    stats: tuple[str, ...] = ("count", "mean", "std")
+    k: int = 10
+
+    def compiled(self) -> tuple[tuple[str, ...], str]:
+        """(concepts, positional expression) for CI and TF."""
+        return compile_named(self.target)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """Group labels of the result."""
+        return self.group_by.labels if self.group_by else ("all",)
+
+    def to_obj(self) -> dict[str, Any]:
+        """The spec-file form (parse_query_spec reads it back)."""
+        data: dict[str, Any] = {
+            "function": self.function,
+            "as_of": self.as_of.isoformat(),
+            "params": dict(self.params),
+        }
+        if self.group_by:
+            data["group_by"] = self.group_by.to_obj()
+        return {
+            "query": {"target": self.target, "k": self.k},
+            "data": data,
+            "aggregate": {"stats": list(self.stats), "bounds": list(self.bounds)},
+        }
+
+
+_SPEC_TABLES = {"query": {"target", "k"}, "data": {"function", "as_of", "params", "group_by"},
+                "aggregate": {"stats", "bounds"}}  # fmt: skip
+
+
+def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
+    """Validate a query spec mapping (from TOML); errors name the bad key."""
+    for table in data:
+        if table not in _SPEC_TABLES:
+            raise _spec_error(f"unknown table [{table}]")
+        if not isinstance(data[table], dict):
+            raise _spec_error(f"[{table}] must be a table")
+        for key in data[table]:
+            if key not in _SPEC_TABLES[table]:
+                raise _spec_error(f"unknown key {table}.{key}")
+    query = data.get("query", {})
+    dat = data.get("data", {})
+    agg = data.get("aggregate", {})
+    if not isinstance(query.get("target"), str):
+        raise _spec_error("query.target (a concept expression) is required")
+    if not isinstance(dat.get("function"), str):
+        raise _spec_error("data.function is required")
+    k = query.get("k", 10)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+        raise _spec_error("query.k must be an integer >= 2")
+    as_of = dat.get("as_of", dt.date(2026, 11, 1))
+    if isinstance(as_of, str):
+        try:
+            as_of = dt.date.fromisoformat(as_of)
+        except ValueError:
+            raise _spec_error("data.as_of must be a date (YYYY-MM-DD)") from None
+    if not isinstance(as_of, dt.date) or isinstance(as_of, dt.datetime):
+        raise _spec_error("data.as_of must be a date (YYYY-MM-DD)")
+    params = dat.get("params", {})
+    if not isinstance(params, dict):
+        raise _spec_error("data.params must be a table")
+    group_by = None
+    if "group_by" in dat:
+        gb = dat["group_by"]
+        if not isinstance(gb, dict) or set(gb) != {"field", "edges"}:
+            raise _spec_error("data.group_by must have exactly 'field' and 'edges'")
+        try:
+            group_by = GroupBy(gb["field"], tuple(gb["edges"]))
+        except DispersError as exc:
+            raise _spec_error(f"data.{exc.message}") from None
+    bounds = agg.get("bounds")
+    if (
+        not isinstance(bounds, list)
+        or len(bounds) != 2
+        or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+        or not bounds[0] < bounds[1]
+    ):
+        raise _spec_error("aggregate.bounds must be [lower, upper] with lower < upper")
+    stats = agg.get("stats", ["count", "mean", "std"])
+    if not isinstance(stats, list) or not stats or any(s not in STATS for s in stats):
+        raise _spec_error(f"aggregate.stats must be a non-empty list from {', '.join(STATS)}")
+    spec = QuerySpec(
+        target=query["target"],
+        function=dat["function"],
+        params=params,
+        as_of=as_of,
+        group_by=group_by,
+        bounds=(float(bounds[0]), float(bounds[1])),
+        stats=tuple(stats),
+        k=k,
+    )
+    spec.compiled()  # the target expression must parse
+    return spec
+
+
+def load_query_spec(path: str | Path) -> QuerySpec:
+    """Read and validate a query spec TOML file."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise _spec_error(f"file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise _spec_error(f"file {p} is not valid TOML: {exc}") from None
+    return parse_query_spec(data)
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """One group of a released result: numbers, or suppressed when fewer than k contributed."""
+
+    label: str
+    suppressed: bool
+    values: Mapping[str, float | None]  # stat -> value; empty when suppressed
+
+    def to_obj(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"label": self.label, "suppressed": self.suppressed, "values": dict(self.values)}
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> GroupResult:
+        """Parse."""
+        if not isinstance(obj, dict):
+            raise malformed("result group must be an object")
+        return cls(
+            label=get_field(obj, "label", str, "result group"),
+            suppressed=get_field(obj, "suppressed", bool, "result group"),
+            values=get_field(obj, "values", dict, "result group"),
+        )
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """What the root DA seals to Q."""
+
+    query_id: str
+    k: int
+    groups: tuple[GroupResult, ...]
+    contributions: int  # folded into the aggregate
+    dropped: Mapping[str, int]  # reason -> count, e.g. out_of_bounds
+
+    def group(self, label: str) -> GroupResult:
+        """The group labelled `label`."""
+        for g in self.groups:
+            if g.label == label:
+                return g
+        raise DispersError(ErrorCode.NOT_FOUND, f"no group {label!r} in the result")
+
+    def to_obj(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {
+            "query_id": self.query_id,
+            "k": self.k,
+            "groups": [g.to_obj() for g in self.groups],
+            "contributions": self.contributions,
+            "dropped": dict(self.dropped),
+        }
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any]) -> QueryResult:
+        """Parse."""
+        what = "result"
+        return cls(
+            query_id=check_query_id(get_field(obj, "query_id", str, what)),
+            k=get_field(obj, "k", int, what),
+            groups=tuple(GroupResult.from_obj(g) for g in get_field(obj, "groups", list, what)),
+            contributions=get_field(obj, "contributions", int, what),
+            dropped=get_field(obj, "dropped", dict, what),
+        )

@@ -1,0 +1,103 @@
+"""What each actor offers the others: the contract both transports implement."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from dispers.core.config import Roster
+from dispers.core.messages import (
+    CollectReport,
+    ContributionBatch,
+    ContributionRequest,
+    FoundTargets,
+    QueryEnvelope,
+    SubscriptionItem,
+    SubscriptionOp,
+    TokenizedSubscription,
+)
+from dispers.core.spec import QueryResult, QuerySpec
+from dispers.state.queries import QueryRecord
+
+
+class ConductorAPI(Protocol):
+    """Orchestrates subscriptions and queries; relays ciphertext."""
+
+    def get_roster(self) -> Roster: ...
+    def subscribe(self, op: SubscriptionOp, items: Sequence[SubscriptionItem]) -> int: ...
+    def submit(self, envelope: QueryEnvelope) -> str: ...
+    def status(self, query_id: str, wait_s: float = 0.0) -> QueryRecord: ...
+
+
+class ConceptIndexorAPI(Protocol):
+    """Concept strings -> keyed tokens, sealed to TF."""
+
+    def tokenize_subscriptions(
+        self, op: SubscriptionOp, sealed_concepts: Sequence[bytes]
+    ) -> list[bytes]: ...
+    def tokenize_query(self, envelope: QueryEnvelope) -> bytes: ...
+
+
+class TargetFinderAPI(Protocol):
+    """Token -> pseudonym sets; evaluates target expressions."""
+
+    def apply_subscriptions(
+        self, op: SubscriptionOp, items: Sequence[TokenizedSubscription]
+    ) -> int: ...
+    def find_targets(self, envelope: QueryEnvelope, sealed_tokens: bytes) -> FoundTargets: ...
+
+
+class TargetAPI(Protocol):
+    """Address directory; asks targets for contributions and forwards them to DAs."""
+
+    def pseudonymize(self, op: SubscriptionOp, sealed_addresses: Sequence[bytes]) -> list[bytes]: ...
+    def collect(self, envelope: QueryEnvelope, sealed_pseudonyms: bytes) -> CollectReport: ...
+
+
+class DataAggregatorAPI(Protocol):
+    """Folds contributions into partials in memory; the root releases the result."""
+
+    def prepare(self, envelope: QueryEnvelope) -> None: ...
+    def ingest(self, query_id: str, ciphertexts: Sequence[bytes]) -> int: ...
+    def absorb(self, query_id: str, child: str, sealed_partial: bytes) -> None: ...
+    def finalize(self, query_id: str) -> bytes: ...
+    def abort(self, query_id: str) -> None: ...
+
+
+class PersonalCloudAPI(Protocol):
+    """A host of many instances: computes and seals their contributions."""
+
+    def contribute(self, request: ContributionRequest) -> ContributionBatch: ...
+
+
+class Peers(Protocol):
+    """How an actor reaches the others (in-process objects or gRPC stubs)."""
+
+    def conductor(self) -> ConductorAPI: ...
+    def concept_indexor(self) -> ConceptIndexorAPI: ...
+    def target_finder(self) -> TargetFinderAPI: ...
+    def target(self) -> TargetAPI: ...
+    def data_aggregator(self, name: str) -> DataAggregatorAPI: ...
+    def personal_cloud(self, name: str) -> PersonalCloudAPI: ...
+
+
+@dataclass(frozen=True)
+class QueryOutcome:
+    """What a Querier reports: C's record of the query and, once done, the opened result."""
+
+    record: QueryRecord
+    result: QueryResult | None
+
+
+class QuerierAPI(Protocol):
+    """The researcher's service: builds, signs and submits queries; opens results."""
+
+    def submit(self, spec: QuerySpec) -> str: ...
+    def outcome(self, query_id: str, wait_s: float = 0.0) -> QueryOutcome: ...
+
+
+class PersonalCloudAdminAPI(Protocol):
+    """Host administration: (un)subscribe every instance it serves."""
+
+    def subscribe_all(self, op: SubscriptionOp) -> int: ...

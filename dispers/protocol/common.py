@@ -1,0 +1,118 @@
+"""Checks every actor applies: query envelopes, replays, signed payloads, compact byte lists."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from dispers.core.codec import dumps, hex_bytes, loads_object
+from dispers.core.config import ClusterSettings, Roster, RosterEntry
+from dispers.core.errors import DispersError, ErrorCode, malformed
+from dispers.core.ids import Role, check_query_id
+from dispers.core.messages import QueryEnvelope
+from dispers.crypto.keys import SigningKeyPair, VerifyKey
+
+CLOCK_SKEW_S = 60.0
+
+
+class ReplayGuard:
+    """Remembers ids for a while; a second use of one is a replay."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 1_000_000) -> None:
+        self._ttl = ttl_s
+        self._max = max_entries
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _expire(self, now: float) -> None:
+        while self._seen:
+            key, at = next(iter(self._seen.items()))
+            if now - at <= self._ttl and len(self._seen) <= self._max:
+                break
+            self._seen.pop(key)
+
+    def check(self, key: str, what: str) -> None:
+        """Raise REPLAY if `key` was recorded."""
+        with self._lock:
+            self._expire(time.time())
+            if key in self._seen:
+                raise DispersError(ErrorCode.REPLAY, f"{what} was already processed (replay)")
+
+    def record(self, key: str) -> None:
+        """Record `key` as used (call once the work has succeeded)."""
+        with self._lock:
+            self._seen[key] = time.time()
+
+
+def verify_envelope(
+    envelope: QueryEnvelope, roster: Roster, settings: ClusterSettings, *, now: float | None = None
+) -> RosterEntry:
+    """Check a query: known querier, its keys, signature, age, k and plan. Returns Q's entry."""
+    check_query_id(envelope.query_id)
+    querier = roster.require(envelope.querier, Role.QUERIER)
+    if (
+        querier.verify_key != envelope.querier_verify_key
+        or querier.sealing_key != envelope.querier_sealing_key
+    ):
+        raise DispersError(
+            ErrorCode.UNAUTHORIZED, "the query's keys do not match its querier's roster entry"
+        )
+    querier.verify_key.verify(envelope.signing_bytes(), envelope.signature, "query")
+    now = time.time() if now is None else now
+    if now - envelope.created_at > settings.max_query_age_s:
+        raise DispersError(ErrorCode.EXPIRED, "the query is older than the cluster allows")
+    if envelope.created_at - now > CLOCK_SKEW_S:
+        raise DispersError(ErrorCode.EXPIRED, "the query is dated in the future")
+    if envelope.k < settings.k_min:
+        raise malformed(f"the query's k is below the cluster minimum k={settings.k_min}")
+    if envelope.plan != roster.da_plan():
+        raise malformed("the query's aggregator plan does not match the cluster's")
+    return querier
+
+
+def sign_payload(signing: SigningKeyPair, signer: str, body: dict[str, Any]) -> bytes:
+    """Wrap a JSON body with the signer's name and Ed25519 signature (sealed boxes are anonymous)."""
+    raw = dumps(body)
+    sig = signing.sign(b"dispers-signed-v1\x00" + signer.encode() + b"\x00" + raw)
+    return dumps({"body": raw.decode(), "signer": signer, "sig": sig.hex()})
+
+
+def open_signed(payload: bytes, expected_signer: str, key: VerifyKey, what: str) -> dict[str, Any]:
+    """Check a signed payload came from `expected_signer` and return its body."""
+    outer = loads_object(payload, what)
+    if outer.get("signer") != expected_signer or not isinstance(outer.get("body"), str):
+        raise DispersError(ErrorCode.BAD_SIGNATURE, f"{what}: not signed by the expected actor")
+    raw = outer["body"].encode()
+    sig = hex_bytes(outer.get("sig"), f"{what} signature", 64)
+    key.verify(b"dispers-signed-v1\x00" + expected_signer.encode() + b"\x00" + raw, sig, what)
+    return loads_object(raw, what)
+
+
+def pack(items: Sequence[bytes], size: int) -> str:
+    """Fixed-size byte strings as one base64 string (compact for a million pseudonyms)."""
+    if any(len(x) != size for x in items):
+        raise ValueError("items of the wrong size")
+    return base64.b64encode(b"".join(items)).decode()
+
+
+def unpack(value: object, size: int, what: str) -> list[bytes]:
+    """Inverse of pack, with a clear error."""
+    if not isinstance(value, str):
+        raise malformed(f"{what} is not a base64 string")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise malformed(f"{what} is not valid base64") from None
+    if len(raw) % size:
+        raise malformed(f"{what} is not a whole number of {size}-byte items")
+    return [raw[i : i + size] for i in range(0, len(raw), size)]
+
+
+def same_query(obj: dict[str, Any], envelope: QueryEnvelope, what: str) -> None:
+    """A sealed payload must belong to the query it travels with (no swapping between queries)."""
+    if obj.get("query_id") != envelope.query_id:
+        raise malformed(f"{what} belongs to another query")

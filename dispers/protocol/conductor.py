@@ -1,0 +1,174 @@
+"""Conductor: orchestrates subscriptions and queries, relays ciphertext, keeps timings and counts."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from dispers.core.config import ClusterSettings, Roster
+from dispers.core.errors import DispersError, ErrorCode
+from dispers.core.messages import (
+    QueryEnvelope,
+    SubscriptionItem,
+    SubscriptionOp,
+    TokenizedSubscription,
+)
+from dispers.protocol.api import Peers
+from dispers.protocol.common import verify_envelope
+from dispers.state.queries import QueryRecord, QueryStore
+
+log = logging.getLogger(__name__)
+FINAL_STATES = ("done", "refused", "failed")
+Executor = Callable[[Callable[[], None]], None]
+
+
+def run_inline(job: Callable[[], None]) -> None:
+    """Executor that runs a query to completion inside submit (the in-process transport's)."""
+    job()
+
+
+def run_in_thread(job: Callable[[], None]) -> None:
+    """Executor that runs each query on its own daemon thread (the services')."""
+    threading.Thread(target=job, name="dispers-query", daemon=True).start()
+
+
+class Conductor:
+    """C sees only ciphertext, sizes and timings: it never holds a key that opens a payload."""
+
+    def __init__(
+        self,
+        name: str,
+        roster: Roster,
+        settings: ClusterSettings,
+        store: QueryStore,
+        peers: Peers,
+        executor: Executor = run_inline,
+    ) -> None:
+        self.name = name
+        self._roster = roster
+        self._settings = settings
+        self._store = store
+        self._peers = peers
+        self._executor = executor
+        self._done = threading.Condition()
+        self._random = secrets.SystemRandom()
+
+    def get_roster(self) -> Roster:
+        """The cluster's public roster."""
+        return self._roster
+
+    def subscribe(self, op: SubscriptionOp, items: Sequence[SubscriptionItem]) -> int:
+        """Relay a batch of subscriptions through CI, T and TF in shuffled order."""
+        order = list(range(len(items)))
+        self._random.shuffle(order)  # so CI, T and TF cannot pair items by arrival position
+        shuffled = [items[i] for i in order]
+        changed = 0
+        size = self._settings.batch_size
+        for start in range(0, len(shuffled), size):
+            chunk = shuffled[start : start + size]
+            tokens = self._peers.concept_indexor().tokenize_subscriptions(
+                op, [s.sealed_concepts for s in chunk]
+            )
+            pseudonyms = self._peers.target().pseudonymize(op, [s.sealed_address for s in chunk])
+            if len(tokens) != len(chunk) or len(pseudonyms) != len(chunk):
+                raise DispersError(ErrorCode.INTERNAL, "an actor answered the wrong number of items")
+            changed += self._peers.target_finder().apply_subscriptions(
+                op, [TokenizedSubscription(t, p) for t, p in zip(tokens, pseudonyms, strict=True)]
+            )
+        log.info("%s of %d subscriptions: %d memberships changed", op.value, len(items), changed)
+        return changed
+
+    def submit(self, envelope: QueryEnvelope) -> str:
+        """Check who asks and record the query; it then runs on the executor."""
+        verify_envelope(envelope, self._roster, self._settings)
+        self._store.create(
+            QueryRecord(
+                query_id=envelope.query_id,
+                querier=envelope.querier,
+                created_at=time.time(),
+                state="pending",
+                k=envelope.k,
+            )
+        )
+        log.info("query %s from %s accepted", envelope.query_id[:8], envelope.querier)
+        self._executor(lambda: self._run(envelope))
+        return envelope.query_id
+
+    def status(self, query_id: str, wait_s: float = 0.0) -> QueryRecord:
+        """The query's record, waiting up to wait_s for it to finish."""
+        deadline = time.monotonic() + max(0.0, min(wait_s, self._settings.query_timeout_s))
+        with self._done:
+            while True:
+                record = self._store.get(query_id)
+                remaining = deadline - time.monotonic()
+                if record.state in FINAL_STATES or remaining <= 0:
+                    return record
+                self._done.wait(remaining)
+
+    @contextmanager
+    def _phase(self, query_id: str, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self._store.update(query_id, phases={name: time.perf_counter() - start})
+
+    def _run(self, envelope: QueryEnvelope) -> None:
+        qid = envelope.query_id
+        plan = envelope.plan
+        prepared: list[str] = []
+        self._store.update(qid, state="running")
+        try:
+            with self._phase(qid, "tokens"):
+                sealed_tokens = self._peers.concept_indexor().tokenize_query(envelope)
+            with self._phase(qid, "targets"):
+                found = self._peers.target_finder().find_targets(envelope, sealed_tokens)
+            self._store.update(qid, counts={"targets": found.count})
+            with self._phase(qid, "prepare"):
+                for da in plan.members:
+                    self._peers.data_aggregator(da).prepare(envelope)
+                    prepared.append(da)
+            with self._phase(qid, "collect"):
+                report = self._peers.target().collect(envelope, found.sealed_pseudonyms)
+            self._store.update(
+                qid,
+                counts={
+                    "contributed": report.contributed,
+                    "declined": report.declined,
+                    "unreachable": report.unreachable,
+                    **{f"to:{da}": n for da, n in report.per_aggregator},
+                },
+            )
+            with self._phase(qid, "aggregate"):
+                for layer in plan.layers()[:-1]:
+                    for da in layer:
+                        sealed = self._peers.data_aggregator(da).finalize(qid)
+                        parent = plan.parent(da)
+                        assert parent is not None
+                        self._peers.data_aggregator(parent).absorb(qid, da, sealed)
+                sealed_result = self._peers.data_aggregator(plan.root).finalize(qid)
+            self._store.update(qid, state="done", sealed_result=sealed_result)
+            log.info("query %s done", qid[:8])
+        except DispersError as exc:
+            state = "refused" if exc.code is ErrorCode.TOO_FEW_TARGETS else "failed"
+            self._store.update(qid, state=state, error_code=exc.code.value, error_message=exc.message)
+            log.info("query %s %s: %s", qid[:8], state, exc.code.value)
+            self._abort(qid, prepared)
+        except Exception:  # a bug or a transport failure: record it, never leave a query running
+            log.exception("query %s failed unexpectedly", qid[:8])
+            self._store.update(
+                qid, state="failed", error_code=ErrorCode.INTERNAL.value, error_message="internal error"
+            )
+            self._abort(qid, prepared)
+        finally:
+            with self._done:
+                self._done.notify_all()
+
+    def _abort(self, query_id: str, prepared: list[str]) -> None:
+        for da in prepared:
+            try:
+                self._peers.data_aggregator(da).abort(query_id)
+            except Exception:  # best effort: DAs also expire unfinished queries
+                log.warning("query %s: could not abort at %s", query_id[:8], da)

@@ -1,0 +1,52 @@
+"""The concepts an instance derives from its own documents, and the syntax every concept follows."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import date
+
+import numpy as np
+
+from dispers.core.errors import DispersError, ErrorCode
+from dispers.protocol.instance.functions import ages_at, bucketize
+from dispers.state.documents import DocumentStore, epoch_day
+
+MAX_CONCEPT_LENGTH = 64
+# namespace:value; the lookahead caps the whole string's length.
+CONCEPT_PATTERN = re.compile(rf"(?=.{{1,{MAX_CONCEPT_LENGTH}}}\Z)[a-z_]+:[A-Za-z0-9_.-]+\Z")
+
+AGE_BRACKETS: tuple[int, ...] = (0, 12, 25, 50, 100, 150)
+AGE_CONCEPTS: tuple[str, ...] = tuple(
+    f"age:{lo}-{hi}" for lo, hi in zip(AGE_BRACKETS, AGE_BRACKETS[1:], strict=False)
+)
+HAS_HEART_RATE = "has:heart_rate"
+
+
+def validate_concept(s: str) -> None:
+    """Raise MALFORMED unless ``s`` is a concept ``namespace:value``; never echoes ``s``."""
+    if not isinstance(s, str) or CONCEPT_PATTERN.match(s) is None:
+        raise DispersError(ErrorCode.MALFORMED, "concept does not match namespace:value")
+
+
+def derive_concepts(store: DocumentStore, ids: Sequence[str], as_of: date) -> list[list[str]]:
+    """Return, per instance of ``ids``, the concepts it subscribes to on ``as_of``.
+
+    Age bracket (from AGE_BRACKETS, lo <= age < hi), ``sex:F`` or ``sex:M``, and
+    ``has:heart_rate`` when the instance holds a measurement dated on or before ``as_of``.
+    Two queries per batch, whatever its size.
+    """
+    birth_days, female, _ = store.identity(ids)
+    count, _ = store.heart_rate_summary(ids, np.iinfo(np.int64).min, epoch_day(as_of))
+    brackets = bucketize(ages_at(birth_days, as_of), AGE_BRACKETS)
+    age_labels = [AGE_CONCEPTS[b] if b >= 0 else None for b in brackets.tolist()]
+    concepts: list[list[str]] = []
+    for age, is_female, measured in zip(
+        age_labels, female.tolist(), (count > 0).tolist(), strict=True
+    ):
+        row = [] if age is None else [age]
+        row.append("sex:F" if is_female else "sex:M")
+        if measured:
+            row.append(HAS_HEART_RATE)
+        concepts.append(row)
+    return concepts

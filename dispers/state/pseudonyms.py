@@ -1,0 +1,221 @@
+"""The Target Finder's token -> set of pseudonyms: an ABC, in-memory and SQLite."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from dispers.core.errors import malformed
+
+Pairs = Sequence[tuple[Sequence[bytes], bytes]]
+"""(tokens, pseudonym) pairs: the pseudonym joins or leaves each token's set."""
+
+
+def _memberships(pairs: Pairs) -> list[tuple[bytes, bytes]]:
+    """Validate every pair, then flatten them to (token, pseudonym) rows.
+
+    Raises MALFORMED naming the first bad pair (and token) by index.
+    """
+    rows: list[tuple[bytes, bytes]] = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise malformed(f"pair {i} is not a (tokens, pseudonym) pair")
+        tokens, pseudonym = pair
+        if not isinstance(pseudonym, bytes) or not pseudonym:
+            raise malformed(f"the pseudonym of pair {i} is not non-empty bytes")
+        # A lone bytes token is itself a Sequence (of ints): refuse it rather than
+        # silently treating each byte as a token.
+        if isinstance(tokens, bytes | bytearray | str) or not isinstance(tokens, Sequence):
+            raise malformed(f"the tokens of pair {i} are not a sequence of tokens")
+        for j, token in enumerate(tokens):
+            if not isinstance(token, bytes) or not token:
+                raise malformed(f"token {j} of pair {i} is not non-empty bytes")
+            rows.append((token, pseudonym))
+    return rows
+
+
+class PseudonymSets(ABC):
+    """For each token, the set of pseudonyms of the instances subscribed to its concept."""
+
+    @abstractmethod
+    def add(self, pairs: Pairs) -> int:
+        """Add each pseudonym to each of its tokens' sets (all or none; idempotent).
+
+        Returns the number of (token, pseudonym) memberships newly created.
+        """
+
+    @abstractmethod
+    def remove(self, pairs: Pairs) -> int:
+        """Remove each pseudonym from each of its tokens' sets (all or none).
+
+        Removing a pseudonym that is not a member is a no-op. Returns the number of
+        memberships removed.
+        """
+
+    @abstractmethod
+    def members(self, token: bytes) -> frozenset[bytes]:
+        """Return the pseudonyms in a token's set (empty for an unknown token)."""
+
+    @abstractmethod
+    def universe(self) -> frozenset[bytes]:
+        """Return every pseudonym that is a member of at least one token's set."""
+
+    @abstractmethod
+    def token_count(self) -> int:
+        """Return the number of tokens whose set is not empty."""
+
+    def close(self) -> None:  # noqa: B027 - deliberately a no-op for stores without resources
+        """Release any resources held by the store; the store is unusable afterwards."""
+
+
+class MemoryPseudonymSets(PseudonymSets):
+    """Sets held in Python dicts; lost when the process ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sets: dict[bytes, set[bytes]] = {}
+        # pseudonym -> number of tokens it belongs to, so universe() needs no union.
+        self._refs: dict[bytes, int] = {}
+
+    def add(self, pairs: Pairs) -> int:
+        """Add each pseudonym to each of its tokens' sets (all or none; idempotent).
+
+        Returns the number of (token, pseudonym) memberships newly created.
+        """
+        rows = _memberships(pairs)
+        added = 0
+        with self._lock:
+            for token, pseudonym in rows:
+                members = self._sets.setdefault(token, set())
+                if pseudonym not in members:
+                    members.add(pseudonym)
+                    self._refs[pseudonym] = self._refs.get(pseudonym, 0) + 1
+                    added += 1
+        return added
+
+    def remove(self, pairs: Pairs) -> int:
+        """Remove each pseudonym from each of its tokens' sets (all or none).
+
+        Removing a pseudonym that is not a member is a no-op. Returns the number of
+        memberships removed.
+        """
+        rows = _memberships(pairs)
+        removed = 0
+        with self._lock:
+            for token, pseudonym in rows:
+                members = self._sets.get(token)
+                if members is None or pseudonym not in members:
+                    continue
+                members.remove(pseudonym)
+                if not members:
+                    del self._sets[token]
+                refs = self._refs[pseudonym] - 1
+                if refs:
+                    self._refs[pseudonym] = refs
+                else:
+                    del self._refs[pseudonym]
+                removed += 1
+        return removed
+
+    def members(self, token: bytes) -> frozenset[bytes]:
+        """Return the pseudonyms in a token's set (empty for an unknown token)."""
+        with self._lock:
+            return frozenset(self._sets.get(token, ()))
+
+    def universe(self) -> frozenset[bytes]:
+        """Return every pseudonym that is a member of at least one token's set."""
+        with self._lock:
+            return frozenset(self._refs)
+
+    def token_count(self) -> int:
+        """Return the number of tokens whose set is not empty."""
+        with self._lock:
+            return len(self._sets)
+
+
+class SQLitePseudonymSets(PseudonymSets):
+    """Sets in an SQLite file (or ":memory:"), safe to share between threads."""
+
+    def __init__(self, path: str) -> None:
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        if path != ":memory:":
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA busy_timeout=5000")
+        with self._transaction() as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS memberships ("
+                " token BLOB NOT NULL, pseudonym BLOB NOT NULL,"
+                " PRIMARY KEY (token, pseudonym)) WITHOUT ROWID"
+            )
+            conn.execute(
+                "CREATE INDEX IF NOT EXISTS memberships_pseudonym ON memberships (pseudonym)"
+            )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and run the body in one transaction, rolled back on any error."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    def add(self, pairs: Pairs) -> int:
+        """Add each pseudonym to each of its tokens' sets (all or none; idempotent).
+
+        Returns the number of (token, pseudonym) memberships newly created.
+        """
+        rows = _memberships(pairs)
+        with self._transaction() as conn:
+            cursor = conn.executemany(
+                "INSERT OR IGNORE INTO memberships (token, pseudonym) VALUES (?, ?)", rows
+            )
+            return max(cursor.rowcount, 0)
+
+    def remove(self, pairs: Pairs) -> int:
+        """Remove each pseudonym from each of its tokens' sets (all or none).
+
+        Removing a pseudonym that is not a member is a no-op. Returns the number of
+        memberships removed.
+        """
+        rows = _memberships(pairs)
+        with self._transaction() as conn:
+            cursor = conn.executemany(
+                "DELETE FROM memberships WHERE token = ? AND pseudonym = ?", rows
+            )
+            return max(cursor.rowcount, 0)
+
+    def members(self, token: bytes) -> frozenset[bytes]:
+        """Return the pseudonyms in a token's set (empty for an unknown token)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT pseudonym FROM memberships WHERE token = ?", (token,)
+            ).fetchall()
+        return frozenset(row[0] for row in rows)
+
+    def universe(self) -> frozenset[bytes]:
+        """Return every pseudonym that is a member of at least one token's set."""
+        with self._lock:
+            rows = self._conn.execute("SELECT DISTINCT pseudonym FROM memberships").fetchall()
+        return frozenset(row[0] for row in rows)
+
+    def token_count(self) -> int:
+        """Return the number of tokens whose set is not empty."""
+        with self._lock:
+            (count,) = self._conn.execute(
+                "SELECT COUNT(DISTINCT token) FROM memberships"
+            ).fetchone()
+        return int(count)
+
+    def close(self) -> None:
+        """Close the database connection; the store is unusable afterwards."""
+        with self._lock:
+            self._conn.close()
