@@ -149,3 +149,20 @@ def generate(spec: PopulationSpec) -> Population:
         hr_day=hr_day,
         hr_bpm=hr_bpm.astype(np.float64),
     )
+
+
+def concat(*parts: Population) -> Population:
+    """One population made of several (ids must not collide)."""
+    offsets = np.cumsum([0] + [p.n_instances for p in parts[:-1]])
+    ids = [i for p in parts for i in p.instance_ids]
+    if len(set(ids)) != len(ids):
+        raise DispersError(ErrorCode.MALFORMED, "populations share instance ids")
+    return Population(
+        instance_ids=ids,
+        birth_days=np.concatenate([p.birth_days for p in parts]),
+        female=np.concatenate([p.female for p in parts]),
+        consent=np.concatenate([p.consent for p in parts]),
+        hr_owner=np.concatenate([p.hr_owner + off for p, off in zip(parts, offsets, strict=True)]),
+        hr_day=np.concatenate([p.hr_day for p in parts]),
+        hr_bpm=np.concatenate([p.hr_bpm for p in parts]),
+    )

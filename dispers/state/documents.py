@@ -33,6 +33,11 @@ CREATE TABLE IF NOT EXISTS heart_rate (
     bpm REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS heart_rate_by_instance_day ON heart_rate (instance_id, day);
+CREATE TABLE IF NOT EXISTS declared_concepts (  -- concepts an owner opts into (a study, a cohort)
+    instance_id TEXT NOT NULL,
+    concept TEXT NOT NULL,
+    PRIMARY KEY (instance_id, concept)
+);
 """
 
 # A batch of ids travels as one JSON array parameter expanded by json_each: one query per
@@ -146,6 +151,27 @@ class DocumentStore:
             raise DispersError(ErrorCode.MALFORMED, "add_heart_rates: bpm must be finite")
         rows = list(zip(ids, day.tolist(), rate.tolist(), strict=True))
         self._write("add_heart_rates", "INSERT INTO heart_rate VALUES (?, ?, ?)", rows)
+
+    def declare_concepts(self, ids: Sequence[str], concepts: Sequence[str]) -> None:
+        """Record that instance ids[i] opts into concepts[i] (idempotent), in one transaction."""
+        _batch_param(ids)
+        _check_lengths("declare_concepts", len(ids), len(concepts))
+        rows = list(zip(ids, concepts, strict=True))
+        self._write("declare_concepts", "INSERT OR IGNORE INTO declared_concepts VALUES (?, ?)", rows)
+
+    def declared_concepts(self, ids: Sequence[str]) -> list[list[str]]:
+        """The concepts each of ``ids`` declared, sorted, in the order of ``ids``."""
+        batch = _batch_param(ids)
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT b.key, d.concept FROM json_each(?) AS b "
+                "JOIN declared_concepts AS d ON d.instance_id = b.value ORDER BY b.key, d.concept",
+                (batch,),
+            ).fetchall()
+        out: list[list[str]] = [[] for _ in ids]
+        for pos, concept in rows:
+            out[int(pos)].append(str(concept))
+        return out
 
     def instance_ids(self) -> list[str]:
         """Return the ids of every instance on this host, sorted."""

@@ -1,0 +1,104 @@
+"""Fixtures: the same worlds over the in-process transport and over real gRPC services."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispers.core.messages import SubscriptionOp
+from dispers.protocol.api import Peers, PersonalCloudAdminAPI, QuerierAPI
+from dispers.protocol.data_aggregator import DataAggregator
+from dispers.protocol.querier import Querier
+from dispers.transport.local import LocalCluster
+from tests.integration.world import Setup, make_setup
+
+
+@dataclass
+class World:
+    """One running cluster, whatever the transport."""
+
+    transport: str
+    setup: Setup
+    querier: QuerierAPI
+    host: PersonalCloudAdminAPI
+    peers: Peers  # clients of every actor, as other actors reach them
+    actors: dict[str, Any]  # the protocol objects behind the actors (to inspect their state)
+    querier_object: Querier  # builds envelopes for hand-made bad queries
+    close: Callable[[], None]
+
+    def subscribe(self) -> int:
+        return self.host.subscribe_all(SubscriptionOp.SUBSCRIBE)
+
+    @property
+    def das(self) -> dict[str, DataAggregator]:
+        return {n: a for n, a in self.actors.items() if isinstance(a, DataAggregator)}
+
+
+def local_world(setup: Setup) -> World:
+    cluster = LocalCluster.from_config(setup.config)
+    actors: dict[str, Any] = {
+        "conductor": cluster.conductor_actor,
+        "ci": cluster.ci,
+        "tf": cluster.tf,
+        "t": cluster.t,
+        **cluster.das,
+        **cluster.hosts,
+        **cluster.queriers,
+    }
+    return World(
+        "local", setup, cluster.querier(), cluster.hosts["pc-1"], cluster, actors,
+        cluster.querier(), lambda: None,
+    )  # fmt: skip
+
+
+def grpc_world(setup: Setup) -> World:
+    from dispers.services.server import start_all_in_process
+    from dispers.transport.grpc_client import GrpcPeers, PersonalCloudClient, QuerierClient
+
+    servers = start_all_in_process(setup.config)
+    roster = setup.config.roster
+    peers = GrpcPeers(roster)
+    actors = {s.name: s.actor for s in servers}
+
+    def close() -> None:
+        peers.close()
+        for s in servers:
+            s.stop(0)
+
+    return World(
+        "grpc",
+        setup,
+        QuerierClient(roster.get("researcher").endpoint),
+        PersonalCloudClient(roster.get("pc-1").endpoint),
+        peers,
+        actors,
+        actors["researcher"],
+        close,
+    )
+
+
+BUILDERS = {"local": local_world, "grpc": grpc_world}
+
+
+@pytest.fixture(params=["local", "grpc"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def world_factory(tmp_path: Path, transport: str) -> Iterator[Callable[..., World]]:
+    made: list[World] = []
+
+    def make(**kwargs: Any) -> World:
+        setup = make_setup(tmp_path / f"w{len(made)}", **kwargs)
+        world = BUILDERS[transport](setup)
+        made.append(world)
+        return world
+
+    yield make
+    for world in made:
+        world.close()

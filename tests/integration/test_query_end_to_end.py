@@ -1,0 +1,116 @@
+"""The heart-rate query end to end: numbers against ground truth, k, suppression, forgetting."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dispers.simulation.ground_truth import mean_heart_rate_by_age
+from tests.integration.conftest import BUILDERS, World
+from tests.integration.world import AS_OF, heart_rate_spec, make_setup
+
+EDGES = [12, 25, 50, 100]
+
+
+def assert_matches_truth(world: World, result_groups: dict[str, dict[str, float | None]]) -> None:
+    truth = mean_heart_rate_by_age(
+        world.setup.population, edges=EDGES, window_days=30, as_of=AS_OF, bounds=(30, 220)
+    )
+    assert set(result_groups) == set(truth)
+    for label, t in truth.items():
+        got = result_groups[label]
+        assert got["count"] == t.count
+        for stat in ("sum", "mean", "var", "std", "min", "max"):
+            value = got[stat]
+            assert value is not None
+            assert math.isclose(value, getattr(t, stat), rel_tol=1e-9, abs_tol=1e-9), (label, stat)
+
+
+def test_heart_rate_query_equals_ground_truth(world_factory: Callable[..., World]) -> None:
+    world = world_factory(n=600)
+    assert world.subscribe() > 0
+    outcome = world.querier.run(heart_rate_spec(), timeout_s=120) if hasattr(world.querier, "run") else None
+    assert outcome is not None
+    assert outcome.record.state == "done", outcome.record
+    result = outcome.result
+    assert result is not None
+    assert all(not g.suppressed for g in result.groups)
+    assert_matches_truth(world, {g.label: dict(g.values) for g in result.groups})
+    counts = outcome.record.counts
+    assert counts["contributed"] == result.contributions
+    assert counts["contributed"] + counts["declined"] == counts["targets"]
+    assert counts["to:da-1"] + counts["to:da-2"] == counts["contributed"]
+    assert min(counts["to:da-1"], counts["to:da-2"]) > 0  # both leaves got work
+    assert set(outcome.record.phases) == {"tokens", "targets", "prepare", "collect", "aggregate"}
+    # Invariant 3: every DA forgot the query once it was done.
+    assert all(da.active_queries == 0 for da in world.das.values())
+
+
+def test_in_process_and_grpc_give_the_same_numbers(tmp_path: Path) -> None:
+    results = {}
+    for transport, build in BUILDERS.items():
+        world = build(make_setup(tmp_path / transport, n=500, seed=3))
+        try:
+            world.subscribe()
+            outcome = world.querier.run(heart_rate_spec(), timeout_s=120)  # type: ignore[attr-defined]
+            assert outcome.result is not None
+            results[transport] = {g.label: dict(g.values) for g in outcome.result.groups}
+        finally:
+            world.close()
+    for label, values in results["local"].items():
+        for stat, value in values.items():
+            other = results["grpc"][label][stat]
+            assert value is not None and other is not None
+            assert math.isclose(value, other, rel_tol=1e-12, abs_tol=1e-9), (label, stat)
+
+
+def test_groups_under_k_are_suppressed_never_numbers(world_factory: Callable[..., World]) -> None:
+    world = world_factory(n=400, k_min=5)
+    world.subscribe()
+    truth = mean_heart_rate_by_age(
+        world.setup.population, edges=EDGES, window_days=30, as_of=AS_OF, bounds=(30, 220)
+    )
+    k = (truth["12-25"].count + truth["50-100"].count) // 2 + 1
+    assert truth["12-25"].count < k <= truth["50-100"].count
+    outcome = world.querier.run(heart_rate_spec(query__k=k), timeout_s=120)  # type: ignore[attr-defined]
+    assert outcome.result is not None
+    young = outcome.result.group("12-25")
+    assert young.suppressed and dict(young.values) == {}
+    old = outcome.result.group("50-100")
+    assert not old.suppressed and old.values["count"] == truth["50-100"].count
+
+
+def test_query_with_fewer_than_k_targets_is_refused_at_tf(world_factory: Callable[..., World]) -> None:
+    world = world_factory(n=200)
+    world.subscribe()
+    spec = heart_rate_spec(query__target="age:0-12", query__k=150)
+    outcome = world.querier.run(spec, timeout_s=60)  # type: ignore[attr-defined]
+    assert outcome.record.state == "refused"
+    assert outcome.record.error_code == "TOO_FEW_TARGETS"
+    assert outcome.result is None
+    assert "prepare" not in outcome.record.phases  # nothing after TF ran
+    assert all(da.active_queries == 0 for da in world.das.values())
+
+
+def test_out_of_bounds_contribution_is_dropped_and_counted(world_factory: Callable[..., World]) -> None:
+    world = world_factory(n=300, outlier_bpm=250.0)
+    world.subscribe()
+    outcome = world.querier.run(heart_rate_spec(), timeout_s=120)  # type: ignore[attr-defined]
+    assert outcome.result is not None
+    assert dict(outcome.result.dropped) == {"out_of_bounds": 1}
+    # Ground truth with the same bounds leaves the outlier out: the aggregate must too.
+    assert_matches_truth(world, {g.label: dict(g.values) for g in outcome.result.groups})
+
+
+@pytest.mark.parametrize("transport", ["local"])
+def test_unsubscribe_removes_targets(world_factory: Callable[..., World]) -> None:
+    from dispers.core.messages import SubscriptionOp
+
+    world = world_factory(n=100)
+    added = world.subscribe()
+    assert world.subscribe() == 0  # subscribing twice changes nothing
+    assert world.host.subscribe_all(SubscriptionOp.UNSUBSCRIBE) == added
+    assert len(world.actors["tf"]._sets.universe()) == 0
