@@ -40,18 +40,17 @@ def write_cluster(directory: Path, layout: ClusterLayout = ClusterLayout()) -> C
     directory = Path(directory)
     (directory / "keys").mkdir(parents=True, exist_ok=True)
     (directory / "state").mkdir(parents=True, exist_ok=True)
-    actors: list[tuple[str, str, dict[str, str]]] = [
-        (q, "querier", {}) for q in layout.queriers
-    ] + [
-        ("conductor", "conductor", {}),
-        ("ci", "concept_indexor", {}),
-        ("tf", "target_finder", {}),
-        ("t", "target", {}),
-        ("da-root", "data_aggregator", {}),
+    none: dict[str, str] = {}
+    actors: list[tuple[str, str, dict[str, str]]] = [(q, "querier", none) for q in layout.queriers]
+    actors += [
+        ("conductor", "conductor", none),
+        ("ci", "concept_indexor", none),
+        ("tf", "target_finder", none),
+        ("t", "target", none),
+        ("da-root", "data_aggregator", none),
     ]
     actors += [
-        (f"da-{i + 1}", "data_aggregator", {"parent": "da-root"})
-        for i in range(layout.leaf_aggregators)
+        (f"da-{i + 1}", "data_aggregator", {"parent": "da-root"}) for i in range(layout.leaf_aggregators)
     ]
     actors += [(h, "personal_cloud", {"documents": f"state/{h}.sqlite"}) for h in layout.hosts]
     stateful = {"conductor", "concept_indexor", "target_finder", "target"}

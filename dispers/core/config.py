@@ -145,7 +145,9 @@ class Roster:
         try:
             entry = self.get(name)
         except DispersError:
-            raise DispersError(ErrorCode.UNAUTHORIZED, f"{name!r} is not a {role.value} of this cluster") from None
+            raise DispersError(
+                ErrorCode.UNAUTHORIZED, f"{name!r} is not a {role.value} of this cluster"
+            ) from None
         if entry.role is not role:
             raise DispersError(ErrorCode.UNAUTHORIZED, f"{name!r} is not a {role.value} of this cluster")
         return entry

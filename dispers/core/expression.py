@@ -195,9 +195,7 @@ def render(expr: Expr) -> str:
     return f"({render(expr.left)} {op} {render(expr.right)})"
 
 
-def evaluate(
-    expr: Expr, sets: Sequence[frozenset[bytes]], universe: frozenset[bytes]
-) -> frozenset[bytes]:
+def evaluate(expr: Expr, sets: Sequence[frozenset[bytes]], universe: frozenset[bytes]) -> frozenset[bytes]:
     """Evaluate over pseudonym sets; NOT is the complement within `universe`."""
     if isinstance(expr, Ref):
         return sets[expr.index]

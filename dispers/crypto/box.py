@@ -31,7 +31,8 @@ class Opener:
         """Open one box; BAD_CIPHERTEXT names `what` and the actor, never the content."""
         if not isinstance(ciphertext, bytes | bytearray) or len(ciphertext) < SEAL_OVERHEAD:
             raise DispersError(
-                ErrorCode.BAD_CIPHERTEXT, f"{what}: ciphertext is truncated (shorter than a sealed box)"
+                ErrorCode.BAD_CIPHERTEXT,
+                f"{what}: ciphertext is truncated (shorter than a sealed box)",
             )
         try:
             plaintext = bytes(self._box.decrypt(bytes(ciphertext)))

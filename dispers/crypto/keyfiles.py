@@ -43,9 +43,7 @@ def read_key_file(path: Path) -> ActorKeys:
     except FileNotFoundError:
         raise DispersError(ErrorCode.CONFIG, f"key file {path} does not exist") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise DispersError(
-            ErrorCode.CONFIG, f"key file {path} is readable by others (chmod 600 it)"
-        )
+        raise DispersError(ErrorCode.CONFIG, f"key file {path} is readable by others (chmod 600 it)")
     try:
         data = tomllib.loads(path.read_text())
         keys = ActorKeys(
@@ -57,6 +55,12 @@ def read_key_file(path: Path) -> ActorKeys:
     except (KeyError, ValueError, TypeError, tomllib.TOMLDecodeError, DispersError) as exc:
         missing = f" (missing {exc})" if isinstance(exc, KeyError) else ""
         raise DispersError(ErrorCode.CONFIG, f"key file {path} is malformed{missing}") from None
+    if data.get("sealing_public_key") != keys.sealing.public.hex() or data.get(
+        "verify_key"
+    ) != keys.signing.verify_key.hex():
+        raise DispersError(
+            ErrorCode.CONFIG, f"key file {path}: its public keys do not match its private keys"
+        )
     if len(keys.secret) != 32:
         raise DispersError(ErrorCode.CONFIG, f"key file {path}: secret must be 32 bytes")
     return keys

@@ -33,18 +33,14 @@ class ConductorAPI(Protocol):
 class ConceptIndexorAPI(Protocol):
     """Concept strings -> keyed tokens, sealed to TF."""
 
-    def tokenize_subscriptions(
-        self, op: SubscriptionOp, sealed_concepts: Sequence[bytes]
-    ) -> list[bytes]: ...
+    def tokenize_subscriptions(self, op: SubscriptionOp, sealed_concepts: Sequence[bytes]) -> list[bytes]: ...
     def tokenize_query(self, envelope: QueryEnvelope) -> bytes: ...
 
 
 class TargetFinderAPI(Protocol):
     """Token -> pseudonym sets; evaluates target expressions."""
 
-    def apply_subscriptions(
-        self, op: SubscriptionOp, items: Sequence[TokenizedSubscription]
-    ) -> int: ...
+    def apply_subscriptions(self, op: SubscriptionOp, items: Sequence[TokenizedSubscription]) -> int: ...
     def find_targets(self, envelope: QueryEnvelope, sealed_tokens: bytes) -> FoundTargets: ...
 
 

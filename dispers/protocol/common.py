@@ -58,9 +58,7 @@ def verify_envelope(
         querier.verify_key != envelope.querier_verify_key
         or querier.sealing_key != envelope.querier_sealing_key
     ):
-        raise DispersError(
-            ErrorCode.UNAUTHORIZED, "the query's keys do not match its querier's roster entry"
-        )
+        raise DispersError(ErrorCode.UNAUTHORIZED, "the query's keys do not match its querier's roster entry")
     querier.verify_key.verify(envelope.signing_bytes(), envelope.signature, "query")
     now = time.time() if now is None else now
     if now - envelope.created_at > settings.max_query_age_s:

@@ -52,9 +52,7 @@ class ConceptIndexor:
             out.append(c)
         return out
 
-    def tokenize_subscriptions(
-        self, op: SubscriptionOp, sealed_concepts: Sequence[bytes]
-    ) -> list[bytes]:
+    def tokenize_subscriptions(self, op: SubscriptionOp, sealed_concepts: Sequence[bytes]) -> list[bytes]:
         """Open each subscription's concepts, return seal_TF(tokens) in the same order.
 
         The whole batch is validated before anything is written to the catalogue.
@@ -63,10 +61,7 @@ class ConceptIndexor:
         for i, ciphertext in enumerate(sealed_concepts):
             what = f"subscription {i} concepts"
             per_item.append(self._concepts(loads_list(self._opener.open(ciphertext, what), what), what))
-        out = [
-            seal(self._tf_key, dumps([self.token(c).hex() for c in concepts]))
-            for concepts in per_item
-        ]
+        out = [seal(self._tf_key, dumps([self.token(c).hex() for c in concepts])) for concepts in per_item]
         if op is SubscriptionOp.SUBSCRIBE:
             new = self._catalog.add(c for concepts in per_item for c in concepts)
             log.debug("tokenized %d subscriptions (%d new concepts)", len(out), new)

@@ -159,7 +159,10 @@ class Conductor:
         except Exception:  # a bug or a transport failure: record it, never leave a query running
             log.exception("query %s failed unexpectedly", qid[:8])
             self._store.update(
-                qid, state="failed", error_code=ErrorCode.INTERNAL.value, error_message="internal error"
+                qid,
+                state="failed",
+                error_code=ErrorCode.INTERNAL.value,
+                error_message="internal error",
             )
             self._abort(qid, prepared)
         finally:

@@ -40,6 +40,14 @@ class _QueryState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _valid_group(g: object, n_groups: int) -> bool:
+    return isinstance(g, int) and not isinstance(g, bool) and 0 <= g < n_groups
+
+
+def _finite_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def encode_contribution(query_id: str, group: int, value: float) -> bytes:
     """The plaintext an instance seals to its DA."""
     return dumps({"q": query_id, "g": group, "v": value})
@@ -84,7 +92,9 @@ class DataAggregator:
             raise DispersError(ErrorCode.FAILED_PRECONDITION, "this aggregator is not in the query's plan")
         self._replays.check(envelope.query_id, "query")
         what = "aggregate spec"
-        spec = AggregateSpec.from_obj(loads_object(self._opener.open(envelope.spec_for(self.name), what), what))
+        spec = AggregateSpec.from_obj(
+            loads_object(self._opener.open(envelope.spec_for(self.name), what), what)
+        )
         if spec.query_id != envelope.query_id or spec.k != envelope.k:
             raise malformed(f"{what} does not match the query")
         with self._lock:
@@ -137,9 +147,7 @@ class DataAggregator:
                     continue
                 if q != query_id:
                     drop("wrong_query")
-                elif not isinstance(g, int) or isinstance(g, bool) or not 0 <= g < n_groups:
-                    drop("malformed")
-                elif not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+                elif not _valid_group(g, n_groups) or not _finite_number(v):
                     drop("malformed")
                 elif not lo <= v <= hi:
                     drop("out_of_bounds")
@@ -174,7 +182,8 @@ class DataAggregator:
         missing = state.expected_children - state.received_children
         if missing:
             raise DispersError(
-                ErrorCode.FAILED_PRECONDITION, f"waiting for partials from {len(missing)} child aggregator(s)"
+                ErrorCode.FAILED_PRECONDITION,
+                f"waiting for partials from {len(missing)} child aggregator(s)",
             )
         parent = state.envelope.plan.parent(self.name)
         with state.lock:

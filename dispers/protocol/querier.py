@@ -14,7 +14,7 @@ from dispers.core.ids import Role, new_query_id
 from dispers.core.messages import QueryEnvelope, request_signing_bytes
 from dispers.core.spec import AggregateSpec, DataRequest, QueryResult, QuerySpec
 from dispers.crypto import ActorKeys, Opener, seal
-from dispers.protocol.api import ConductorAPI, QueryOutcome
+from dispers.protocol.api import ConductorAPI, QuerierAPI, QueryOutcome
 from dispers.protocol.common import open_signed
 from dispers.protocol.instance.functions import get_function, validate_params
 
@@ -83,7 +83,12 @@ class Querier:
             ),
             sealed_request=seal(
                 roster.one(Role.TARGET).sealing_key,
-                dumps({"request": base64.b64encode(request_bytes).decode(), "signature": signature.hex()}),
+                dumps(
+                    {
+                        "request": base64.b64encode(request_bytes).decode(),
+                        "signature": signature.hex(),
+                    }
+                ),
             ),
             sealed_specs=tuple(
                 (da, seal(roster.get(da).sealing_key, dumps(agg.to_obj()))) for da in plan.members
@@ -103,9 +108,7 @@ class Querier:
         roster = self.roster()
         root = roster.da_plan().root
         what = "query result"
-        body = open_signed(
-            self._opener.open(sealed_result, what), root, roster.get(root).verify_key, what
-        )
+        body = open_signed(self._opener.open(sealed_result, what), root, roster.get(root).verify_key, what)
         if body.get("query_id") != query_id:
             raise malformed(f"{what} belongs to another query")
         result_obj = body.get("result")
@@ -123,12 +126,17 @@ class Querier:
 
     def run(self, spec: QuerySpec, *, timeout_s: float = 300.0) -> QueryOutcome:
         """Submit and wait for the outcome (the small Python API)."""
-        query_id = self.submit(spec)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            outcome = self.outcome(query_id, wait_s=min(30.0, max(0.0, deadline - time.monotonic())))
-            if outcome.record.state in ("done", "refused", "failed") or time.monotonic() >= deadline:
-                return outcome
+        return run_query(self, spec, timeout_s=timeout_s)
+
+
+def run_query(querier: QuerierAPI, spec: QuerySpec, *, timeout_s: float = 300.0) -> QueryOutcome:
+    """Submit through any Querier (object or gRPC client) and wait until the query ends."""
+    query_id = querier.submit(spec)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        outcome = querier.outcome(query_id, wait_s=min(30.0, max(0.0, deadline - time.monotonic())))
+        if outcome.record.state in ("done", "refused", "failed") or time.monotonic() >= deadline:
+            return outcome
 
 
 def _with_signature(envelope: QueryEnvelope, signature: bytes) -> QueryEnvelope:

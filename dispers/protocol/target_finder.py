@@ -42,9 +42,7 @@ class TargetFinder:
         self._replays = ReplayGuard(settings.max_query_age_s * 2)
         self._random = secrets.SystemRandom()
 
-    def apply_subscriptions(
-        self, op: SubscriptionOp, items: Sequence[TokenizedSubscription]
-    ) -> int:
+    def apply_subscriptions(self, op: SubscriptionOp, items: Sequence[TokenizedSubscription]) -> int:
         """Add (or remove) each pseudonym to its tokens' sets; all or nothing."""
         pairs: list[tuple[list[bytes], bytes]] = []
         for i, item in enumerate(items):
@@ -68,7 +66,9 @@ class TargetFinder:
         same_query(expr_obj, envelope, what)
         tok_obj = loads_object(self._opener.open(sealed_tokens, "query tokens"), "query tokens")
         same_query(tok_obj, envelope, "query tokens")
-        tokens = [hex_bytes(t, "query token", TOKEN_BYTES) for t in field(tok_obj, "tokens", list, "query tokens")]
+        tokens = [
+            hex_bytes(t, "query token", TOKEN_BYTES) for t in field(tok_obj, "tokens", list, "query tokens")
+        ]
         text = expr_obj.get("expression")
         if not isinstance(text, str):
             raise DispersError(ErrorCode.INVALID_EXPRESSION, "the target expression is missing")

@@ -67,7 +67,12 @@ class LocalCluster:
             state = _path(local.state_path)
             if entry.role is Role.CONDUCTOR:
                 cluster.conductor_actor = Conductor(
-                    entry.name, roster, settings, open_query_store(local.backend, state), cluster, run_inline
+                    entry.name,
+                    roster,
+                    settings,
+                    open_query_store(local.backend, state),
+                    cluster,
+                    run_inline,
                 )
             elif entry.role is Role.CONCEPT_INDEXOR:
                 cluster.ci = ConceptIndexor(
@@ -79,7 +84,11 @@ class LocalCluster:
                 )
             elif entry.role is Role.TARGET:
                 cluster.t = Target(
-                    keys(entry.name), roster, settings, open_address_directory(local.backend, state), cluster
+                    keys(entry.name),
+                    roster,
+                    settings,
+                    open_address_directory(local.backend, state),
+                    cluster,
                 )
             elif entry.role is Role.DATA_AGGREGATOR:
                 cluster.das[entry.name] = DataAggregator(keys(entry.name), roster, settings)
@@ -87,7 +96,13 @@ class LocalCluster:
             local = config.local_for(entry.name)
             store = DocumentStore(local.documents if local.documents else ":memory:")
             cluster.hosts[entry.name] = PersonalCloudHost(
-                entry.name, keys(entry.name), roster, settings, store, cluster.conductor(), local.as_of
+                entry.name,
+                keys(entry.name),
+                roster,
+                settings,
+                store,
+                cluster.conductor(),
+                local.as_of,
             )
         for entry in roster.by_role(Role.QUERIER):
             cluster.queriers[entry.name] = Querier(keys(entry.name), cluster.conductor(), settings)

@@ -10,6 +10,7 @@ import pytest
 
 from dispers.core.ids import Role
 from dispers.crypto.observe import recording
+from dispers.protocol.querier import run_query
 from tests.integration.conftest import World
 from tests.integration.world import Canaries, heart_rate_spec
 
@@ -62,7 +63,7 @@ def test_each_actor_sees_only_what_it_may(
     caplog.set_level(logging.DEBUG)
     with recording() as seen:
         world.subscribe()
-        outcome = world.querier.run(spec, timeout_s=120)  # type: ignore[attr-defined]
+        outcome = run_query(world.querier, spec, timeout_s=120)
     assert outcome.result is not None, outcome.record
     young = outcome.result.group("0-50")  # only the canaries are targeted under 50
     assert young.values["count"] == len(canaries.ids)

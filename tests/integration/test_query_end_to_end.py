@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dispers.protocol.querier import run_query
 from dispers.simulation.ground_truth import mean_heart_rate_by_age
 from tests.integration.conftest import BUILDERS, World
 from tests.integration.world import AS_OF, heart_rate_spec, make_setup
@@ -32,8 +33,7 @@ def assert_matches_truth(world: World, result_groups: dict[str, dict[str, float 
 def test_heart_rate_query_equals_ground_truth(world_factory: Callable[..., World]) -> None:
     world = world_factory(n=600)
     assert world.subscribe() > 0
-    outcome = world.querier.run(heart_rate_spec(), timeout_s=120) if hasattr(world.querier, "run") else None
-    assert outcome is not None
+    outcome = run_query(world.querier, heart_rate_spec(), timeout_s=120)
     assert outcome.record.state == "done", outcome.record
     result = outcome.result
     assert result is not None
@@ -55,7 +55,7 @@ def test_in_process_and_grpc_give_the_same_numbers(tmp_path: Path) -> None:
         world = build(make_setup(tmp_path / transport, n=500, seed=3))
         try:
             world.subscribe()
-            outcome = world.querier.run(heart_rate_spec(), timeout_s=120)  # type: ignore[attr-defined]
+            outcome = run_query(world.querier, heart_rate_spec(), timeout_s=120)
             assert outcome.result is not None
             results[transport] = {g.label: dict(g.values) for g in outcome.result.groups}
         finally:
@@ -75,7 +75,7 @@ def test_groups_under_k_are_suppressed_never_numbers(world_factory: Callable[...
     )
     k = (truth["12-25"].count + truth["50-100"].count) // 2 + 1
     assert truth["12-25"].count < k <= truth["50-100"].count
-    outcome = world.querier.run(heart_rate_spec(query__k=k), timeout_s=120)  # type: ignore[attr-defined]
+    outcome = run_query(world.querier, heart_rate_spec(query__k=k), timeout_s=120)
     assert outcome.result is not None
     young = outcome.result.group("12-25")
     assert young.suppressed and dict(young.values) == {}
@@ -83,11 +83,13 @@ def test_groups_under_k_are_suppressed_never_numbers(world_factory: Callable[...
     assert not old.suppressed and old.values["count"] == truth["50-100"].count
 
 
-def test_query_with_fewer_than_k_targets_is_refused_at_tf(world_factory: Callable[..., World]) -> None:
+def test_query_with_fewer_than_k_targets_is_refused_at_tf(
+    world_factory: Callable[..., World],
+) -> None:
     world = world_factory(n=200)
     world.subscribe()
     spec = heart_rate_spec(query__target="age:0-12", query__k=150)
-    outcome = world.querier.run(spec, timeout_s=60)  # type: ignore[attr-defined]
+    outcome = run_query(world.querier, spec, timeout_s=60)
     assert outcome.record.state == "refused"
     assert outcome.record.error_code == "TOO_FEW_TARGETS"
     assert outcome.result is None
@@ -95,10 +97,12 @@ def test_query_with_fewer_than_k_targets_is_refused_at_tf(world_factory: Callabl
     assert all(da.active_queries == 0 for da in world.das.values())
 
 
-def test_out_of_bounds_contribution_is_dropped_and_counted(world_factory: Callable[..., World]) -> None:
+def test_out_of_bounds_contribution_is_dropped_and_counted(
+    world_factory: Callable[..., World],
+) -> None:
     world = world_factory(n=300, outlier_bpm=250.0)
     world.subscribe()
-    outcome = world.querier.run(heart_rate_spec(), timeout_s=120)  # type: ignore[attr-defined]
+    outcome = run_query(world.querier, heart_rate_spec(), timeout_s=120)
     assert outcome.result is not None
     assert dict(outcome.result.dropped) == {"out_of_bounds": 1}
     # Ground truth with the same bounds leaves the outlier out: the aggregate must too.

@@ -77,7 +77,10 @@ def heart_rate_spec(**overrides: Any) -> QuerySpec:
             "params": {"window_days": 30},
             "group_by": {"field": "age", "edges": [12, 25, 50, 100]},
         },
-        "aggregate": {"bounds": [30, 220], "stats": ["count", "sum", "mean", "var", "std", "min", "max"]},
+        "aggregate": {
+            "bounds": [30, 220],
+            "stats": ["count", "sum", "mean", "var", "std", "min", "max"],
+        },
     }
     for key, value in overrides.items():
         table, _, name = key.partition("__")

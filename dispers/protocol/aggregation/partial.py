@@ -54,11 +54,11 @@ class Partial:
         if len(g) and (g.min() < 0 or g.max() >= n_groups):
             raise ValueError("group index out of range")
         count = np.bincount(g, minlength=n_groups).astype(np.int64)
-        sums = np.bincount(g, weights=v, minlength=n_groups)
+        sums = np.bincount(g, weights=v, minlength=n_groups).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(count > 0, sums / np.maximum(count, 1), 0.0)
         dev = v - mean[g]
-        m2 = np.bincount(g, weights=dev * dev, minlength=n_groups)
+        m2 = np.bincount(g, weights=dev * dev, minlength=n_groups).astype(np.float64)
         lo = np.full(n_groups, np.inf)
         hi = np.full(n_groups, -np.inf)
         np.minimum.at(lo, g, v)

@@ -73,9 +73,7 @@ def get_function(name: str) -> LocalFunction:
     try:
         return FUNCTIONS[name]
     except (KeyError, TypeError):
-        raise DispersError(
-            ErrorCode.NOT_FOUND, f"unknown local function {_shown(str(name))}"
-        ) from None
+        raise DispersError(ErrorCode.NOT_FOUND, f"unknown local function {_shown(str(name))}") from None
 
 
 def validate_params(name: str, params: Mapping[str, object]) -> dict[str, object]:

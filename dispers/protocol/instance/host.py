@@ -100,17 +100,16 @@ class PersonalCloudHost:
         da_keys = {}
         for name in set(request.aggregators):
             if name not in data.aggregators:
-                raise DispersError(ErrorCode.UNAUTHORIZED, "an instance was told to seal to a DA the querier did not name")
+                raise DispersError(
+                    ErrorCode.UNAUTHORIZED,
+                    "an instance was told to seal to a DA the querier did not name",
+                )
             da_keys[name] = self._roster.require(name, Role.DATA_AGGREGATOR).sealing_key
 
         known = set(self._store.instance_ids())
         with self._lock:
             answered = self._answered.setdefault(request.query_id, set())
-            fresh = [
-                j
-                for j, i in enumerate(request.instance_ids)
-                if i in known and i not in answered
-            ]
+            fresh = [j for j, i in enumerate(request.instance_ids) if i in known and i not in answered]
             answered.update(request.instance_ids[j] for j in fresh)
         ids = [request.instance_ids[j] for j in fresh]
         local = compute_contributions(

@@ -1,0 +1,43 @@
+# dispers: `make demo` runs the heart-rate query over gRPC, `make test` runs the suite.
+# Both create .venv and install the package (with every extra) when it is missing or stale.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dispers
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: venv demo test lint typecheck protos check-protos bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dispers demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check dispers tests benchmarks dev
+	$(BIN)/ruff format --check dispers tests benchmarks dev
+
+typecheck: $(STAMP)
+	$(BIN)/mypy dispers
+
+protos: $(STAMP)
+	$(BIN)/python dev/gen_protos.py
+
+check-protos: $(STAMP)
+	$(BIN)/python dev/gen_protos.py --check
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_query.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,106 @@
+"""Heart-rate query over N instances through the gRPC services, against the PyNaCl floor.
+
+The floor is measured in the same run: sealing and opening, with plain PyNaCl on one core,
+exactly as many boxes (of the same sizes) as the protocol needs. The ratio protocol / floor
+says what gRPC, JSON, SQLite, shuffling and orchestration cost on top of the cryptography
+that no implementation of the protocol can avoid. Run: `make bench` or
+`python benchmarks/bench_query.py --instances 10000`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nacl.public
+
+from dispers.cli.demo import DEFAULT_SPEC, running_cluster
+from dispers.core.cluster_files import ClusterLayout, write_cluster
+from dispers.core.ids import Role
+from dispers.core.messages import SubscriptionOp
+from dispers.core.spec import load_query_spec
+from dispers.protocol.querier import run_query
+from dispers.simulation.population import PopulationSpec, generate
+from dispers.state.documents import DocumentStore
+from dispers.transport.grpc_client import PersonalCloudClient, QuerierClient
+
+
+def crypto_floor(boxes: list[tuple[int, int]]) -> float:
+    """Seconds to seal then open `count` boxes of `size` bytes for each (count, size), one core."""
+    key = nacl.public.PrivateKey.generate()
+    sealer = nacl.public.SealedBox(key.public_key)
+    opener = nacl.public.SealedBox(key)
+    start = time.perf_counter()
+    for count, size in boxes:
+        message = b"x" * size
+        for _ in range(count):
+            opener.decrypt(sealer.encrypt(message))
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=3, help="queries to time (best is kept)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    spec = load_query_spec(DEFAULT_SPEC)
+    workdir = Path(tempfile.mkdtemp(prefix="dispers-bench-"))
+    config = write_cluster(workdir, ClusterLayout(host_as_of=spec.as_of, backend="sqlite"))
+    population = generate(PopulationSpec(n_instances=args.instances, as_of=spec.as_of))
+    documents = config.local_for("pc-1").documents
+    assert documents is not None
+    with DocumentStore(documents) as store:
+        population.write(store)
+
+    figures: dict[str, float] = {}
+    with running_cluster(config, workdir / "logs"):
+        host = PersonalCloudClient(config.roster.get("pc-1").endpoint)
+        querier = QuerierClient(config.roster.by_role(Role.QUERIER)[0].endpoint)
+        start = time.perf_counter()
+        host.subscribe_all(SubscriptionOp.SUBSCRIBE)
+        figures["subscribe_s"] = time.perf_counter() - start
+        best = float("inf")
+        outcome = None
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            outcome = run_query(querier, spec, timeout_s=600)
+            best = min(best, time.perf_counter() - start)
+            assert outcome.record.state == "done", outcome.record
+        figures["query_s"] = best
+        host.close()
+        querier.close()
+    assert outcome is not None
+    n = args.instances
+    contributed = outcome.record.counts["contributed"]
+    n_das = len(config.roster.by_role(Role.DATA_AGGREGATOR))
+    # Subscription: per instance seal_CI(concepts) + seal_T(address) at the host, CI and T each
+    # open one and seal one to TF, TF opens two: 4 seals and 4 opens of ~40-130 bytes.
+    figures["subscribe_floor_s"] = crypto_floor([(n, 60), (n, 24), (n, 140), (n, 32)])
+    # Query: every contribution sealed by its instance and opened by a DA (~60 bytes), the
+    # target list (one box of 44 bytes per pseudonym, base64), and ~10 small control boxes.
+    figures["query_floor_s"] = crypto_floor([(contributed, 60), (1, 44 * n), (10 + n_das, 300)])
+    figures["subscribe_ratio"] = figures["subscribe_s"] / figures["subscribe_floor_s"]
+    figures["query_ratio"] = figures["query_s"] / figures["query_floor_s"]
+    figures["instances"] = n
+    figures["contributions"] = contributed
+
+    print(f"instances: {n}, contributions: {contributed}, DAs: {n_das} (2 leaves + root)")
+    print(f"{'':28}{'dispers (gRPC)':>16}{'PyNaCl floor':>16}{'ratio':>8}")
+    for what in ("subscribe", "query"):
+        print(
+            f"{what + ' (s)':28}{figures[what + '_s']:>16.3f}"
+            f"{figures[what + '_floor_s']:>16.3f}{figures[what + '_ratio']:>8.2f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""`dispers demo`: six actors and a personal-cloud host as separate gRPC server processes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from dispers.core.cluster_files import ClusterLayout, write_cluster
+from dispers.core.config import ClusterConfig
+from dispers.core.errors import DispersError, ErrorCode
+from dispers.core.ids import Role
+from dispers.core.messages import SubscriptionOp
+from dispers.core.spec import QuerySpec, load_query_spec
+from dispers.simulation.ground_truth import GroupTruth, mean_heart_rate_by_age
+from dispers.simulation.population import PopulationSpec, generate
+from dispers.state.documents import DocumentStore
+
+DEFAULT_SPEC = Path(__file__).resolve().parent / "heart_rate.toml"
+
+
+@dataclass
+class DemoReport:
+    """What the demo measured."""
+
+    config: ClusterConfig
+    spec: QuerySpec
+    truth: dict[str, GroupTruth]
+    timings: dict[str, float]
+
+
+@contextmanager
+def running_cluster(config: ClusterConfig, logs: Path, *, ready_timeout_s: float = 60.0) -> Iterator[None]:
+    """Start `dispers serve` for every actor as its own process; stop them all on exit."""
+    assert config.path is not None
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        for entry in config.roster:
+            log = open(logs / f"{entry.name}.log", "wb")  # noqa: SIM115 (closed with the process)
+            cmd = [sys.executable, "-m", "dispers.cli.main", "serve", entry.role.value,
+                   "--config", str(config.path), "--name", entry.name]  # fmt: skip
+            procs.append((entry.name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+            log.close()
+        deadline = time.monotonic() + ready_timeout_s
+        for entry in config.roster:
+            with grpc.insecure_channel(entry.endpoint) as channel:
+                remaining = max(0.1, deadline - time.monotonic())
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=remaining)
+                except grpc.FutureTimeoutError:
+                    dead = [n for n, p in procs if p.poll() is not None]
+                    raise DispersError(
+                        ErrorCode.UNAVAILABLE,
+                        f"{entry.name} did not start within {ready_timeout_s:.0f} s"
+                        + (f" (exited: {', '.join(dead)}; see {logs})" if dead else ""),
+                    ) from None
+        yield
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def run_demo(
+    *,
+    instances: int = 10_000,
+    seed: int = 7,
+    workdir: Path | None = None,
+    spec_path: Path = DEFAULT_SPEC,
+    leaf_aggregators: int = 2,
+    out: object = sys.stdout,
+) -> DemoReport:
+    """Generate a cluster and a population, run the spec's query over gRPC, print the tables."""
+    from dispers.cli.render import counts_line, phase_table, result_table
+    from dispers.protocol.querier import run_query
+    from dispers.transport.grpc_client import PersonalCloudClient, QuerierClient
+
+    def say(text: str = "") -> None:
+        print(text, file=out, flush=True)  # type: ignore[call-overload]
+
+    spec = load_query_spec(spec_path)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="dispers-demo-"))
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    config = write_cluster(workdir, ClusterLayout(leaf_aggregators=leaf_aggregators, host_as_of=spec.as_of))
+    population = generate(PopulationSpec(n_instances=instances, seed=seed, as_of=spec.as_of))
+    documents = config.local_for("pc-1").documents
+    assert documents is not None
+    with DocumentStore(documents) as store:
+        population.write(store)
+    timings["setup: keys, config, population"] = time.perf_counter() - t0
+    say(f"cluster in {workdir} ({len(config.roster.entries)} actors), {instances} instances (seed {seed})")
+
+    t0 = time.perf_counter()
+    with running_cluster(config, workdir / "logs"):
+        timings["start 9 gRPC server processes"] = time.perf_counter() - t0
+        roster = config.roster
+        t0 = time.perf_counter()
+        host = PersonalCloudClient(roster.get("pc-1").endpoint)
+        host.subscribe_all(SubscriptionOp.SUBSCRIBE)
+        timings[f"subscribe {instances} instances"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        querier = QuerierClient(roster.by_role(Role.QUERIER)[0].endpoint)
+        outcome = run_query(querier, spec, timeout_s=600)
+        timings["query, end to end"] = time.perf_counter() - t0
+        host.close()
+        querier.close()
+
+    if spec.group_by is None or spec.function != "mean_heart_rate":
+        raise DispersError(ErrorCode.CONFIG, "the demo's ground truth covers mean_heart_rate grouped by age")
+    truth = mean_heart_rate_by_age(
+        population,
+        edges=spec.group_by.edges,
+        window_days=int(spec.params.get("window_days", 30)),
+        as_of=spec.as_of,
+        bounds=spec.bounds,
+    )
+    say()
+    say(f"Query: {spec.function} {dict(spec.params)} where {spec.target}, by {spec.group_by.field}")
+    say(counts_line(outcome.record))
+    if outcome.result is None:
+        say(f"no result: {outcome.record.error_code}: {outcome.record.error_message}")
+    else:
+        say()
+        say(result_table(outcome.result, truth))
+    say()
+    say(phase_table(outcome.record, timings))
+    return DemoReport(config, spec, truth, timings)
+
+
+def today() -> dt.date:
+    """Today's date (a seam for tests)."""
+    return dt.date.today()

@@ -1,0 +1,83 @@
+"""Plain-text tables for the CLI: results beside ground truth, phase timings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from dispers.core.spec import QueryResult
+from dispers.simulation.ground_truth import GroupTruth
+from dispers.state.queries import QueryRecord
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned first column, right-aligned others."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.{digits}f}"
+
+
+def result_table(result: QueryResult, truth: Mapping[str, GroupTruth] | None = None) -> str:
+    """Per group: the released statistics, and the ground truth when known."""
+    stats = [s for s in ("count", "mean", "std", "min", "max", "sum", "var")
+             if any(s in g.values for g in result.groups)]  # fmt: skip
+    headers = ["group", *stats]
+    if truth is not None:
+        headers += ["true count", "true mean", "true std", "|Δ mean|"]
+    rows = []
+    for g in result.groups:
+        if g.suppressed:
+            row = [g.label, *(["suppressed (< k)"] + [""] * (len(stats) - 1))]
+        else:
+            row = [g.label, *(_fmt(g.values.get(s)) for s in stats)]
+        if truth is not None:
+            t = truth.get(g.label)
+            if t is None:
+                row += ["-"] * 4
+            else:
+                mean = g.values.get("mean")
+                delta = "-" if mean is None or g.suppressed else f"{abs(mean - t.mean):.2e}"
+                row += [str(t.count), _fmt(t.mean), _fmt(t.std), delta]
+        rows.append(row)
+    out = table(headers, rows)
+    extras = [f"{result.contributions} contributions aggregated, k = {result.k}"]
+    if result.dropped:
+        extras.append(
+            "dropped by the aggregators: "
+            + ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(result.dropped.items()))
+        )
+    return out + "\n" + "\n".join(extras)
+
+
+PHASE_ORDER = ("tokens", "targets", "prepare", "collect", "aggregate")
+
+
+def phase_table(record: QueryRecord, extra: Mapping[str, float] | None = None) -> str:
+    """Seconds per phase, as the Conductor measured them (plus any extra phases given)."""
+    rows = [[name, f"{seconds:.3f}"] for name, seconds in (extra or {}).items()]
+    names = [p for p in PHASE_ORDER if p in record.phases] + sorted(
+        p for p in record.phases if p not in PHASE_ORDER
+    )
+    rows += [[f"query: {p}", f"{record.phases[p]:.3f}"] for p in names]
+    return table(["phase", "seconds"], rows)
+
+
+def counts_line(record: QueryRecord) -> str:
+    """The sizes the Conductor knows."""
+    c = record.counts
+    parts = [f"{k}={v}" for k, v in sorted(c.items())]
+    return "query " + record.query_id + ": " + record.state + " (" + ", ".join(parts) + ")"
