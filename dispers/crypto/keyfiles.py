@@ -55,9 +55,10 @@ def read_key_file(path: Path) -> ActorKeys:
     except (KeyError, ValueError, TypeError, tomllib.TOMLDecodeError, DispersError) as exc:
         missing = f" (missing {exc})" if isinstance(exc, KeyError) else ""
         raise DispersError(ErrorCode.CONFIG, f"key file {path} is malformed{missing}") from None
-    if data.get("sealing_public_key") != keys.sealing.public.hex() or data.get(
-        "verify_key"
-    ) != keys.signing.verify_key.hex():
+    if (
+        data.get("sealing_public_key") != keys.sealing.public.hex()
+        or data.get("verify_key") != keys.signing.verify_key.hex()
+    ):
         raise DispersError(
             ErrorCode.CONFIG, f"key file {path}: its public keys do not match its private keys"
         )

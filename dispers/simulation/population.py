@@ -123,10 +123,7 @@ def generate(spec: PopulationSpec) -> Population:
     # Resting heart rate: higher in children, slightly higher in women, a personal offset.
     age_years = age_days / _DAYS_PER_YEAR
     baseline = (
-        68.0
-        + 3.0 * female
-        + 14.0 * np.exp(-(age_years - _MIN_AGE_YEARS) / 8.0)
-        + rng.normal(0.0, 4.0, n)
+        68.0 + 3.0 * female + 14.0 * np.exp(-(age_years - _MIN_AGE_YEARS) / 8.0) + rng.normal(0.0, 4.0, n)
     )
     baseline = np.clip(baseline, 55.0, 95.0)
 

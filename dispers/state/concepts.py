@@ -80,9 +80,7 @@ class SQLiteConceptCatalog(ConceptCatalog):
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA busy_timeout=5000")
         with self._transaction() as conn:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS concepts (concept TEXT PRIMARY KEY) WITHOUT ROWID"
-            )
+            conn.execute("CREATE TABLE IF NOT EXISTS concepts (concept TEXT PRIMARY KEY) WITHOUT ROWID")
 
     @contextmanager
     def _transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
@@ -117,9 +115,7 @@ class SQLiteConceptCatalog(ConceptCatalog):
             for start in range(0, len(distinct), _CHUNK):
                 chunk = distinct[start : start + _CHUNK]
                 marks = ",".join("?" * len(chunk))
-                rows = conn.execute(
-                    f"SELECT concept FROM concepts WHERE concept IN ({marks})", chunk
-                )
+                rows = conn.execute(f"SELECT concept FROM concepts WHERE concept IN ({marks})", chunk)
                 known.update(row[0] for row in rows)
         return [i for i, concept in enumerate(concepts) if concept not in known]
 

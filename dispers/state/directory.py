@@ -52,9 +52,7 @@ def _check_pseudonyms(pseudonyms: Sequence[bytes]) -> None:
 
 def _not_found(missing: int, total: int) -> DispersError:
     """The error for a resolve that met pseudonyms outside the directory; counts only."""
-    return DispersError(
-        ErrorCode.NOT_FOUND, f"{missing} of {total} pseudonyms are not in the directory"
-    )
+    return DispersError(ErrorCode.NOT_FOUND, f"{missing} of {total} pseudonyms are not in the directory")
 
 
 class AddressDirectory(ABC):

@@ -176,9 +176,7 @@ class DocumentStore:
     def instance_ids(self) -> list[str]:
         """Return the ids of every instance on this host, sorted."""
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT instance_id FROM instances ORDER BY instance_id"
-            ).fetchall()
+            rows = self._conn.execute("SELECT instance_id FROM instances ORDER BY instance_id").fetchall()
         return [str(r[0]) for r in rows]
 
     def count(self) -> int:
@@ -223,9 +221,7 @@ class DocumentStore:
         """
         batch = _batch_param(ids)
         with self._lock:
-            rows = self._conn.execute(
-                _HEART_RATE_SQL, (batch, int(start_day), int(end_day))
-            ).fetchall()
+            rows = self._conn.execute(_HEART_RATE_SQL, (batch, int(start_day), int(end_day))).fetchall()
         n = len(ids)
         count = np.zeros(n, dtype=np.int64)
         total = np.zeros(n, dtype=np.float64)

@@ -151,9 +151,7 @@ class SQLitePseudonymSets(PseudonymSets):
                 " token BLOB NOT NULL, pseudonym BLOB NOT NULL,"
                 " PRIMARY KEY (token, pseudonym)) WITHOUT ROWID"
             )
-            conn.execute(
-                "CREATE INDEX IF NOT EXISTS memberships_pseudonym ON memberships (pseudonym)"
-            )
+            conn.execute("CREATE INDEX IF NOT EXISTS memberships_pseudonym ON memberships (pseudonym)")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -188,9 +186,7 @@ class SQLitePseudonymSets(PseudonymSets):
         """
         rows = _memberships(pairs)
         with self._transaction() as conn:
-            cursor = conn.executemany(
-                "DELETE FROM memberships WHERE token = ? AND pseudonym = ?", rows
-            )
+            cursor = conn.executemany("DELETE FROM memberships WHERE token = ? AND pseudonym = ?", rows)
             return max(cursor.rowcount, 0)
 
     def members(self, token: bytes) -> frozenset[bytes]:
@@ -210,9 +206,7 @@ class SQLitePseudonymSets(PseudonymSets):
     def token_count(self) -> int:
         """Return the number of tokens whose set is not empty."""
         with self._lock:
-            (count,) = self._conn.execute(
-                "SELECT COUNT(DISTINCT token) FROM memberships"
-            ).fetchone()
+            (count,) = self._conn.execute("SELECT COUNT(DISTINCT token) FROM memberships").fetchone()
         return int(count)
 
     def close(self) -> None:

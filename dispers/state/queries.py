@@ -241,10 +241,7 @@ class MemoryQueryStore(QueryStore):
             return list(self._records)
 
 
-_COLUMNS = (
-    "query_id, querier, created_at, state, k, phases, counts,"
-    " sealed_result, error_code, error_message"
-)
+_COLUMNS = "query_id, querier, created_at, state, k, phases, counts, sealed_result, error_code, error_message"
 
 
 def _to_row(record: QueryRecord) -> tuple[Any, ...]:
@@ -311,9 +308,7 @@ class SQLiteQueryStore(QueryStore):
 
     @staticmethod
     def _fetch(conn: sqlite3.Connection, query_id: str) -> QueryRecord:
-        row = conn.execute(
-            f"SELECT {_COLUMNS} FROM queries WHERE query_id = ?", (query_id,)
-        ).fetchone()
+        row = conn.execute(f"SELECT {_COLUMNS} FROM queries WHERE query_id = ?", (query_id,)).fetchone()
         if row is None:
             raise _not_found()
         return _from_row(row)

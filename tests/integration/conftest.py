@@ -57,7 +57,6 @@ def local_world(setup: Setup) -> World:
 
 def grpc_world(setup: Setup) -> World:
     from dispers.services.server import start_all_in_process
-
     from dispers.transport.grpc_client import GrpcPeers, PersonalCloudClient, QuerierClient
 
     servers = start_all_in_process(setup.config)

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code (dev/gen_protos.py); never edit by hand."""

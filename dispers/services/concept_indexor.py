@@ -1,0 +1,33 @@
+"""The Concept Indexor's gRPC servicer: converts, calls the protocol object, maps errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dispers.proto import concept_indexor_pb2 as pb
+from dispers.proto import concept_indexor_pb2_grpc
+from dispers.protocol.api import ConceptIndexorAPI
+from dispers.transport import convert
+from dispers.transport.grpc_errors import rpc
+
+
+class ConceptIndexorServicer(concept_indexor_pb2_grpc.ConceptIndexorServicer):
+    """Concept Indexor RPCs over a ConceptIndexorAPI."""
+
+    def __init__(self, indexor: ConceptIndexorAPI) -> None:
+        self._indexor = indexor
+
+    @rpc
+    def TokenizeSubscriptions(
+        self, request: pb.TokenizeSubscriptionsRequest, context: Any
+    ) -> pb.TokenizeSubscriptionsResponse:
+        """seal_CI(concepts) -> seal_TF(tokens), in order."""
+        op = convert.op_from_proto(request.op)
+        tokens = self._indexor.tokenize_subscriptions(op, list(request.sealed_concepts))
+        return pb.TokenizeSubscriptionsResponse(sealed_tokens=tokens)
+
+    @rpc
+    def TokenizeQuery(self, request: pb.TokenizeQueryRequest, context: Any) -> pb.TokenizeQueryResponse:
+        """A query's concepts -> seal_TF(tokens)."""
+        envelope = convert.envelope_from_proto(request.envelope)
+        return pb.TokenizeQueryResponse(sealed_tokens=self._indexor.tokenize_query(envelope))

@@ -1,0 +1,270 @@
+"""Build an actor from the cluster config and serve it over gRPC (one server per actor)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Union
+
+import grpc
+
+from dispers.core.config import ClusterConfig
+from dispers.core.errors import DispersError, ErrorCode
+from dispers.core.ids import Role
+from dispers.crypto.keyfiles import read_key_file
+from dispers.crypto.keys import ActorKeys
+from dispers.proto import (
+    concept_indexor_pb2_grpc,
+    conductor_pb2_grpc,
+    data_aggregator_pb2_grpc,
+    personal_cloud_pb2_grpc,
+    querier_pb2_grpc,
+    target_finder_pb2_grpc,
+    target_pb2_grpc,
+)
+from dispers.protocol.concept_indexor import ConceptIndexor
+from dispers.protocol.conductor import Conductor, run_in_thread
+from dispers.protocol.data_aggregator import DataAggregator
+from dispers.protocol.instance.host import PersonalCloudHost
+from dispers.protocol.querier import Querier
+from dispers.protocol.target import Target
+from dispers.protocol.target_finder import TargetFinder
+from dispers.services.concept_indexor import ConceptIndexorServicer
+from dispers.services.conductor import ConductorServicer
+from dispers.services.data_aggregator import DataAggregatorServicer
+from dispers.services.personal_cloud import PersonalCloudServicer
+from dispers.services.querier import QuerierServicer
+from dispers.services.target import TargetServicer
+from dispers.services.target_finder import TargetFinderServicer
+from dispers.state.documents import DocumentStore
+from dispers.state.factory import (
+    open_address_directory,
+    open_concept_catalog,
+    open_pseudonym_sets,
+    open_query_store,
+)
+from dispers.transport.grpc_client import CHANNEL_OPTIONS, GrpcPeers
+
+log = logging.getLogger(__name__)
+
+MAX_WORKERS = 16
+DEFAULT_GRACE_S = 5.0
+
+Actor = Union[  # noqa: UP007 (a runtime alias)
+    Conductor, ConceptIndexor, TargetFinder, Target, DataAggregator, Querier, PersonalCloudHost
+]
+Closer = Callable[[], None]
+
+
+def _keys(config: ClusterConfig, name: str) -> ActorKeys:
+    key_file = config.local_for(name).key_file
+    if key_file is None:
+        raise DispersError(ErrorCode.CONFIG, f"actor {name!r} has no key_file")
+    keys = read_key_file(key_file)
+    if keys.name != name:
+        raise DispersError(ErrorCode.CONFIG, f"key file {key_file} belongs to another actor")
+    return keys
+
+
+def _path(p: Path | None) -> str | None:
+    return None if p is None else str(p)
+
+
+def build_actor(config: ClusterConfig, name: str, *, closers: list[Closer] | None = None) -> Actor:
+    """Construct the protocol object for roster entry `name` from its key file and stores.
+
+    Resources the actor holds (stores, peer channels) get a close function appended to
+    `closers`; if construction fails, those already opened are closed before the error rises.
+    """
+    own: list[Closer] = []
+    try:
+        actor = _build(config, name, own)
+    except BaseException:
+        _close_all(own, name)
+        raise
+    if closers is not None:
+        closers.extend(own)
+    return actor
+
+
+def _build(config: ClusterConfig, name: str, own: list[Closer]) -> Actor:
+    entry = config.roster.get(name)
+    local = config.local_for(name)
+    roster, settings = config.roster, config.settings
+    state = _path(local.state_path)
+    if entry.role is Role.CONDUCTOR:  # C holds no key that opens a payload
+        store = open_query_store(local.backend, state)
+        own.append(store.close)
+        peers = GrpcPeers(roster)
+        own.append(peers.close)
+        return Conductor(name, roster, settings, store, peers, run_in_thread)
+    keys = _keys(config, name)
+    if entry.role is Role.CONCEPT_INDEXOR:
+        catalog = open_concept_catalog(local.backend, state)
+        own.append(catalog.close)
+        return ConceptIndexor(keys, roster, settings, catalog)
+    if entry.role is Role.TARGET_FINDER:
+        sets = open_pseudonym_sets(local.backend, state)
+        own.append(sets.close)
+        return TargetFinder(keys, roster, settings, sets)
+    if entry.role is Role.TARGET:
+        directory = open_address_directory(local.backend, state)
+        own.append(directory.close)
+        peers = GrpcPeers(roster)
+        own.append(peers.close)
+        return Target(keys, roster, settings, directory, peers)
+    if entry.role is Role.DATA_AGGREGATOR:
+        return DataAggregator(keys, roster, settings)
+    if entry.role is Role.QUERIER:
+        peers = GrpcPeers(roster)
+        own.append(peers.close)
+        return Querier(keys, peers.conductor(), settings)
+    if entry.role is Role.PERSONAL_CLOUD:
+        documents = DocumentStore(local.documents if local.documents is not None else ":memory:")
+        own.append(documents.close)
+        peers = GrpcPeers(roster)
+        own.append(peers.close)
+        return PersonalCloudHost(name, keys, roster, settings, documents, peers.conductor(), local.as_of)
+    raise DispersError(ErrorCode.CONFIG, f"cannot serve role {entry.role.value}")
+
+
+def _close_all(closers: Sequence[Closer], name: str) -> None:
+    """Close in reverse order of opening; a failure is logged and the rest still close."""
+    for close in reversed(closers):
+        try:
+            close()
+        except Exception:
+            log.exception("closing a resource of %s failed", name)
+
+
+def _register(server: grpc.Server, actor: Actor) -> None:
+    """Add the servicer of the actor's role to `server`."""
+    if isinstance(actor, Conductor):
+        conductor_pb2_grpc.add_ConductorServicer_to_server(ConductorServicer(actor), server)
+    elif isinstance(actor, ConceptIndexor):
+        concept_indexor_pb2_grpc.add_ConceptIndexorServicer_to_server(ConceptIndexorServicer(actor), server)
+    elif isinstance(actor, TargetFinder):
+        target_finder_pb2_grpc.add_TargetFinderServicer_to_server(TargetFinderServicer(actor), server)
+    elif isinstance(actor, Target):
+        target_pb2_grpc.add_TargetServicer_to_server(TargetServicer(actor), server)
+    elif isinstance(actor, DataAggregator):
+        data_aggregator_pb2_grpc.add_DataAggregatorServicer_to_server(DataAggregatorServicer(actor), server)
+    elif isinstance(actor, Querier):
+        querier_pb2_grpc.add_QuerierServicer_to_server(QuerierServicer(actor), server)
+    else:
+        personal_cloud_pb2_grpc.add_PersonalCloudServicer_to_server(PersonalCloudServicer(actor), server)
+
+
+@dataclass
+class RunningServer:
+    """One actor served over gRPC in this process."""
+
+    name: str
+    role: Role
+    endpoint: str  # what it is bound to, host:port
+    port: int
+    server: grpc.Server
+    actor: Actor
+    closers: list[Closer] = field(default_factory=list)
+    _stopped: bool = field(default=False, repr=False)
+
+    def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
+        """Stop serving (in-flight calls get `grace` seconds), then release the actor's resources."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.server.stop(grace).wait()
+        _close_all(self.closers, self.name)
+        log.info("stopped %s (%s)", self.name, self.role.value)
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise DispersError(ErrorCode.CONFIG, f"endpoint {endpoint!r} is not host:port")
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def start_server(config: ClusterConfig, name: str, *, port_override: int | None = None) -> RunningServer:
+    """Build actor `name` and serve it on its roster endpoint (or on `port_override`; 0 = any)."""
+    entry = config.roster.get(name)
+    host, port = _split_endpoint(entry.endpoint)
+    if port_override is not None:
+        port = port_override
+    address = f"{host}:{port}"
+    if not _is_loopback(host.strip("[]")):
+        log.warning("%s listens on %s without TLS: keep it on a private network", name, address)
+    closers: list[Closer] = []
+    actor = build_actor(config, name, closers=closers)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix=f"dispers-{name}"),
+        # No SO_REUSEPORT: a second server on a taken port must fail, not share its traffic.
+        options=(*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)),
+    )
+    try:
+        _register(server, actor)
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError:  # grpc raises when the address cannot be bound
+            bound = 0
+        if not bound:
+            raise DispersError(ErrorCode.CONFIG, f"{name} cannot listen on {address}")
+        server.start()
+    except BaseException:
+        _close_all(closers, name)
+        raise
+    return RunningServer(name, entry.role, f"{host}:{bound}", bound, server, actor, closers)
+
+
+def start_all_in_process(config: ClusterConfig, names: Sequence[str] | None = None) -> list[RunningServer]:
+    """Serve every actor (or those named) from this process, each with its own server."""
+    started: list[RunningServer] = []
+    try:
+        for name in names if names is not None else [e.name for e in config.roster]:
+            started.append(start_server(config, name))
+    except BaseException:
+        for running in reversed(started):
+            running.stop(0)
+        raise
+    return started
+
+
+def serve_forever(config: ClusterConfig, name: str, *, grace_s: float = DEFAULT_GRACE_S) -> None:
+    """Serve actor `name` until SIGTERM or SIGINT, then stop gracefully."""
+    running = start_server(config, name)
+    log.info("serving %s (%s) on %s", name, running.role.value, running.endpoint)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s received %s; stopping", name, signal.Signals(signum).name)
+        stop.set()
+
+    previous: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int | None] = {}
+    try:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, on_signal)
+            stop.wait()
+        else:  # signals reach only the main thread: serve until the server is stopped
+            running.server.wait_for_termination()
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: the handler was not installed from Python
+                signal.signal(sig, handler)
+        running.stop(grace_s)

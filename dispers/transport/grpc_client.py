@@ -1,0 +1,373 @@
+"""gRPC clients implementing each actor's API, and GrpcPeers: one cached channel per endpoint."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+
+from dispers.core.config import Roster
+from dispers.core.errors import DispersError, ErrorCode
+from dispers.core.ids import Role
+from dispers.core.messages import (
+    CollectReport,
+    ContributionBatch,
+    ContributionRequest,
+    FoundTargets,
+    QueryEnvelope,
+    SubscriptionItem,
+    SubscriptionOp,
+    TokenizedSubscription,
+)
+from dispers.core.spec import QuerySpec
+from dispers.proto import (
+    concept_indexor_pb2,
+    concept_indexor_pb2_grpc,
+    conductor_pb2,
+    conductor_pb2_grpc,
+    data_aggregator_pb2,
+    data_aggregator_pb2_grpc,
+    personal_cloud_pb2,
+    personal_cloud_pb2_grpc,
+    querier_pb2,
+    querier_pb2_grpc,
+    target_finder_pb2,
+    target_finder_pb2_grpc,
+    target_pb2,
+    target_pb2_grpc,
+)
+from dispers.protocol.api import QueryOutcome
+from dispers.state.queries import QueryRecord
+from dispers.transport import convert
+from dispers.transport.grpc_errors import error_from_rpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
+SHORT_DEADLINE_S = 60.0
+"""Deadline of a call that does one actor's own work on one batch."""
+LONG_DEADLINE_S = 600.0
+"""Deadline of a call that fans out to other actors (collect, subscribe, submit, contribute)."""
+
+
+def open_channel(endpoint: str) -> grpc.Channel:
+    """An insecure channel to host:port with dispers' message-size limits."""
+    return grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+
+
+class _Client:
+    """A channel (owned when made from an endpoint) and a call helper that maps errors."""
+
+    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
+        self._owned = isinstance(target, str)
+        self._channel = open_channel(target) if isinstance(target, str) else target
+        self.peer = peer if peer is not None else (target if isinstance(target, str) else "peer")
+
+    def _call(self, method: str, fn: Callable[..., Any], request: Any, timeout_s: float) -> Any:
+        """Call one unary RPC; a failure becomes the DispersError the peer raised."""
+        try:
+            return fn(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.peer, method) from None
+
+    def close(self) -> None:
+        """Close the channel if this client opened it."""
+        if self._owned:
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class ConductorClient(_Client):
+    """ConductorAPI over gRPC."""
+
+    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
+        super().__init__(target, peer)
+        self._stub = conductor_pb2_grpc.ConductorStub(self._channel)
+
+    def get_roster(self) -> Roster:
+        """The cluster's public roster."""
+        response: conductor_pb2.GetRosterResponse = self._call(
+            "GetRoster", self._stub.GetRoster, conductor_pb2.GetRosterRequest(), SHORT_DEADLINE_S
+        )
+        return convert.roster_from_proto(response.roster)
+
+    def subscribe(self, op: SubscriptionOp, items: Sequence[SubscriptionItem]) -> int:
+        """Relay a batch of subscriptions; returns how many changed a set."""
+        request = conductor_pb2.SubscribeRequest(
+            op=convert.op_to_proto(op),
+            items=[convert.subscription_item_to_proto(i) for i in items],
+        )
+        response: conductor_pb2.SubscribeResponse = self._call(
+            "Subscribe", self._stub.Subscribe, request, LONG_DEADLINE_S
+        )
+        return response.changed
+
+    def submit(self, envelope: QueryEnvelope) -> str:
+        """Submit a query; returns its id."""
+        request = conductor_pb2.ConductorSubmitRequest(envelope=convert.envelope_to_proto(envelope))
+        response: conductor_pb2.ConductorSubmitResponse = self._call(
+            "Submit", self._stub.Submit, request, LONG_DEADLINE_S
+        )
+        return response.query_id
+
+    def status(self, query_id: str, wait_s: float = 0.0) -> QueryRecord:
+        """A query's record, waiting up to wait_s for it to finish."""
+        request = conductor_pb2.StatusRequest(query_id=query_id, wait_s=wait_s)
+        response: conductor_pb2.StatusResponse = self._call(
+            "Status", self._stub.Status, request, max(wait_s, 0.0) + SHORT_DEADLINE_S
+        )
+        return convert.query_record_from_proto(response.record)
+
+
+class ConceptIndexorClient(_Client):
+    """ConceptIndexorAPI over gRPC."""
+
+    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
+        super().__init__(target, peer)
+        self._stub = concept_indexor_pb2_grpc.ConceptIndexorStub(self._channel)
+
+    def tokenize_subscriptions(self, op: SubscriptionOp, sealed_concepts: Sequence[bytes]) -> list[bytes]:
+        """seal_CI(concepts) -> seal_TF(tokens), in order."""
+        request = concept_indexor_pb2.TokenizeSubscriptionsRequest(
+            op=convert.op_to_proto(op), sealed_concepts=list(sealed_concepts)
+        )
+        response: concept_indexor_pb2.TokenizeSubscriptionsResponse = self._call(
+            "TokenizeSubscriptions", self._stub.TokenizeSubscriptions, request, SHORT_DEADLINE_S
+        )
+        return list(response.sealed_tokens)
+
+    def tokenize_query(self, envelope: QueryEnvelope) -> bytes:
+        """A query's concepts -> seal_TF(tokens)."""
+        request = concept_indexor_pb2.TokenizeQueryRequest(envelope=convert.envelope_to_proto(envelope))
+        response: concept_indexor_pb2.TokenizeQueryResponse = self._call(
+            "TokenizeQuery", self._stub.TokenizeQuery, request, SHORT_DEADLINE_S
+        )
+        return response.sealed_tokens
+
+
+class TargetFinderClient(_Client):
+    """TargetFinderAPI over gRPC."""
+
+    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
+        super().__init__(target, peer)
+        self._stub = target_finder_pb2_grpc.TargetFinderStub(self._channel)
+
+    def apply_subscriptions(self, op: SubscriptionOp, items: Sequence[TokenizedSubscription]) -> int:
+        """Add or remove pseudonyms; returns how many changed a set."""
+        request = target_finder_pb2.ApplySubscriptionsRequest(
+            op=convert.op_to_proto(op), items=[convert.tokenized_to_proto(i) for i in items]
+        )
+        response: target_finder_pb2.ApplySubscriptionsResponse = self._call(
+            "ApplySubscriptions", self._stub.ApplySubscriptions, request, SHORT_DEADLINE_S
+        )
+        return response.changed
+
+    def find_targets(self, envelope: QueryEnvelope, sealed_tokens: bytes) -> FoundTargets:
+        """Evaluate a query's expression."""
+        request = target_finder_pb2.FindTargetsRequest(
+            envelope=convert.envelope_to_proto(envelope), sealed_tokens=sealed_tokens
+        )
+        response: target_finder_pb2.FindTargetsResponse = self._call(
+            "FindTargets", self._stub.FindTargets, request, SHORT_DEADLINE_S
+        )
+        return convert.found_targets_from_proto(response.found)
+
+
+class TargetClient(_Client):
+    """TargetAPI over gRPC."""
+
+    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
+        super().__init__(target, peer)
+        self._stub = target_pb2_grpc.TargetStub(self._channel)
+
+    def pseudonymize(self, op: SubscriptionOp, sealed_addresses: Sequence[bytes]) -> list[bytes]:
+        """seal_T(address) -> seal_TF(pseudonym), in order."""
+        request = target_pb2.PseudonymizeRequest(
+            op=convert.op_to_proto(op), sealed_addresses=list(sealed_addresses)
+        )
+        response: target_pb2.PseudonymizeResponse = self._call(
+            "Pseudonymize", self._stub.Pseudonymize, request, SHORT_DEADLINE_S
+        )
+        return list(response.sealed_pseudonyms)
+
+    def collect(self, envelope: QueryEnvelope, sealed_pseudonyms: bytes) -> CollectReport:
+        """Collect the targets' contributions and forward them to the DAs."""
+        request = target_pb2.CollectRequest(
+            envelope=convert.envelope_to_proto(envelope), sealed_pseudonyms=sealed_pseudonyms
+        )
+        response: target_pb2.CollectResponse = self._call(
+            "Collect", self._stub.Collect, request, LONG_DEADLINE_S
+        )
+        return convert.collect_report_from_proto(response.report)
+
+
+class DataAggregatorClient(_Client):
+    """DataAggregatorAPI over gRPC."""
+
+    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
+        super().__init__(target, peer)
+        self._stub = data_aggregator_pb2_grpc.DataAggregatorStub(self._channel)
+
+    def prepare(self, envelope: QueryEnvelope) -> None:
+        """Get ready for a query."""
+        request = data_aggregator_pb2.PrepareRequest(envelope=convert.envelope_to_proto(envelope))
+        self._call("Prepare", self._stub.Prepare, request, SHORT_DEADLINE_S)
+
+    def ingest(self, query_id: str, ciphertexts: Sequence[bytes]) -> int:
+        """Fold a batch of sealed contributions; returns how many were accepted."""
+        request = data_aggregator_pb2.IngestRequest(query_id=query_id, ciphertexts=list(ciphertexts))
+        response: data_aggregator_pb2.IngestResponse = self._call(
+            "Ingest", self._stub.Ingest, request, SHORT_DEADLINE_S
+        )
+        return response.accepted
+
+    def absorb(self, query_id: str, child: str, sealed_partial: bytes) -> None:
+        """Merge a child's sealed partial."""
+        request = data_aggregator_pb2.AbsorbRequest(
+            query_id=query_id, child=child, sealed_partial=sealed_partial
+        )
+        self._call("Absorb", self._stub.Absorb, request, SHORT_DEADLINE_S)
+
+    def finalize(self, query_id: str) -> bytes:
+        """The sealed partial (or, at the root, the sealed result)."""
+        request = data_aggregator_pb2.FinalizeRequest(query_id=query_id)
+        response: data_aggregator_pb2.FinalizeResponse = self._call(
+            "Finalize", self._stub.Finalize, request, SHORT_DEADLINE_S
+        )
+        return response.sealed
+
+    def abort(self, query_id: str) -> None:
+        """Forget a query."""
+        request = data_aggregator_pb2.AbortRequest(query_id=query_id)
+        self._call("Abort", self._stub.Abort, request, SHORT_DEADLINE_S)
+
+
+class PersonalCloudClient(_Client):
+    """PersonalCloudAPI and PersonalCloudAdminAPI over gRPC."""
+
+    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
+        super().__init__(target, peer)
+        self._stub = personal_cloud_pb2_grpc.PersonalCloudStub(self._channel)
+
+    def contribute(self, request: ContributionRequest) -> ContributionBatch:
+        """Compute and seal the contributions of a batch of instances."""
+        message = personal_cloud_pb2.ContributeRequest(request=convert.contribution_request_to_proto(request))
+        response: personal_cloud_pb2.ContributeResponse = self._call(
+            "Contribute", self._stub.Contribute, message, LONG_DEADLINE_S
+        )
+        return convert.contribution_batch_from_proto(response.batch)
+
+    def subscribe_all(self, op: SubscriptionOp) -> int:
+        """(Un)subscribe every instance the host serves."""
+        request = personal_cloud_pb2.SubscribeAllRequest(op=convert.op_to_proto(op))
+        response: personal_cloud_pb2.SubscribeAllResponse = self._call(
+            "SubscribeAll", self._stub.SubscribeAll, request, LONG_DEADLINE_S
+        )
+        return response.changed
+
+
+class QuerierClient(_Client):
+    """QuerierAPI over gRPC."""
+
+    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
+        super().__init__(target, peer)
+        self._stub = querier_pb2_grpc.QuerierStub(self._channel)
+
+    def submit(self, spec: QuerySpec) -> str:
+        """Build, sign and submit a query; returns its id."""
+        request = querier_pb2.QuerierSubmitRequest(spec_json=convert.spec_to_json(spec))
+        response: querier_pb2.QuerierSubmitResponse = self._call(
+            "Submit", self._stub.Submit, request, LONG_DEADLINE_S
+        )
+        return response.query_id
+
+    def outcome(self, query_id: str, wait_s: float = 0.0) -> QueryOutcome:
+        """C's record of a query and, once released, the opened result."""
+        request = querier_pb2.OutcomeRequest(query_id=query_id, wait_s=wait_s)
+        response: querier_pb2.OutcomeResponse = self._call(
+            "Outcome", self._stub.Outcome, request, max(wait_s, 0.0) + SHORT_DEADLINE_S
+        )
+        return convert.outcome_from_proto(response)
+
+
+class GrpcPeers:
+    """Peers over gRPC: clients of the roster's actors, sharing one channel per endpoint."""
+
+    def __init__(self, roster: Roster) -> None:
+        self._roster = roster
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._closed = False
+
+    def channel(self, endpoint: str) -> grpc.Channel:
+        """The shared channel to `endpoint`, opened on first use."""
+        with self._lock:
+            if self._closed:
+                raise DispersError(ErrorCode.UNAVAILABLE, "the peer connections are closed")
+            channel = self._channels.get(endpoint)
+            if channel is None:
+                channel = self._channels[endpoint] = open_channel(endpoint)
+            return channel
+
+    def _endpoint(self, name: str) -> tuple[grpc.Channel, str]:
+        return self.channel(self._roster.get(name).endpoint), name
+
+    def conductor(self) -> ConductorClient:
+        """The Conductor."""
+        return ConductorClient(*self._endpoint(self._roster.one(Role.CONDUCTOR).name))
+
+    def concept_indexor(self) -> ConceptIndexorClient:
+        """The Concept Indexor."""
+        return ConceptIndexorClient(*self._endpoint(self._roster.one(Role.CONCEPT_INDEXOR).name))
+
+    def target_finder(self) -> TargetFinderClient:
+        """The Target Finder."""
+        return TargetFinderClient(*self._endpoint(self._roster.one(Role.TARGET_FINDER).name))
+
+    def target(self) -> TargetClient:
+        """The Target."""
+        return TargetClient(*self._endpoint(self._roster.one(Role.TARGET).name))
+
+    def data_aggregator(self, name: str) -> DataAggregatorClient:
+        """A Data Aggregator by name (NOT_FOUND if the roster has none by that name)."""
+        if name not in {e.name for e in self._roster.by_role(Role.DATA_AGGREGATOR)}:
+            raise DispersError(ErrorCode.NOT_FOUND, f"no data aggregator {name!r}")
+        return DataAggregatorClient(*self._endpoint(name))
+
+    def personal_cloud(self, name: str) -> PersonalCloudClient:
+        """A personal-cloud host by name (UNAVAILABLE if the roster has none by that name)."""
+        if name not in {e.name for e in self._roster.by_role(Role.PERSONAL_CLOUD)}:
+            raise DispersError(ErrorCode.UNAVAILABLE, f"no personal-cloud host {name!r}")
+        return PersonalCloudClient(*self._endpoint(name))
+
+    def querier(self, name: str) -> QuerierClient:
+        """A Querier service by name (NOT_FOUND if the roster has none by that name)."""
+        if name not in {e.name for e in self._roster.by_role(Role.QUERIER)}:
+            raise DispersError(ErrorCode.NOT_FOUND, f"no querier {name!r}")
+        return QuerierClient(*self._endpoint(name))
+
+    def close(self) -> None:
+        """Close every channel; later calls fail with UNAVAILABLE."""
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+            self._closed = True
+        for channel in channels:
+            channel.close()
