@@ -227,6 +227,8 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
         gb = dat["group_by"]
         if not isinstance(gb, dict) or set(gb) != {"field", "edges"}:
             raise _spec_error("data.group_by must have exactly 'field' and 'edges'")
+        if not isinstance(gb["edges"], list):
+            raise _spec_error("data.group_by.edges must be a list of numbers")
         try:
             group_by = GroupBy(gb["field"], tuple(gb["edges"]))
         except DispersError as exc:
@@ -236,9 +238,10 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
         not isinstance(bounds, list)
         or len(bounds) != 2
         or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+        or not all(math.isfinite(b) for b in bounds)
         or not bounds[0] < bounds[1]
     ):
-        raise _spec_error("aggregate.bounds must be [lower, upper] with lower < upper")
+        raise _spec_error("aggregate.bounds must be [lower, upper], finite, with lower < upper")
     stats = agg.get("stats", ["count", "mean", "std"])
     if not isinstance(stats, list) or not stats or any(s not in STATS for s in stats):
         raise _spec_error(f"aggregate.stats must be a non-empty list from {', '.join(STATS)}")
@@ -252,7 +255,10 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
         stats=tuple(stats),
         k=k,
     )
-    spec.compiled()  # the target expression must parse
+    try:
+        spec.compiled()  # the target expression must parse
+    except DispersError as exc:
+        raise _spec_error(f"query.target: {exc.message}") from None
     return spec
 
 

@@ -51,6 +51,7 @@ from dispers.state.factory import (
     open_query_store,
 )
 from dispers.transport.grpc_client import CHANNEL_OPTIONS, GrpcPeers
+from dispers.transport.grpc_errors import DecodeGuard
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ def start_server(config: ClusterConfig, name: str, *, port_override: int | None 
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix=f"dispers-{name}"),
         # No SO_REUSEPORT: a second server on a taken port must fail, not share its traffic.
         options=(*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)),
+        interceptors=(DecodeGuard(),),
     )
     try:
         _register(server, actor)

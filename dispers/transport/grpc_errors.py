@@ -139,3 +139,41 @@ def _parse_code(value: object) -> ErrorCode | None:
         return ErrorCode(value)
     except ValueError:
         return None
+
+
+_UNDECODABLE = object()
+
+
+class DecodeGuard(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Turns a request that is not a valid protobuf message into INVALID_ARGUMENT/MALFORMED.
+
+    Without it grpc answers INTERNAL "Exception deserializing request!", which reads like a
+    server bug rather than the caller's bad input.
+    """
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        """Wrap unary-unary handlers with a deserializer that cannot raise."""
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        behavior = handler.unary_unary
+        method = str(handler_call_details.method).rsplit("/", 1)[-1]
+
+        def safe(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except Exception:
+                return _UNDECODABLE
+
+        def run(request: Any, context: Any) -> Any:
+            if request is _UNDECODABLE:
+                abort(
+                    context,
+                    DispersError(ErrorCode.MALFORMED, f"{method}: request is not valid protobuf"),
+                )
+            return behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            run, request_deserializer=safe, response_serializer=handler.response_serializer
+        )

@@ -65,9 +65,7 @@ def _contributions(
 
 
 @pytest.mark.parametrize("window_days", [30, 7, 90])
-def test_contributions_match_ground_truth(
-    loaded: tuple[Population, DocumentStore], window_days: int
-) -> None:
+def test_contributions_match_ground_truth(loaded: tuple[Population, DocumentStore], window_days: int) -> None:
     pop, store = loaded
     ids = store.instance_ids()[::-1]  # any order: results follow the ids given
     local = compute_contributions(
@@ -94,9 +92,7 @@ def test_contributions_match_ground_truth(
 
     # Bounds as a DA applies them: drop contributed values outside [lo, hi].
     lo, hi = 65.0, 75.0
-    bounded = mean_heart_rate_by_age(
-        pop, edges=EDGES, window_days=window_days, as_of=AS_OF, bounds=(lo, hi)
-    )
+    bounded = mean_heart_rate_by_age(pop, edges=EDGES, window_days=window_days, as_of=AS_OF, bounds=(lo, hi))
     inside = local.ok & (local.values >= lo) & (local.values <= hi)
     for g, label in enumerate(bounded):
         assert int((inside & (local.groups == g)).sum()) == bounded[label].count
@@ -130,9 +126,7 @@ def test_age_field_matches_population(loaded: tuple[Population, DocumentStore]) 
     pop, store = loaded
     for as_of in (AS_OF, date(2024, 2, 29), date(2025, 2, 28), date(2025, 3, 1)):
         np.testing.assert_array_equal(ages_at(pop.birth_days, as_of), pop.ages_at(as_of))
-        np.testing.assert_array_equal(
-            FIELDS["age"](store, pop.instance_ids, as_of), pop.ages_at(as_of)
-        )
+        np.testing.assert_array_equal(FIELDS["age"](store, pop.instance_ids, as_of), pop.ages_at(as_of))
 
 
 def test_unknown_function_and_field() -> None:
@@ -172,9 +166,7 @@ def test_bad_params_are_malformed(params: dict[str, object], named: str) -> None
 
 def test_params_get_defaults() -> None:
     assert validate_params("mean_heart_rate", {}) == {"window_days": 30}
-    assert validate_params("mean_heart_rate", {"window_days": np.int64(3650)}) == {
-        "window_days": 3650
-    }
+    assert validate_params("mean_heart_rate", {"window_days": np.int64(3650)}) == {"window_days": 3650}
 
 
 @pytest.mark.parametrize(
@@ -211,9 +203,7 @@ _finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
 
 @given(
     values=st.lists(st.one_of(_finite, st.just(math.nan), st.integers(-200, 200).map(float))),
-    edges=st.lists(
-        st.integers(-200, 200).map(float) | _finite, min_size=2, max_size=8, unique=True
-    ),
+    edges=st.lists(st.integers(-200, 200).map(float) | _finite, min_size=2, max_size=8, unique=True),
 )
 def test_bucketize_matches_a_plain_loop(values: list[float], edges: list[float]) -> None:
     edges = sorted(edges)

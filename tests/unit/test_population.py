@@ -212,9 +212,7 @@ def test_ground_truth_on_hand_made_population() -> None:
     assert bounded["25-50"].count == 1 and bounded["25-50"].mean == 65.0
 
     pop.consent[1] = False
-    assert (
-        mean_heart_rate_by_age(pop, edges=[12, 25], window_days=30, as_of=AS_OF)["12-25"].count == 0
-    )
+    assert mean_heart_rate_by_age(pop, edges=[12, 25], window_days=30, as_of=AS_OF)["12-25"].count == 0
     assert targeted_count(pop, [12, 25, 50, 100], AS_OF) == 4
     assert targeted_count(pop, [0, 12], AS_OF) == 1
     with pytest.raises(DispersError) as info:

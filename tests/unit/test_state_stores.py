@@ -221,10 +221,7 @@ class PseudonymSetsContract(_Contract):
     def test_bulk_add_at_scale(self) -> None:
         sets = self.make()
         tokens = [i.to_bytes(32, "big") for i in range(50)]
-        pairs = [
-            ([tokens[(i + j * 7) % 50] for j in range(4)], i.to_bytes(32, "big"))
-            for i in range(10_000)
-        ]
+        pairs = [([tokens[(i + j * 7) % 50] for j in range(4)], i.to_bytes(32, "big")) for i in range(10_000)]
         assert sets.add(pairs) == 40_000
         assert len(sets.universe()) == 10_000
         assert sets.token_count() == 50
@@ -409,9 +406,7 @@ class TestSQLiteAddressDirectory(AddressDirectoryContract):
 
 
 def _record(query_id: str = "q1", **changes: Any) -> QueryRecord:
-    record = QueryRecord(
-        query_id=query_id, querier="lab", created_at=1700000000.5, state="pending", k=5
-    )
+    record = QueryRecord(query_id=query_id, querier="lab", created_at=1700000000.5, state="pending", k=5)
     for name, value in changes.items():
         setattr(record, name, value)
     return record

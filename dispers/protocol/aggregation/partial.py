@@ -108,8 +108,13 @@ class Partial:
         """Parse and validate a partial received from a child DA."""
         if not isinstance(obj, dict):
             raise malformed("partial aggregate must be an object")
+        raw_count = obj.get("count")
+        if not isinstance(raw_count, list) or any(
+            not isinstance(c, int) or isinstance(c, bool) for c in raw_count
+        ):
+            raise malformed("partial aggregate counts must be whole numbers")
         try:
-            count = np.asarray(obj["count"], dtype=np.int64)
+            count = np.asarray(raw_count, dtype=np.int64)
             mean = np.asarray(obj["mean"], dtype=np.float64)
             m2 = np.asarray(obj["m2"], dtype=np.float64)
             lo = np.asarray([np.inf if x is None else x for x in obj["min"]], dtype=np.float64)
@@ -121,7 +126,11 @@ class Partial:
             raise malformed("partial aggregate has the wrong number of groups")
         if (count < 0).any() or (m2 < 0).any() or any(v < 0 for v in dropped.values()):
             raise malformed("partial aggregate has negative counts")
-        if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
+        if (
+            not (np.isfinite(mean).all() and np.isfinite(m2).all())
+            or np.isnan(lo).any()
+            or np.isnan(hi).any()
+        ):
             raise malformed("partial aggregate has non-finite values")
         return cls(count, mean, m2, lo, hi, dropped)
 
@@ -148,11 +157,13 @@ class Partial:
                 continue
             every = self.stats(i)
             groups.append(GroupResult(label, False, {s: every[s] for s in spec.stats}))
+        released = sum(int(self.count[i]) for i, g in enumerate(groups) if not g.suppressed)
         return QueryResult(
             query_id=spec.query_id,
             k=spec.k,
             groups=tuple(groups),
-            contributions=int(self.count.sum()),
+            # Only released groups count: a total over suppressed ones would give their size away.
+            contributions=released,
             dropped=dict(self.dropped),
         )
 
