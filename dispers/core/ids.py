@@ -45,6 +45,13 @@ def check_query_id(query_id: str) -> str:
     return query_id
 
 
+def check_batch_id(batch_id: str) -> str:
+    """Validate a subscription batch id: 32 lowercase hex digits."""
+    if not isinstance(batch_id, str) or not _QUERY_ID.match(batch_id):
+        raise malformed("batch id must be 32 lowercase hex digits")
+    return batch_id
+
+
 def check_name(name: str, what: str = "actor name") -> str:
     """Validate an actor name: lowercase letters, digits, '-' and '_'."""
     if not isinstance(name, str) or not _NAME.match(name):

@@ -4,6 +4,7 @@ isort:skip_file
 The Concept Indexor: concept strings -> keyed tokens, sealed to TF."""
 
 from collections import abc as _abc
+from dispers.proto import common_pb2 as _common_pb2
 from dispers.proto import concept_indexor_pb2 as _concept_indexor_pb2
 from grpc import aio as _aio
 import abc as _abc_1
@@ -35,6 +36,8 @@ class ConceptIndexorStub:
     """Tokenize a batch of seal_CI(concepts); answers seal_TF(tokens) in the same order."""
     TokenizeQuery: _grpc.UnaryUnaryMultiCallable[_concept_indexor_pb2.TokenizeQueryRequest, _concept_indexor_pb2.TokenizeQueryResponse]
     """Tokenize the concepts of a query; answers seal_TF(tokens)."""
+    Settle: _grpc.UnaryUnaryMultiCallable[_common_pb2.SettleRequest, _common_pb2.SettleResponse]
+    """Commit (or drop) the concepts staged by TokenizeSubscriptions once TF has applied the batch."""
 
 @_typing.type_check_only
 class ConceptIndexorAsyncStub(ConceptIndexorStub):
@@ -43,6 +46,8 @@ class ConceptIndexorAsyncStub(ConceptIndexorStub):
     """Tokenize a batch of seal_CI(concepts); answers seal_TF(tokens) in the same order."""
     TokenizeQuery: _aio.UnaryUnaryMultiCallable[_concept_indexor_pb2.TokenizeQueryRequest, _concept_indexor_pb2.TokenizeQueryResponse]  # type: ignore[assignment]
     """Tokenize the concepts of a query; answers seal_TF(tokens)."""
+    Settle: _aio.UnaryUnaryMultiCallable[_common_pb2.SettleRequest, _common_pb2.SettleResponse]  # type: ignore[assignment]
+    """Commit (or drop) the concepts staged by TokenizeSubscriptions once TF has applied the batch."""
 
 class ConceptIndexorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -60,5 +65,13 @@ class ConceptIndexorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_concept_indexor_pb2.TokenizeQueryResponse, _abc.Awaitable[_concept_indexor_pb2.TokenizeQueryResponse]]:
         """Tokenize the concepts of a query; answers seal_TF(tokens)."""
+
+    @_abc_1.abstractmethod
+    def Settle(
+        self,
+        request: _common_pb2.SettleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.SettleResponse, _abc.Awaitable[_common_pb2.SettleResponse]]:
+        """Commit (or drop) the concepts staged by TokenizeSubscriptions once TF has applied the batch."""
 
 def add_ConceptIndexorServicer_to_server(servicer: ConceptIndexorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,9 @@ class PseudonymizeRequest(_message.Message):
 
     OP_FIELD_NUMBER: _builtins.int
     SEALED_ADDRESSES_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
     op: _common_pb2.SubscriptionOp.ValueType
+    batch_id: _builtins.str
     @_builtins.property
     def sealed_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
@@ -33,10 +35,11 @@ class PseudonymizeRequest(_message.Message):
         *,
         op: _common_pb2.SubscriptionOp.ValueType = ...,
         sealed_addresses: _abc.Iterable[_builtins.bytes] | None = ...,
+        batch_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["op", b"op", "sealed_addresses", b"sealed_addresses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "op", b"op", "sealed_addresses", b"sealed_addresses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

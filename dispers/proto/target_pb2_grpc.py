@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from dispers.proto import common_pb2 as dispers_dot_proto_dot_common__pb2
 from dispers.proto import target_pb2 as dispers_dot_proto_dot_target__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -44,6 +45,11 @@ class TargetStub:
                 request_serializer=dispers_dot_proto_dot_target__pb2.CollectRequest.SerializeToString,
                 response_deserializer=dispers_dot_proto_dot_target__pb2.CollectResponse.FromString,
                 _registered_method=True)
+        self.Settle = channel.unary_unary(
+                '/dispers.proto.Target/Settle',
+                request_serializer=dispers_dot_proto_dot_common__pb2.SettleRequest.SerializeToString,
+                response_deserializer=dispers_dot_proto_dot_common__pb2.SettleResponse.FromString,
+                _registered_method=True)
 
 
 class TargetServicer:
@@ -63,6 +69,13 @@ class TargetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Settle(self, request, context):
+        """Commit (or drop) the directory entries staged by Pseudonymize once TF has applied the batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TargetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_TargetServicer_to_server(servicer, server):
                     servicer.Collect,
                     request_deserializer=dispers_dot_proto_dot_target__pb2.CollectRequest.FromString,
                     response_serializer=dispers_dot_proto_dot_target__pb2.CollectResponse.SerializeToString,
+            ),
+            'Settle': grpc.unary_unary_rpc_method_handler(
+                    servicer.Settle,
+                    request_deserializer=dispers_dot_proto_dot_common__pb2.SettleRequest.FromString,
+                    response_serializer=dispers_dot_proto_dot_common__pb2.SettleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,33 @@ class Target:
             '/dispers.proto.Target/Collect',
             dispers_dot_proto_dot_target__pb2.CollectRequest.SerializeToString,
             dispers_dot_proto_dot_target__pb2.CollectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Settle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispers.proto.Target/Settle',
+            dispers_dot_proto_dot_common__pb2.SettleRequest.SerializeToString,
+            dispers_dot_proto_dot_common__pb2.SettleResponse.FromString,
             options,
             channel_credentials,
             insecure,

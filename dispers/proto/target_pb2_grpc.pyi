@@ -4,6 +4,7 @@ isort:skip_file
 The Target: pseudonym -> address directory; collects contributions and forwards them to DAs."""
 
 from collections import abc as _abc
+from dispers.proto import common_pb2 as _common_pb2
 from dispers.proto import target_pb2 as _target_pb2
 from grpc import aio as _aio
 import abc as _abc_1
@@ -35,6 +36,8 @@ class TargetStub:
     """Pseudonymize a batch of seal_T(address); answers seal_TF(pseudonym) in the same order."""
     Collect: _grpc.UnaryUnaryMultiCallable[_target_pb2.CollectRequest, _target_pb2.CollectResponse]
     """Ask the query's targets for their contributions and forward them to the DAs."""
+    Settle: _grpc.UnaryUnaryMultiCallable[_common_pb2.SettleRequest, _common_pb2.SettleResponse]
+    """Commit (or drop) the directory entries staged by Pseudonymize once TF has applied the batch."""
 
 @_typing.type_check_only
 class TargetAsyncStub(TargetStub):
@@ -43,6 +46,8 @@ class TargetAsyncStub(TargetStub):
     """Pseudonymize a batch of seal_T(address); answers seal_TF(pseudonym) in the same order."""
     Collect: _aio.UnaryUnaryMultiCallable[_target_pb2.CollectRequest, _target_pb2.CollectResponse]  # type: ignore[assignment]
     """Ask the query's targets for their contributions and forward them to the DAs."""
+    Settle: _aio.UnaryUnaryMultiCallable[_common_pb2.SettleRequest, _common_pb2.SettleResponse]  # type: ignore[assignment]
+    """Commit (or drop) the directory entries staged by Pseudonymize once TF has applied the batch."""
 
 class TargetServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -60,5 +65,13 @@ class TargetServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_target_pb2.CollectResponse, _abc.Awaitable[_target_pb2.CollectResponse]]:
         """Ask the query's targets for their contributions and forward them to the DAs."""
+
+    @_abc_1.abstractmethod
+    def Settle(
+        self,
+        request: _common_pb2.SettleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.SettleResponse, _abc.Awaitable[_common_pb2.SettleResponse]]:
+        """Commit (or drop) the directory entries staged by Pseudonymize once TF has applied the batch."""
 
 def add_TargetServicer_to_server(servicer: TargetServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -7,16 +7,53 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from dispers.core.codec import dumps, hex_bytes, loads_object
 from dispers.core.config import ClusterSettings, Roster, RosterEntry
 from dispers.core.errors import DispersError, ErrorCode, malformed
-from dispers.core.ids import Role, check_query_id
+from dispers.core.ids import Role, check_batch_id, check_query_id
 from dispers.core.messages import QueryEnvelope
 from dispers.crypto.keys import SigningKeyPair, VerifyKey
 
 CLOCK_SKEW_S = 60.0
+T = TypeVar("T")
+
+
+class Staging(Generic[T]):
+    """Writes held back until the Conductor settles their batch (commit or drop).
+
+    A subscription batch touches CI, T and TF; staging the writes of CI and T until TF has
+    applied the batch means a batch refused anywhere leaves nothing behind anywhere.
+    Unsettled batches expire after `ttl_s`.
+    """
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl = ttl_s
+        self._pending: dict[str, tuple[float, T]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, batch_id: str, value: T) -> None:
+        """Hold `value` for `batch_id`; a batch id may be staged once."""
+        check_batch_id(batch_id)
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, (at, _) in self._pending.items() if now - at > self._ttl]:
+                del self._pending[key]
+            if batch_id in self._pending:
+                raise DispersError(ErrorCode.REPLAY, "subscription batch id already staged")
+            self._pending[batch_id] = (now, value)
+
+    def take(self, batch_id: str) -> T | None:
+        """Remove and return what `batch_id` staged (None if nothing or expired)."""
+        check_batch_id(batch_id)
+        with self._lock:
+            item = self._pending.pop(batch_id, None)
+        return None if item is None else item[1]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pending)
 
 
 class ReplayGuard:

@@ -11,7 +11,7 @@ from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.ids import Role
 from dispers.core.messages import QueryEnvelope, SubscriptionOp
 from dispers.crypto import ActorKeys, Opener, keyed_hash, seal
-from dispers.protocol.common import ReplayGuard, verify_envelope
+from dispers.protocol.common import ReplayGuard, Staging, verify_envelope
 from dispers.protocol.instance.concepts import validate_concept
 from dispers.state.concepts import ConceptCatalog
 
@@ -33,6 +33,7 @@ class ConceptIndexor:
         self._catalog = catalog
         self._tf_key = roster.one(Role.TARGET_FINDER).sealing_key
         self._replays = ReplayGuard(settings.max_query_age_s * 2)
+        self._staged: Staging[list[str]] = Staging(settings.query_timeout_s)
 
     def token(self, concept: str) -> bytes:
         """Keyed BLAKE2b of a concept under CI's secret."""
@@ -52,10 +53,13 @@ class ConceptIndexor:
             out.append(c)
         return out
 
-    def tokenize_subscriptions(self, op: SubscriptionOp, sealed_concepts: Sequence[bytes]) -> list[bytes]:
+    def tokenize_subscriptions(
+        self, op: SubscriptionOp, sealed_concepts: Sequence[bytes], batch_id: str
+    ) -> list[bytes]:
         """Open each subscription's concepts, return seal_TF(tokens) in the same order.
 
-        The whole batch is validated before anything is written to the catalogue.
+        New concepts are staged under `batch_id` and reach the catalogue only when the
+        Conductor settles the batch with commit=True (after TF applied it).
         """
         per_item: list[list[str]] = []
         for i, ciphertext in enumerate(sealed_concepts):
@@ -63,9 +67,15 @@ class ConceptIndexor:
             per_item.append(self._concepts(loads_list(self._opener.open(ciphertext, what), what), what))
         out = [seal(self._tf_key, dumps([self.token(c).hex() for c in concepts])) for concepts in per_item]
         if op is SubscriptionOp.SUBSCRIBE:
-            new = self._catalog.add(c for concepts in per_item for c in concepts)
-            log.debug("tokenized %d subscriptions (%d new concepts)", len(out), new)
+            self._staged.put(batch_id, sorted({c for concepts in per_item for c in concepts}))
         return out
+
+    def settle(self, batch_id: str, commit: bool) -> None:
+        """Commit (or drop) the concepts a subscription batch staged."""
+        concepts = self._staged.take(batch_id)
+        if commit and concepts:
+            new = self._catalog.add(concepts)
+            log.debug("batch settled: %d new concepts", new)
 
     def tokenize_query(self, envelope: QueryEnvelope) -> bytes:
         """Open a query's concepts and seal their tokens, in order, to TF."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 import time
@@ -10,7 +11,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from dispers.core.config import ClusterSettings, Roster
-from dispers.core.errors import DispersError, ErrorCode
+from dispers.core.errors import DispersError, ErrorCode, malformed
+from dispers.core.ids import new_query_id
 from dispers.core.messages import (
     QueryEnvelope,
     SubscriptionItem,
@@ -24,6 +26,17 @@ from dispers.state.queries import QueryRecord, QueryStore
 log = logging.getLogger(__name__)
 FINAL_STATES = ("done", "refused", "failed")
 Executor = Callable[[Callable[[], None]], None]
+
+
+_ITEM = re.compile(r"^subscription (\d+) ")
+
+
+def _in_caller_order(exc: DispersError, order: list[int]) -> DispersError:
+    """Errors name items by their shuffled position; give the caller its own position back."""
+    m = _ITEM.match(exc.message)
+    if not m or int(m.group(1)) >= len(order):
+        return exc
+    return DispersError(exc.code, f"subscription {order[int(m.group(1))]} " + exc.message[m.end() :])
 
 
 def run_inline(job: Callable[[], None]) -> None:
@@ -62,23 +75,37 @@ class Conductor:
         return self._roster
 
     def subscribe(self, op: SubscriptionOp, items: Sequence[SubscriptionItem]) -> int:
-        """Relay a batch of subscriptions through CI, T and TF in shuffled order."""
+        """Relay one batch of subscriptions through CI, T and TF, shuffled; all or nothing.
+
+        CI and T stage what they would write under a fresh batch id; once TF has applied the
+        batch they are told to commit, and if anything was refused, to drop it.
+        """
+        if not items:
+            return 0
+        if len(items) > self._settings.batch_size:
+            raise malformed(f"a subscription batch holds at most {self._settings.batch_size} items")
         order = list(range(len(items)))
         self._random.shuffle(order)  # so CI, T and TF cannot pair items by arrival position
         shuffled = [items[i] for i in order]
-        changed = 0
-        size = self._settings.batch_size
-        for start in range(0, len(shuffled), size):
-            chunk = shuffled[start : start + size]
-            tokens = self._peers.concept_indexor().tokenize_subscriptions(
-                op, [s.sealed_concepts for s in chunk]
-            )
-            pseudonyms = self._peers.target().pseudonymize(op, [s.sealed_address for s in chunk])
-            if len(tokens) != len(chunk) or len(pseudonyms) != len(chunk):
+        batch_id = new_query_id()
+        ci, t = self._peers.concept_indexor(), self._peers.target()
+        try:
+            tokens = ci.tokenize_subscriptions(op, [s.sealed_concepts for s in shuffled], batch_id)
+            pseudonyms = t.pseudonymize(op, [s.sealed_address for s in shuffled], batch_id)
+            if len(tokens) != len(items) or len(pseudonyms) != len(items):
                 raise DispersError(ErrorCode.INTERNAL, "an actor answered the wrong number of items")
-            changed += self._peers.target_finder().apply_subscriptions(
-                op, [TokenizedSubscription(t, p) for t, p in zip(tokens, pseudonyms, strict=True)]
+            changed = self._peers.target_finder().apply_subscriptions(
+                op, [TokenizedSubscription(tk, p) for tk, p in zip(tokens, pseudonyms, strict=True)]
             )
+        except DispersError as exc:
+            for actor in (ci, t):
+                try:
+                    actor.settle(batch_id, False)
+                except DispersError:  # staged entries also expire on their own
+                    log.warning("could not drop a refused subscription batch")
+            raise _in_caller_order(exc, order) from None
+        ci.settle(batch_id, True)
+        t.settle(batch_id, True)
         log.info("%s of %d subscriptions: %d memberships changed", op.value, len(items), changed)
         return changed
 

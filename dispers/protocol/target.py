@@ -23,7 +23,7 @@ from dispers.core.messages import (
 from dispers.core.spec import DataRequest
 from dispers.crypto import ActorKeys, Opener, keyed_hash, seal
 from dispers.protocol.api import Peers
-from dispers.protocol.common import ReplayGuard, same_query, unpack, verify_envelope
+from dispers.protocol.common import ReplayGuard, Staging, same_query, unpack, verify_envelope
 from dispers.state.directory import AddressDirectory
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,20 @@ class Target:
         self._tf_key = roster.one(Role.TARGET_FINDER).sealing_key
         self._hosts = {e.name for e in roster.by_role(Role.PERSONAL_CLOUD)}
         self._replays = ReplayGuard(settings.max_query_age_s * 2)
+        self._staged: Staging[list[tuple[bytes, str]]] = Staging(settings.query_timeout_s)
         self._random = secrets.SystemRandom()
 
     def pseudonym(self, address: str) -> bytes:
         """Keyed PRF of an address under T's secret: stable, so re-subscribing changes nothing."""
         return keyed_hash(self._secret, address.encode(), b"dispers-address")
 
-    def pseudonymize(self, op: SubscriptionOp, sealed_addresses: Sequence[bytes]) -> list[bytes]:
-        """Open each address, record it (on subscribe) and return seal_TF(pseudonym)."""
+    def pseudonymize(
+        self, op: SubscriptionOp, sealed_addresses: Sequence[bytes], batch_id: str
+    ) -> list[bytes]:
+        """Open each address and return seal_TF(pseudonym); on subscribe, stage the entry.
+
+        The directory is written only when the Conductor settles the batch with commit=True.
+        """
         entries: list[tuple[bytes, str]] = []
         for i, ciphertext in enumerate(sealed_addresses):
             what = f"subscription {i} address"
@@ -82,8 +88,14 @@ class Target:
                 raise malformed(f"{what} names no personal-cloud host of the roster")
             entries.append((self.pseudonym(address), address))
         if op is SubscriptionOp.SUBSCRIBE:
-            self._directory.put_many(entries)
+            self._staged.put(batch_id, entries)
         return [seal(self._tf_key, p) for p, _ in entries]
+
+    def settle(self, batch_id: str, commit: bool) -> None:
+        """Commit (or drop) the directory entries a subscription batch staged."""
+        entries = self._staged.take(batch_id)
+        if commit and entries:
+            self._directory.put_many(entries)
 
     def _open_request(self, envelope: QueryEnvelope) -> tuple[DataRequest, bytes, bytes]:
         what = "data request"
@@ -110,7 +122,11 @@ class Target:
         obj = loads_object(self._opener.open(sealed_pseudonyms, what), what)
         same_query(obj, envelope, what)
         pseudonyms = unpack(obj.get("pseudonyms"), 32, what)
-        addresses = self._directory.resolve(pseudonyms)
+        found = self._directory.lookup(pseudonyms)
+        # A pseudonym TF knows but the directory does not (a batch whose settle never came)
+        # is counted unreachable rather than failing everyone else's query.
+        addresses = [a for a in found if a is not None]
+        unknown = len(found) - len(addresses)
         self._replays.record(envelope.query_id)
 
         leaves = list(envelope.plan.leaves)
@@ -125,7 +141,7 @@ class Target:
             (host, items[j : j + size]) for host, items in by_host.items() for j in range(0, len(items), size)
         ]
         per_da: dict[str, list[bytes]] = {leaf: [] for leaf in leaves}
-        declined = unreachable = 0
+        declined, unreachable = 0, unknown
 
         def ask(job: tuple[str, list[tuple[str, str]]]) -> tuple[int, list[tuple[str, bytes]], int]:
             host, items = job

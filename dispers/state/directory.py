@@ -67,8 +67,16 @@ class AddressDirectory(ABC):
         """
 
     @abstractmethod
+    def lookup(self, pseudonyms: Sequence[bytes]) -> list[str | None]:
+        """Return the address of each pseudonym, in order, None where it is unknown."""
+
     def resolve(self, pseudonyms: Sequence[bytes]) -> list[str]:
         """Return the address of each pseudonym, in order; NOT_FOUND if any is unknown."""
+        found = self.lookup(pseudonyms)
+        addresses = [a for a in found if a is not None]
+        if len(addresses) != len(found):
+            raise _not_found(len(found) - len(addresses), len(found))
+        return addresses
 
     @abstractmethod
     def __len__(self) -> int:
@@ -98,15 +106,11 @@ class MemoryAddressDirectory(AddressDirectory):
             self._addresses.update(new)
         return len(new)
 
-    def resolve(self, pseudonyms: Sequence[bytes]) -> list[str]:
-        """Return the address of each pseudonym, in order; NOT_FOUND if any is unknown."""
+    def lookup(self, pseudonyms: Sequence[bytes]) -> list[str | None]:
+        """Return the address of each pseudonym, in order, None where it is unknown."""
         _check_pseudonyms(pseudonyms)
         with self._lock:
-            found = [self._addresses.get(p) for p in pseudonyms]
-        addresses = [a for a in found if a is not None]
-        if len(addresses) != len(found):
-            raise _not_found(len(found) - len(addresses), len(found))
-        return addresses
+            return [self._addresses.get(p) for p in pseudonyms]
 
     def __len__(self) -> int:
         """Return the number of pseudonyms in the directory."""
@@ -170,15 +174,12 @@ class SQLiteAddressDirectory(AddressDirectory):
             )
             return max(cursor.rowcount, 0)
 
-    def resolve(self, pseudonyms: Sequence[bytes]) -> list[str]:
-        """Return the address of each pseudonym, in order; NOT_FOUND if any is unknown."""
+    def lookup(self, pseudonyms: Sequence[bytes]) -> list[str | None]:
+        """Return the address of each pseudonym, in order, None where it is unknown."""
         _check_pseudonyms(pseudonyms)
         with self._transaction(write=False) as conn:
             known = self._lookup(conn, list(dict.fromkeys(pseudonyms)))
-        missing = sum(1 for p in pseudonyms if p not in known)
-        if missing:
-            raise _not_found(missing, len(pseudonyms))
-        return [known[p] for p in pseudonyms]
+        return [known.get(p) for p in pseudonyms]
 
     def __len__(self) -> int:
         """Return the number of pseudonyms in the directory."""

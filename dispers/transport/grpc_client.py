@@ -25,6 +25,7 @@ from dispers.core.messages import (
 )
 from dispers.core.spec import QuerySpec
 from dispers.proto import (
+    common_pb2,
     concept_indexor_pb2,
     concept_indexor_pb2_grpc,
     conductor_pb2,
@@ -144,15 +145,22 @@ class ConceptIndexorClient(_Client):
         super().__init__(target, peer)
         self._stub = concept_indexor_pb2_grpc.ConceptIndexorStub(self._channel)
 
-    def tokenize_subscriptions(self, op: SubscriptionOp, sealed_concepts: Sequence[bytes]) -> list[bytes]:
-        """seal_CI(concepts) -> seal_TF(tokens), in order."""
+    def tokenize_subscriptions(
+        self, op: SubscriptionOp, sealed_concepts: Sequence[bytes], batch_id: str
+    ) -> list[bytes]:
+        """seal_CI(concepts) -> seal_TF(tokens), in order; new concepts staged under batch_id."""
         request = concept_indexor_pb2.TokenizeSubscriptionsRequest(
-            op=convert.op_to_proto(op), sealed_concepts=list(sealed_concepts)
+            op=convert.op_to_proto(op), sealed_concepts=list(sealed_concepts), batch_id=batch_id
         )
         response: concept_indexor_pb2.TokenizeSubscriptionsResponse = self._call(
             "TokenizeSubscriptions", self._stub.TokenizeSubscriptions, request, SHORT_DEADLINE_S
         )
         return list(response.sealed_tokens)
+
+    def settle(self, batch_id: str, commit: bool) -> None:
+        """Commit or drop a staged subscription batch."""
+        request = common_pb2.SettleRequest(batch_id=batch_id, commit=commit)
+        self._call("Settle", self._stub.Settle, request, SHORT_DEADLINE_S)
 
     def tokenize_query(self, envelope: QueryEnvelope) -> bytes:
         """A query's concepts -> seal_TF(tokens)."""
@@ -198,15 +206,22 @@ class TargetClient(_Client):
         super().__init__(target, peer)
         self._stub = target_pb2_grpc.TargetStub(self._channel)
 
-    def pseudonymize(self, op: SubscriptionOp, sealed_addresses: Sequence[bytes]) -> list[bytes]:
-        """seal_T(address) -> seal_TF(pseudonym), in order."""
+    def pseudonymize(
+        self, op: SubscriptionOp, sealed_addresses: Sequence[bytes], batch_id: str
+    ) -> list[bytes]:
+        """seal_T(address) -> seal_TF(pseudonym), in order; entries staged under batch_id."""
         request = target_pb2.PseudonymizeRequest(
-            op=convert.op_to_proto(op), sealed_addresses=list(sealed_addresses)
+            op=convert.op_to_proto(op), sealed_addresses=list(sealed_addresses), batch_id=batch_id
         )
         response: target_pb2.PseudonymizeResponse = self._call(
             "Pseudonymize", self._stub.Pseudonymize, request, SHORT_DEADLINE_S
         )
         return list(response.sealed_pseudonyms)
+
+    def settle(self, batch_id: str, commit: bool) -> None:
+        """Commit or drop a staged subscription batch."""
+        request = common_pb2.SettleRequest(batch_id=batch_id, commit=commit)
+        self._call("Settle", self._stub.Settle, request, SHORT_DEADLINE_S)
 
     def collect(self, envelope: QueryEnvelope, sealed_pseudonyms: bytes) -> CollectReport:
         """Collect the targets' contributions and forward them to the DAs."""
