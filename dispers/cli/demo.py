@@ -21,6 +21,7 @@ from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
 from dispers.core.messages import SubscriptionOp
 from dispers.core.spec import QuerySpec, load_query_spec
+from dispers.protocol.api import QueryOutcome
 from dispers.simulation.ground_truth import GroupTruth, mean_heart_rate_by_age
 from dispers.simulation.population import PopulationSpec, generate
 from dispers.state.documents import DocumentStore
@@ -36,6 +37,7 @@ class DemoReport:
     spec: QuerySpec
     truth: dict[str, GroupTruth]
     timings: dict[str, float]
+    outcome: QueryOutcome
 
 
 @contextmanager
@@ -141,7 +143,7 @@ def run_demo(
         say(result_table(outcome.result, truth))
     say()
     say(phase_table(outcome.record, timings))
-    return DemoReport(config, spec, truth, timings)
+    return DemoReport(config, spec, truth, timings, outcome)
 
 
 def today() -> dt.date:

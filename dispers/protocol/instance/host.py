@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,7 +25,6 @@ from dispers.core.messages import (
 from dispers.core.spec import DataRequest
 from dispers.crypto import ActorKeys, seal
 from dispers.protocol.api import ConductorAPI
-from dispers.protocol.common import ReplayGuard
 from dispers.protocol.data_aggregator import encode_contribution
 from dispers.protocol.instance.concepts import derive_concepts
 from dispers.protocol.instance.functions import compute_contributions
@@ -52,11 +53,11 @@ class PersonalCloudHost:
         self._store = store
         self._conductor = conductor
         self._as_of = as_of
+        self._memory_s = 2 * settings.max_query_age_s
         self._ci_key = roster.one(Role.CONCEPT_INDEXOR).sealing_key
         self._t_key = roster.one(Role.TARGET).sealing_key
-        # (query id, instance id) pairs already answered: an instance answers a query once.
-        self._answered: dict[str, set[str]] = {}
-        self._queries = ReplayGuard(settings.max_query_age_s * 2)
+        # Per query, the instances that already answered: an instance answers a query once.
+        self._answered: OrderedDict[str, tuple[float, set[str]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def address(self, instance_id: str) -> str:
@@ -108,7 +109,10 @@ class PersonalCloudHost:
 
         known = set(self._store.instance_ids())
         with self._lock:
-            answered = self._answered.setdefault(request.query_id, set())
+            now = time.monotonic()
+            while self._answered and now - next(iter(self._answered.values()))[0] > self._memory_s:
+                self._answered.popitem(last=False)
+            _, answered = self._answered.setdefault(request.query_id, (now, set()))
             fresh = [j for j, i in enumerate(request.instance_ids) if i in known and i not in answered]
             answered.update(request.instance_ids[j] for j in fresh)
         ids = [request.instance_ids[j] for j in fresh]
