@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 
 from dispers.core.errors import malformed
+from dispers.state._sqlite import SQLiteStore
 
 # Well under SQLite's historical limit of 999 bound parameters per statement.
 _CHUNK = 500
@@ -70,30 +69,13 @@ class MemoryConceptCatalog(ConceptCatalog):
             return len(self._concepts)
 
 
-class SQLiteConceptCatalog(ConceptCatalog):
+class SQLiteConceptCatalog(ConceptCatalog, SQLiteStore):
     """A catalogue in an SQLite file (or ":memory:"), safe to share between threads."""
 
     def __init__(self, path: str) -> None:
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        if path != ":memory:":
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA busy_timeout=5000")
+        self._open(path)
         with self._transaction() as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS concepts (concept TEXT PRIMARY KEY) WITHOUT ROWID")
-
-    @contextmanager
-    def _transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """Hold the lock and run the body in one transaction, rolled back on any error."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
 
     def add(self, concepts: Iterable[str]) -> int:
         """Add concepts (all or none); return how many distinct ones were not yet known."""
@@ -124,8 +106,3 @@ class SQLiteConceptCatalog(ConceptCatalog):
         with self._lock:
             (count,) = self._conn.execute("SELECT COUNT(*) FROM concepts").fetchone()
         return int(count)
-
-    def close(self) -> None:
-        """Close the database connection; the store is unusable afterwards."""
-        with self._lock:
-            self._conn.close()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 
 from dispers.core.errors import DispersError, ErrorCode, malformed
+from dispers.state._sqlite import SQLiteStore
 
 # Well under SQLite's historical limit of 999 bound parameters per statement.
 _CHUNK = 500
@@ -118,33 +118,16 @@ class MemoryAddressDirectory(AddressDirectory):
             return len(self._addresses)
 
 
-class SQLiteAddressDirectory(AddressDirectory):
+class SQLiteAddressDirectory(AddressDirectory, SQLiteStore):
     """A directory in an SQLite file (or ":memory:"), safe to share between threads."""
 
     def __init__(self, path: str) -> None:
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        if path != ":memory:":
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA busy_timeout=5000")
+        self._open(path)
         with self._transaction() as conn:
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS directory ("
                 " pseudonym BLOB PRIMARY KEY, address TEXT NOT NULL) WITHOUT ROWID"
             )
-
-    @contextmanager
-    def _transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """Hold the lock and run the body in one transaction, rolled back on any error."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
 
     @staticmethod
     def _lookup(conn: sqlite3.Connection, pseudonyms: Sequence[bytes]) -> dict[bytes, str]:
@@ -186,8 +169,3 @@ class SQLiteAddressDirectory(AddressDirectory):
         with self._lock:
             (count,) = self._conn.execute("SELECT COUNT(*) FROM directory").fetchone()
         return int(count)
-
-    def close(self) -> None:
-        """Close the database connection; the store is unusable afterwards."""
-        with self._lock:
-            self._conn.close()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 from dispers.core.errors import malformed
+from dispers.state._sqlite import SQLiteStore
 
 Pairs = Sequence[tuple[Sequence[bytes], bytes]]
 """(tokens, pseudonym) pairs: the pseudonym joins or leaves each token's set."""
@@ -136,15 +135,11 @@ class MemoryPseudonymSets(PseudonymSets):
             return len(self._sets)
 
 
-class SQLitePseudonymSets(PseudonymSets):
+class SQLitePseudonymSets(PseudonymSets, SQLiteStore):
     """Sets in an SQLite file (or ":memory:"), safe to share between threads."""
 
     def __init__(self, path: str) -> None:
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        if path != ":memory:":
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA busy_timeout=5000")
+        self._open(path)
         with self._transaction() as conn:
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS memberships ("
@@ -152,19 +147,6 @@ class SQLitePseudonymSets(PseudonymSets):
                 " PRIMARY KEY (token, pseudonym)) WITHOUT ROWID"
             )
             conn.execute("CREATE INDEX IF NOT EXISTS memberships_pseudonym ON memberships (pseudonym)")
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """Hold the lock and run the body in one transaction, rolled back on any error."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
 
     def add(self, pairs: Pairs) -> int:
         """Add each pseudonym to each of its tokens' sets (all or none; idempotent).
@@ -208,8 +190,3 @@ class SQLitePseudonymSets(PseudonymSets):
         with self._lock:
             (count,) = self._conn.execute("SELECT COUNT(DISTINCT token) FROM memberships").fetchone()
         return int(count)
-
-    def close(self) -> None:
-        """Close the database connection; the store is unusable afterwards."""
-        with self._lock:
-            self._conn.close()

@@ -8,12 +8,12 @@ import math
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from dispers.core.errors import DispersError, ErrorCode, malformed
+from dispers.state._sqlite import SQLiteStore
 
 QUERY_STATES: tuple[str, ...] = ("pending", "running", "done", "refused", "failed")
 """Every state a query may be in."""
@@ -274,15 +274,11 @@ def _from_row(row: tuple[Any, ...]) -> QueryRecord:
     )
 
 
-class SQLiteQueryStore(QueryStore):
+class SQLiteQueryStore(QueryStore, SQLiteStore):
     """Query records in an SQLite file (or ":memory:"), safe to share between threads."""
 
     def __init__(self, path: str) -> None:
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        if path != ":memory:":
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA busy_timeout=5000")
+        self._open(path)
         with self._transaction() as conn:
             # A rowid table on purpose: list_ids() returns ids in creation (rowid) order.
             conn.execute(
@@ -292,19 +288,6 @@ class SQLiteQueryStore(QueryStore):
                 " phases TEXT NOT NULL, counts TEXT NOT NULL, sealed_result BLOB,"
                 " error_code TEXT, error_message TEXT)"
             )
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """Hold the lock and run the body in one transaction, rolled back on any error."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
 
     @staticmethod
     def _fetch(conn: sqlite3.Connection, query_id: str) -> QueryRecord:
@@ -376,8 +359,3 @@ class SQLiteQueryStore(QueryStore):
         with self._lock:
             rows = self._conn.execute("SELECT query_id FROM queries ORDER BY rowid").fetchall()
         return [row[0] for row in rows]
-
-    def close(self) -> None:
-        """Close the database connection; the store is unusable afterwards."""
-        with self._lock:
-            self._conn.close()
