@@ -24,13 +24,23 @@ log = logging.getLogger(__name__)
 class Querier:
     """Q learns the final result and nothing per person."""
 
-    def __init__(self, keys: ActorKeys, conductor: ConductorAPI, settings: ClusterSettings) -> None:
+    def __init__(
+        self,
+        keys: ActorKeys,
+        conductor: ConductorAPI,
+        settings: ClusterSettings,
+        *,
+        pinned_roster: Roster | None = None,
+    ) -> None:
         self.name = keys.name
         self._keys = keys
         self._opener = Opener(keys.name, keys.sealing)
         self._conductor = conductor
         self._settings = settings
         self._roster: Roster | None = None
+        # The roster of our own cluster config, when we have one: the Conductor must serve the
+        # same, or it could hand us its own keys as CI's, TF's, T's or a DA's.
+        self._pinned = pinned_roster
         self._lock = threading.Lock()
 
     def roster(self) -> Roster:
@@ -44,6 +54,11 @@ class Querier:
                     or me.verify_key != self._keys.signing.verify_key
                 ):
                     raise DispersError(ErrorCode.CONFIG, "the roster's keys for this querier are not ours")
+                if self._pinned is not None and roster != self._pinned:
+                    raise DispersError(
+                        ErrorCode.CONFIG,
+                        "the Conductor serves a roster that differs from this querier's config",
+                    )
                 self._roster = roster
             return self._roster
 

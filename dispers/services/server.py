@@ -126,7 +126,7 @@ def _build(config: ClusterConfig, name: str, own: list[Closer]) -> Actor:
     if entry.role is Role.QUERIER:
         peers = GrpcPeers(roster)
         own.append(peers.close)
-        return Querier(keys, peers.conductor(), settings)
+        return Querier(keys, peers.conductor(), settings, pinned_roster=config.roster)
     if entry.role is Role.PERSONAL_CLOUD:
         documents = DocumentStore(local.documents if local.documents is not None else ":memory:")
         own.append(documents.close)

@@ -105,7 +105,9 @@ class LocalCluster:
                 local.as_of,
             )
         for entry in roster.by_role(Role.QUERIER):
-            cluster.queriers[entry.name] = Querier(keys(entry.name), cluster.conductor(), settings)
+            cluster.queriers[entry.name] = Querier(
+                keys(entry.name), cluster.conductor(), settings, pinned_roster=roster
+            )
         return cluster
 
     def conductor(self) -> ConductorAPI:

@@ -118,3 +118,26 @@ def test_unsubscribe_removes_targets(world_factory: Callable[..., World]) -> Non
     assert world.subscribe() == 0  # subscribing twice changes nothing
     assert world.host.subscribe_all(SubscriptionOp.UNSUBSCRIBE) == added
     assert len(world.actors["tf"]._sets.universe()) == 0
+
+
+@pytest.mark.parametrize("transport", ["local"])
+def test_querier_refuses_a_roster_the_conductor_swapped(world_factory: Callable[..., World]) -> None:
+    import dataclasses
+
+    from dispers.core.config import Roster
+    from dispers.core.errors import DispersError
+
+    world = world_factory(n=50)
+    conductor = world.actors["conductor"]
+    real = conductor.get_roster()
+    # A curious Conductor serves its own sealing key as the Concept Indexor's.
+    forged = Roster(
+        tuple(
+            dataclasses.replace(e, sealing_key=real.get("conductor").sealing_key) if e.name == "ci" else e
+            for e in real
+        )
+    )
+    conductor.get_roster = lambda: forged
+    with pytest.raises(DispersError) as info:
+        world.querier.submit(heart_rate_spec())
+    assert info.value.code.value == "CONFIG" and "differs" in info.value.message
