@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ class World:
     actors: dict[str, Any]  # the protocol objects behind the actors (to inspect their state)
     querier_object: Querier  # builds envelopes for hand-made bad queries
     close: Callable[[], None]
+    servers: list[Any] = field(default_factory=list)  # gRPC only: the RunningServers
 
     def subscribe(self) -> int:
         return self.host.subscribe_all(SubscriptionOp.SUBSCRIBE)
@@ -78,6 +79,7 @@ def grpc_world(setup: Setup) -> World:
         actors,
         actors["researcher"],
         close,
+        servers,
     )
 
 

@@ -260,3 +260,19 @@ def test_contribution_outside_bounds_is_dropped_and_reported(world: World) -> No
     for g in outcome.result.groups:
         assert g.values["max"] is not None and g.values["max"] <= 70
     still_serving(world)
+
+
+def test_an_aggregator_that_is_down_fails_the_query_cleanly(tmp_path: Path) -> None:
+    w = grpc_world(make_setup(tmp_path / "down", n=200))
+    try:
+        w.subscribe()
+        next(s for s in w.servers if s.name == "da-2").stop(0)
+        outcome = run_query(w.querier, heart_rate_spec(), timeout_s=60)
+        assert outcome.record.state == "failed"
+        assert outcome.record.error_code == "UNAVAILABLE"
+        assert "da-2" in str(outcome.record.error_message)
+        # The aggregators still up forgot the query; the Conductor serves the next request.
+        assert all(da.active_queries == 0 for name, da in w.das.items() if name != "da-2")
+        assert w.peers.conductor().get_roster() == w.setup.config.roster
+    finally:
+        w.close()
