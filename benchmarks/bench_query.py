@@ -47,6 +47,12 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3, help="queries to time (best is kept)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--max-ratio",
+        type=float,
+        default=3.0,
+        help="the target: exit 1 when dispers takes more than this many times the floor",
+    )
     args = parser.parse_args()
 
     spec = load_query_spec(DEFAULT_SPEC)
@@ -99,6 +105,11 @@ def main() -> int:
         )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
+    over = [w for w in ("subscribe", "query") if figures[w + "_ratio"] > args.max_ratio]
+    if over:
+        print(f"over the target ratio {args.max_ratio}: {', '.join(over)}")
+        return 1
+    print(f"within the target ratio {args.max_ratio}")
     return 0
 
 
