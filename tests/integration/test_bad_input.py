@@ -276,3 +276,17 @@ def test_an_aggregator_that_is_down_fails_the_query_cleanly(tmp_path: Path) -> N
         assert w.peers.conductor().get_roster() == w.setup.config.roster
     finally:
         w.close()
+
+
+def test_roster_served_by_the_conductor_carries_public_keys_only(world: World) -> None:
+    entry = world.setup.config.roster.get("conductor")
+    with grpc.insecure_channel(entry.endpoint) as channel:
+        raw = channel.unary_unary("/dispers.proto.Conductor/GetRoster")(b"", timeout=30)
+    response = conductor_pb2.GetRosterResponse.FromString(raw)
+    assert convert.roster_from_proto(response.roster) == world.setup.config.roster
+    for actor in world.setup.config.roster:
+        keys = world.setup.keys(actor.name)
+        assert keys.sealing.public.raw in raw and keys.signing.verify_key.raw in raw
+        for secret in (keys.sealing.private_bytes(), keys.signing.seed(), keys.secret):
+            assert secret not in raw
+    assert b".key" not in raw and b"state/" not in raw  # no key file or store paths either
