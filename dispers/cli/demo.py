@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import subprocess
 import sys
@@ -144,8 +143,3 @@ def run_demo(
     say()
     say(phase_table(outcome.record, timings))
     return DemoReport(config, spec, truth, timings, outcome)
-
-
-def today() -> dt.date:
-    """Today's date (a seam for tests)."""
-    return dt.date.today()

@@ -323,10 +323,3 @@ def load_config(path: str | Path) -> ClusterConfig:
     except tomllib.TOMLDecodeError as exc:
         raise _config_error(f"config file {p} is not valid TOML: {exc}") from None
     return parse_config(data, p)
-
-
-def roster_from_obj(items: Any) -> Roster:
-    """Parse the public roster form served by the Conductor."""
-    if not isinstance(items, list):
-        raise DispersError(ErrorCode.MALFORMED, "the roster must be a list")
-    return Roster(tuple(_entry(raw, i, None)[0] for i, raw in enumerate(items)))

@@ -70,10 +70,6 @@ class VerifyKey:
         except nacl.exceptions.BadSignatureError:
             raise DispersError(ErrorCode.BAD_SIGNATURE, f"{what}: signature does not verify") from None
 
-    def fingerprint(self) -> str:
-        """A short, stable name for logs."""
-        return hashlib.blake2b(self.raw, digest_size=6).hexdigest()
-
 
 class SealingKeyPair:
     """An X25519 key pair; the private half never leaves this object except to a key file."""

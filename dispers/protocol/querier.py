@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import threading
 import time
 
-from dispers.core.codec import dumps, loads_object
+from dispers.core.codec import dumps
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.ids import Role, new_query_id
@@ -155,11 +156,4 @@ def run_query(querier: QuerierAPI, spec: QuerySpec, *, timeout_s: float = 300.0)
 
 
 def _with_signature(envelope: QueryEnvelope, signature: bytes) -> QueryEnvelope:
-    from dataclasses import replace
-
-    return replace(envelope, signature=signature)
-
-
-def decode_result(data: bytes) -> QueryResult:
-    """Parse a result's JSON form (as the Querier service returns it)."""
-    return QueryResult.from_obj(loads_object(data, "query result"))
+    return dataclasses.replace(envelope, signature=signature)

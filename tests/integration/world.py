@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +94,6 @@ class Setup:
     config: ClusterConfig
     population: Population
     canaries: Canaries | None
-    extra_ids: list[str] = field(default_factory=list)
 
     def keys(self, name: str) -> ActorKeys:
         key_file = self.config.local_for(name).key_file
@@ -121,7 +118,6 @@ def make_setup(
     pop = generate(PopulationSpec(n_instances=n, seed=seed, as_of=AS_OF))
     if canaries is not None:
         pop = concat(pop, canaries.population())
-    extra: list[str] = []
     if outlier_bpm is not None:
         # One 40-year-old whose every measurement is outside the query's bounds.
         outlier = Population(
@@ -134,16 +130,10 @@ def make_setup(
             hr_bpm=np.full(3, outlier_bpm),
         )
         pop = concat(pop, outlier)
-        extra.append("outlier-0")
     documents = config.local_for("pc-1").documents
     assert documents is not None
     with DocumentStore(documents) as store:
         pop.write(store)
         if canaries is not None:
             store.declare_concepts(list(canaries.ids), [canaries.concept] * len(canaries.ids))
-    return Setup(directory, config, pop, canaries, extra)
-
-
-@contextmanager
-def nothing() -> Iterator[None]:
-    yield
+    return Setup(directory, config, pop, canaries)
