@@ -106,8 +106,8 @@ def _subscribe(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     client = PersonalCloudClient(config.roster.get(args.host).endpoint)
     op = SubscriptionOp.UNSUBSCRIBE if args.unsubscribe else SubscriptionOp.SUBSCRIBE
-    changed = client.subscribe_all(op)
-    print(f"{op.value}: {changed} concept memberships changed")
+    count = client.subscribe_all(op)
+    print(f"{op.value}: {count} instances")
     return 0
 
 

@@ -94,7 +94,7 @@ class Conductor:
             pseudonyms = t.pseudonymize(op, [s.sealed_address for s in shuffled], batch_id)
             if len(tokens) != len(items) or len(pseudonyms) != len(items):
                 raise DispersError(ErrorCode.INTERNAL, "an actor answered the wrong number of items")
-            changed = self._peers.target_finder().apply_subscriptions(
+            applied = self._peers.target_finder().apply_subscriptions(
                 op, [TokenizedSubscription(tk, p) for tk, p in zip(tokens, pseudonyms, strict=True)]
             )
         except DispersError as exc:
@@ -106,8 +106,8 @@ class Conductor:
             raise _in_caller_order(exc, order) from None
         ci.settle(batch_id, True)
         t.settle(batch_id, True)
-        log.info("%s of %d subscriptions: %d memberships changed", op.value, len(items), changed)
-        return changed
+        log.info("%s: a batch of %d subscriptions applied", op.value, applied)
+        return applied
 
     def submit(self, envelope: QueryEnvelope) -> str:
         """Check who asks and record the query; it then runs on the executor."""

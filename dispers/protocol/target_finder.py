@@ -43,7 +43,7 @@ class TargetFinder:
         self._random = secrets.SystemRandom()
 
     def apply_subscriptions(self, op: SubscriptionOp, items: Sequence[TokenizedSubscription]) -> int:
-        """Add (or remove) each pseudonym to its tokens' sets; all or nothing."""
+        """Add (or remove) each pseudonym to its tokens' sets, all or nothing; returns how many."""
         pairs: list[tuple[list[bytes], bytes]] = []
         for i, item in enumerate(items):
             what = f"subscription {i} tokens"
@@ -53,9 +53,11 @@ class TargetFinder:
             if len(pseudonym) != PSEUDONYM_BYTES:
                 raise malformed(f"subscription {i} pseudonym must be {PSEUDONYM_BYTES} bytes")
             pairs.append((tokens, pseudonym))
-        if op is SubscriptionOp.SUBSCRIBE:
-            return self._sets.add(pairs)
-        return self._sets.remove(pairs)
+        changed = self._sets.add(pairs) if op is SubscriptionOp.SUBSCRIBE else self._sets.remove(pairs)
+        log.debug("%s: %d memberships changed", op.value, changed)
+        # Only the number of subscriptions goes back: C already knows it, whereas the number
+        # of memberships would tell C how many concepts the instances of a batch hold.
+        return len(pairs)
 
     def find_targets(self, envelope: QueryEnvelope, sealed_tokens: bytes) -> FoundTargets:
         """Evaluate the query's expression; refuse below k; seal shuffled pseudonyms to T."""

@@ -32,7 +32,7 @@ def assert_matches_truth(world: World, result_groups: dict[str, dict[str, float 
 
 def test_heart_rate_query_equals_ground_truth(world_factory: Callable[..., World]) -> None:
     world = world_factory(n=600)
-    assert world.subscribe() > 0
+    assert world.subscribe() == 600
     outcome = run_query(world.querier, heart_rate_spec(), timeout_s=120)
     assert outcome.record.state == "done", outcome.record
     result = outcome.result
@@ -114,10 +114,19 @@ def test_unsubscribe_removes_targets(world_factory: Callable[..., World]) -> Non
     from dispers.core.messages import SubscriptionOp
 
     world = world_factory(n=100)
-    added = world.subscribe()
-    assert world.subscribe() == 0  # subscribing twice changes nothing
-    assert world.host.subscribe_all(SubscriptionOp.UNSUBSCRIBE) == added
-    assert len(world.actors["tf"]._sets.universe()) == 0
+    sets = world.actors["tf"]._sets
+    tokens = [world.actors["ci"].token(c) for c in ("age:25-50", "sex:F", "has:heart_rate")]
+
+    def memberships() -> list[frozenset[bytes]]:
+        return [sets.members(t) for t in tokens]
+
+    assert world.subscribe() == 100
+    first = memberships()
+    assert len(sets.universe()) == 100 and all(first)
+    assert world.subscribe() == 100
+    assert memberships() == first  # subscribing twice changes nothing
+    assert world.host.subscribe_all(SubscriptionOp.UNSUBSCRIBE) == 100
+    assert len(sets.universe()) == 0
 
 
 @pytest.mark.parametrize("transport", ["local"])

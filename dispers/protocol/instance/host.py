@@ -77,7 +77,7 @@ class PersonalCloudHost:
         ]
 
     def subscribe_all(self, op: SubscriptionOp) -> int:
-        """(Un)subscribe every instance this host serves, in batches; returns memberships changed."""
+        """(Un)subscribe every instance this host serves, in batches; returns how many."""
         ids = self._store.instance_ids()
         size = self._settings.batch_size
         changed = 0
