@@ -73,11 +73,13 @@ class DataRequest:
     as_of: dt.date
     group_by: GroupBy | None
     aggregators: tuple[str, ...]  # the leaf DAs an instance may seal to
+    issued_at: float  # seconds since the epoch: hosts refuse stale requests
 
     def to_obj(self) -> dict[str, Any]:
         """JSON-able form (what Q signs)."""
         return {
             "query_id": self.query_id,
+            "issued_at": self.issued_at,
             "function": self.function,
             "params": dict(self.params),
             "as_of": self.as_of.isoformat(),
@@ -100,6 +102,7 @@ class DataRequest:
             as_of=as_of,
             group_by=GroupBy.from_obj(obj.get("group_by"), what),
             aggregators=tuple(str(a) for a in get_field(obj, "aggregators", list, what)),
+            issued_at=float(get_field(obj, "issued_at", (int, float), what)),
         )
 
 

@@ -80,6 +80,7 @@ class Querier:
             as_of=spec.as_of,
             group_by=spec.group_by,
             aggregators=plan.leaves,
+            issued_at=time.time(),
         )
         request_bytes = dumps(request.to_obj())
         signature = self._keys.signing.sign(request_signing_bytes(request_bytes))

@@ -19,7 +19,7 @@ from dispers.proto import conductor_pb2, target_finder_pb2
 from dispers.protocol.querier import run_query
 from dispers.transport import convert
 from tests.integration.conftest import World, grpc_world
-from tests.integration.world import heart_rate_spec, make_setup
+from tests.integration.world import AS_OF, heart_rate_spec, make_setup
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +290,55 @@ def test_roster_served_by_the_conductor_carries_public_keys_only(world: World) -
         for secret in (keys.sealing.private_bytes(), keys.signing.seed(), keys.secret):
             assert secret not in raw
     assert b".key" not in raw and b"state/" not in raw  # no key file or store paths either
+
+
+def _contribution_request(world: World, *, issued_at: float, ids: list[str]) -> bytes:
+    import time
+
+    from dispers.core.ids import new_query_id
+    from dispers.core.messages import ContributionRequest, request_signing_bytes
+    from dispers.core.spec import DataRequest, GroupBy
+    from dispers.proto import personal_cloud_pb2
+
+    keys = world.setup.keys("researcher")
+    request = DataRequest(
+        query_id=new_query_id(),
+        function="mean_heart_rate",
+        params={"window_days": 30},
+        as_of=AS_OF,
+        group_by=GroupBy("age", (0.0, 150.0)),
+        aggregators=("da-1", "da-2"),
+        issued_at=time.time() + issued_at,
+    )
+    raw = dumps(request.to_obj())
+    msg = ContributionRequest(
+        query_id=request.query_id,
+        querier="researcher",
+        request=raw,
+        request_signature=keys.signing.sign(request_signing_bytes(raw)),
+        instance_ids=tuple(ids),
+        aggregators=tuple("da-1" for _ in ids),
+    )
+    return personal_cloud_pb2.ContributeRequest(
+        request=convert.contribution_request_to_proto(msg)
+    ).SerializeToString()
+
+
+def test_host_refuses_stale_requests_and_answers_each_instance_once(world: World) -> None:
+    from dispers.proto import personal_cloud_pb2
+
+    ids = world.actors["pc-1"]._store.instance_ids()[:40]
+    code, details = raw_call(
+        world, "pc-1", "Contribute", _contribution_request(world, issued_at=-3600, ids=ids)
+    )
+    assert code is grpc.StatusCode.FAILED_PRECONDITION
+    assert details == "EXPIRED: the data request is stale or dated in the future"
+    fresh = _contribution_request(world, issued_at=0, ids=ids)
+    entry = world.setup.config.roster.get("pc-1")
+    with grpc.insecure_channel(entry.endpoint) as channel:
+        call = channel.unary_unary("/dispers.proto.PersonalCloud/Contribute")
+        first = personal_cloud_pb2.ContributeResponse.FromString(call(fresh, timeout=30))
+        again = personal_cloud_pb2.ContributeResponse.FromString(call(fresh, timeout=30))
+    answered = len(first.batch.ciphertexts)
+    assert 0 < answered <= 40 and first.batch.declined == 40 - answered
+    assert len(again.batch.ciphertexts) == 0 and again.batch.declined == 40  # T cannot replay it

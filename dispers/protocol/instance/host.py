@@ -25,6 +25,7 @@ from dispers.core.messages import (
 from dispers.core.spec import DataRequest
 from dispers.crypto import ActorKeys, seal
 from dispers.protocol.api import ConductorAPI
+from dispers.protocol.common import CLOCK_SKEW_S
 from dispers.protocol.data_aggregator import encode_contribution
 from dispers.protocol.instance.concepts import derive_concepts
 from dispers.protocol.instance.functions import compute_contributions
@@ -98,6 +99,10 @@ class PersonalCloudHost:
         data = DataRequest.from_obj(loads_object(request.request, "data request"))
         if data.query_id != request.query_id:
             raise malformed("the data request belongs to another query")
+        age = time.time() - data.issued_at
+        if age > self._settings.max_query_age_s or age < -CLOCK_SKEW_S:
+            # Older requests could outlive the memory of which instances already answered.
+            raise DispersError(ErrorCode.EXPIRED, "the data request is stale or dated in the future")
         da_keys = {}
         for name in set(request.aggregators):
             if name not in data.aggregators:
