@@ -9,17 +9,14 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
-from typing import Any, Union
+from typing import Any
 
 import grpc
 
 from dispers.core.config import ClusterConfig
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
-from dispers.crypto.keyfiles import read_key_file
-from dispers.crypto.keys import ActorKeys
 from dispers.proto import (
     concept_indexor_pb2_grpc,
     conductor_pb2_grpc,
@@ -29,10 +26,10 @@ from dispers.proto import (
     target_finder_pb2_grpc,
     target_pb2_grpc,
 )
+from dispers.protocol.assemble import Actor, Closer, assemble_actor
 from dispers.protocol.concept_indexor import ConceptIndexor
 from dispers.protocol.conductor import Conductor, run_in_thread
 from dispers.protocol.data_aggregator import DataAggregator
-from dispers.protocol.instance.host import PersonalCloudHost
 from dispers.protocol.querier import Querier
 from dispers.protocol.target import Target
 from dispers.protocol.target_finder import TargetFinder
@@ -43,13 +40,6 @@ from dispers.services.personal_cloud import PersonalCloudServicer
 from dispers.services.querier import QuerierServicer
 from dispers.services.target import TargetServicer
 from dispers.services.target_finder import TargetFinderServicer
-from dispers.state.documents import DocumentStore
-from dispers.state.factory import (
-    open_address_directory,
-    open_concept_catalog,
-    open_pseudonym_sets,
-    open_query_store,
-)
 from dispers.transport.grpc_client import CHANNEL_OPTIONS, GrpcPeers
 from dispers.transport.grpc_errors import DecodeGuard
 
@@ -57,25 +47,6 @@ log = logging.getLogger(__name__)
 
 MAX_WORKERS = 16
 DEFAULT_GRACE_S = 5.0
-
-Actor = Union[  # noqa: UP007 (a runtime alias)
-    Conductor, ConceptIndexor, TargetFinder, Target, DataAggregator, Querier, PersonalCloudHost
-]
-Closer = Callable[[], None]
-
-
-def _keys(config: ClusterConfig, name: str) -> ActorKeys:
-    key_file = config.local_for(name).key_file
-    if key_file is None:
-        raise DispersError(ErrorCode.CONFIG, f"actor {name!r} has no key_file")
-    keys = read_key_file(key_file)
-    if keys.name != name:
-        raise DispersError(ErrorCode.CONFIG, f"key file {key_file} belongs to another actor")
-    return keys
-
-
-def _path(p: Path | None) -> str | None:
-    return None if p is None else str(p)
 
 
 def build_actor(config: ClusterConfig, name: str, *, closers: list[Closer] | None = None) -> Actor:
@@ -96,44 +67,9 @@ def build_actor(config: ClusterConfig, name: str, *, closers: list[Closer] | Non
 
 
 def _build(config: ClusterConfig, name: str, own: list[Closer]) -> Actor:
-    entry = config.roster.get(name)
-    local = config.local_for(name)
-    roster, settings = config.roster, config.settings
-    state = _path(local.state_path)
-    if entry.role is Role.CONDUCTOR:  # C holds no key that opens a payload
-        store = open_query_store(local.backend, state)
-        own.append(store.close)
-        peers = GrpcPeers(roster)
-        own.append(peers.close)
-        return Conductor(name, roster, settings, store, peers, run_in_thread)
-    keys = _keys(config, name)
-    if entry.role is Role.CONCEPT_INDEXOR:
-        catalog = open_concept_catalog(local.backend, state)
-        own.append(catalog.close)
-        return ConceptIndexor(keys, roster, settings, catalog)
-    if entry.role is Role.TARGET_FINDER:
-        sets = open_pseudonym_sets(local.backend, state)
-        own.append(sets.close)
-        return TargetFinder(keys, roster, settings, sets)
-    if entry.role is Role.TARGET:
-        directory = open_address_directory(local.backend, state)
-        own.append(directory.close)
-        peers = GrpcPeers(roster)
-        own.append(peers.close)
-        return Target(keys, roster, settings, directory, peers)
-    if entry.role is Role.DATA_AGGREGATOR:
-        return DataAggregator(keys, roster, settings)
-    if entry.role is Role.QUERIER:
-        peers = GrpcPeers(roster)
-        own.append(peers.close)
-        return Querier(keys, peers.conductor(), settings, pinned_roster=config.roster)
-    if entry.role is Role.PERSONAL_CLOUD:
-        documents = DocumentStore(local.documents if local.documents is not None else ":memory:")
-        own.append(documents.close)
-        peers = GrpcPeers(roster)
-        own.append(peers.close)
-        return PersonalCloudHost(name, keys, roster, settings, documents, peers.conductor(), local.as_of)
-    raise DispersError(ErrorCode.CONFIG, f"cannot serve role {entry.role.value}")
+    peers = GrpcPeers(config.roster)  # channels open lazily: free for actors that call no one
+    own.append(peers.close)
+    return assemble_actor(config, name, peers, run_in_thread, own)
 
 
 def _close_all(closers: Sequence[Closer], name: str) -> None:

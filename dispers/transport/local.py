@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from dispers.core.config import ClusterConfig
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
-from dispers.crypto.keyfiles import read_key_file
 from dispers.protocol.api import (
     ConceptIndexorAPI,
     ConductorAPI,
@@ -17,6 +15,7 @@ from dispers.protocol.api import (
     TargetAPI,
     TargetFinderAPI,
 )
+from dispers.protocol.assemble import Closer, assemble_actor
 from dispers.protocol.concept_indexor import ConceptIndexor
 from dispers.protocol.conductor import Conductor, run_inline
 from dispers.protocol.data_aggregator import DataAggregator
@@ -24,17 +23,6 @@ from dispers.protocol.instance.host import PersonalCloudHost
 from dispers.protocol.querier import Querier
 from dispers.protocol.target import Target
 from dispers.protocol.target_finder import TargetFinder
-from dispers.state.documents import DocumentStore
-from dispers.state.factory import (
-    open_address_directory,
-    open_concept_catalog,
-    open_pseudonym_sets,
-    open_query_store,
-)
-
-
-def _path(p: Path | None) -> str | None:
-    return str(p) if p is not None else None
 
 
 @dataclass
@@ -49,66 +37,35 @@ class LocalCluster:
     das: dict[str, DataAggregator] = field(default_factory=dict)
     hosts: dict[str, PersonalCloudHost] = field(default_factory=dict)
     queriers: dict[str, Querier] = field(default_factory=dict)
+    closers: list[Closer] = field(default_factory=list)
 
     @classmethod
     def from_config(cls, config: ClusterConfig) -> LocalCluster:
-        """Build every actor from the config's key files and stores."""
+        """Build every actor from the config's key files and stores (the Conductor first)."""
         cluster = cls(config)
-        roster, settings = config.roster, config.settings
-
-        def keys(name: str):  # type: ignore[no-untyped-def]
-            key_file = config.local_for(name).key_file
-            if key_file is None:
-                raise DispersError(ErrorCode.CONFIG, f"actor {name!r} has no key_file")
-            return read_key_file(key_file)
-
-        for entry in roster:
-            local = config.local_for(entry.name)
-            state = _path(local.state_path)
-            if entry.role is Role.CONDUCTOR:
-                cluster.conductor_actor = Conductor(
-                    entry.name,
-                    roster,
-                    settings,
-                    open_query_store(local.backend, state),
-                    cluster,
-                    run_inline,
-                )
-            elif entry.role is Role.CONCEPT_INDEXOR:
-                cluster.ci = ConceptIndexor(
-                    keys(entry.name), roster, settings, open_concept_catalog(local.backend, state)
-                )
-            elif entry.role is Role.TARGET_FINDER:
-                cluster.tf = TargetFinder(
-                    keys(entry.name), roster, settings, open_pseudonym_sets(local.backend, state)
-                )
-            elif entry.role is Role.TARGET:
-                cluster.t = Target(
-                    keys(entry.name),
-                    roster,
-                    settings,
-                    open_address_directory(local.backend, state),
-                    cluster,
-                )
-            elif entry.role is Role.DATA_AGGREGATOR:
-                cluster.das[entry.name] = DataAggregator(keys(entry.name), roster, settings)
-        for entry in roster.by_role(Role.PERSONAL_CLOUD):
-            local = config.local_for(entry.name)
-            store = DocumentStore(local.documents if local.documents else ":memory:")
-            cluster.hosts[entry.name] = PersonalCloudHost(
-                entry.name,
-                keys(entry.name),
-                roster,
-                settings,
-                store,
-                cluster.conductor(),
-                local.as_of,
-            )
-        for entry in roster.by_role(Role.QUERIER):
-            cluster.queriers[entry.name] = Querier(
-                keys(entry.name), cluster.conductor(), settings, pinned_roster=roster
-            )
+        for entry in sorted(config.roster, key=lambda e: e.role is not Role.CONDUCTOR):
+            actor = assemble_actor(config, entry.name, cluster, run_inline, cluster.closers)
+            if isinstance(actor, Conductor):
+                cluster.conductor_actor = actor
+            elif isinstance(actor, ConceptIndexor):
+                cluster.ci = actor
+            elif isinstance(actor, TargetFinder):
+                cluster.tf = actor
+            elif isinstance(actor, Target):
+                cluster.t = actor
+            elif isinstance(actor, DataAggregator):
+                cluster.das[entry.name] = actor
+            elif isinstance(actor, PersonalCloudHost):
+                cluster.hosts[entry.name] = actor
+            else:
+                cluster.queriers[entry.name] = actor
         return cluster
+
+    def close(self) -> None:
+        """Close every store the actors opened."""
+        for close in reversed(self.closers):
+            close()
+        self.closers.clear()
 
     def conductor(self) -> ConductorAPI:
         """The Conductor."""

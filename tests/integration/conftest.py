@@ -52,7 +52,7 @@ def local_world(setup: Setup) -> World:
     }
     return World(
         "local", setup, cluster.querier(), cluster.hosts["pc-1"], cluster, actors,
-        cluster.querier(), lambda: None,
+        cluster.querier(), cluster.close,
     )  # fmt: skip
 
 
