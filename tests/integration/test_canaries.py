@@ -101,3 +101,29 @@ def test_each_actor_sees_only_what_it_may(
     assert not [c for c in [concept, value, *addresses] if c in logs]
     record = outcome.record
     assert concept not in repr(record.counts) + repr(record.phases) + str(record.error_message)
+
+
+@pytest.mark.parametrize("transport", ["local"])
+def test_conductor_shuffles_subscriptions_before_ci_and_t(world_factory: Callable[..., World]) -> None:
+    world = world_factory(n=120)
+    host, ci, t = world.actors["pc-1"], world.actors["ci"], world.actors["t"]
+    ids = host._store.instance_ids()
+    items = host.subscription_items(ids)
+    sent = [i.sealed_concepts for i in items]
+    seen: dict[str, list[bytes]] = {}
+    for name, actor, method in (("ci", ci, "tokenize_subscriptions"), ("t", t, "pseudonymize")):
+        original = getattr(actor, method)
+
+        def spy(op: Any, batch: list[bytes], batch_id: str, _o: Any = original, _n: str = name) -> Any:
+            seen[_n] = list(batch)
+            return _o(op, batch, batch_id)
+
+        setattr(actor, method, spy)
+    from dispers.core.messages import SubscriptionOp
+
+    assert world.actors["conductor"].subscribe(SubscriptionOp.SUBSCRIBE, items) == len(items)
+    assert sorted(seen["ci"]) == sorted(sent) and seen["ci"] != sent  # same items, another order
+    # CI and T get the same permutation (TF must pair them), not the host's order.
+    position = {ct: k for k, ct in enumerate(sent)}
+    order = [position[ct] for ct in seen["ci"]]
+    assert [items[k].sealed_address for k in order] == seen["t"]
