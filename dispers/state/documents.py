@@ -185,6 +185,19 @@ class DocumentStore:
             (n,) = self._conn.execute("SELECT COUNT(*) FROM instances").fetchone()
         return int(n)
 
+    def _identity_rows(self, ids: Sequence[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        batch = _batch_param(ids)
+        with self._lock:
+            rows = self._conn.execute(_IDENTITY_SQL, (batch,)).fetchall()
+        table = np.array(rows, dtype=np.int64).reshape(len(rows), 5)
+        found = np.zeros(len(ids), dtype=bool)
+        found[table[:, 0]] = table[:, 1] != 0
+        return table, found
+
+    def known(self, ids: Sequence[str]) -> npt.NDArray[np.bool_]:
+        """Whether each of ``ids`` is an instance of this host (one query for the batch)."""
+        return self._identity_rows(ids)[1]
+
     def identity(
         self, ids: Sequence[str]
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
@@ -193,13 +206,8 @@ class DocumentStore:
         An id that is not on this host raises NOT_FOUND; the message gives how many, never
         which, since an id may be personal.
         """
-        batch = _batch_param(ids)
-        with self._lock:
-            rows = self._conn.execute(_IDENTITY_SQL, (batch,)).fetchall()
-        table = np.array(rows, dtype=np.int64).reshape(len(rows), 5)
+        table, found = self._identity_rows(ids)
         pos = table[:, 0]
-        found = np.zeros(len(ids), dtype=bool)
-        found[pos] = table[:, 1] != 0
         missing = len(ids) - int(np.count_nonzero(found))
         if missing:
             raise DispersError(ErrorCode.NOT_FOUND, f"{missing} instance ids are not on this host")

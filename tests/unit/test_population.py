@@ -218,3 +218,10 @@ def test_ground_truth_on_hand_made_population() -> None:
     with pytest.raises(DispersError) as info:
         targeted_count(pop, [25, 12], AS_OF)
     assert info.value.code is ErrorCode.MALFORMED
+
+
+def test_known_marks_which_ids_are_on_this_host() -> None:
+    store = DocumentStore()
+    generate(PopulationSpec(n_instances=5, seed=1)).write(store)
+    ids = store.instance_ids()
+    assert store.known([ids[3], "elsewhere", ids[0], ""]).tolist() == [True, False, True, False]

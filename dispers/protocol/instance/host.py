@@ -112,13 +112,13 @@ class PersonalCloudHost:
                 )
             da_keys[name] = self._roster.require(name, Role.DATA_AGGREGATOR).sealing_key
 
-        known = set(self._store.instance_ids())
+        known = self._store.known(request.instance_ids).tolist()
         with self._lock:
             now = time.monotonic()
             while self._answered and now - next(iter(self._answered.values()))[0] > self._memory_s:
                 self._answered.popitem(last=False)
             _, answered = self._answered.setdefault(request.query_id, (now, set()))
-            fresh = [j for j, i in enumerate(request.instance_ids) if i in known and i not in answered]
+            fresh = [j for j, i in enumerate(request.instance_ids) if known[j] and i not in answered]
             answered.update(request.instance_ids[j] for j in fresh)
         ids = [request.instance_ids[j] for j in fresh]
         local = compute_contributions(
