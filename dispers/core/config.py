@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -11,6 +12,7 @@ from typing import Any
 
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role, check_name
+from dispers.core.vocabulary import DEFAULT_VOCABULARY, validate_concept
 from dispers.crypto.keys import SealingPublicKey, VerifyKey
 
 SINGLETON_ROLES = (Role.CONDUCTOR, Role.CONCEPT_INDEXOR, Role.TARGET_FINDER, Role.TARGET)
@@ -184,12 +186,27 @@ class Roster:
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """Cluster-wide policy and tuning."""
+    """Cluster-wide policy and tuning.
+
+    The `*_bytes` sizes are the fixed frames (DESIGN.md "Lengths are public") every sealed
+    payload of that kind is padded to; a payload that does not fit is refused.
+    """
 
     k_min: int = 10
     max_query_age_s: float = 600.0
     batch_size: int = 1000
     query_timeout_s: float = 300.0
+    vocabulary: tuple[str, ...] = DEFAULT_VOCABULARY
+    max_concepts: int = 16  # per subscription and per query
+    concepts_bytes: int = 1024  # a subscription's or a query's concept list (JSON)
+    address_bytes: int = 256  # an instance address
+    expression_bytes: int = 1024  # a query's target expression
+    request_bytes: int = 4096  # the data request sealed to T
+    spec_bytes: int = 4096  # the aggregate spec sealed to each DA
+    partial_bytes: int = 65536  # a partial aggregate sealed to a parent DA
+    result_bytes: int = 65536  # the result sealed to Q
+    max_long_polls: int = 4  # Status calls allowed to wait at once; more answer at once
+    max_wait_s: float = 30.0  # the longest one Status call waits
 
 
 @dataclass(frozen=True)
@@ -223,7 +240,28 @@ _ACTOR_KEYS = {
     "name", "role", "endpoint", "sealing_public_key", "verify_key", "parent",
     "key_file", "backend", "state_path", "documents", "as_of",
 }  # fmt: skip
-_SETTING_KEYS = {"k_min", "max_query_age_s", "batch_size", "query_timeout_s"}
+_SETTING_KEYS = {f.name for f in dataclasses.fields(ClusterSettings)}
+_SIZE_KEYS = ("concepts_bytes", "address_bytes", "expression_bytes", "request_bytes", "spec_bytes",
+              "partial_bytes", "result_bytes")  # fmt: skip
+
+
+def _int_setting(s: ClusterSettings, key: str, lo: int, hi: int) -> None:
+    value = getattr(s, key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise _config_error(f"cluster.{key} must be an integer in {lo}..{hi}")
+
+
+def _vocabulary(raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise _config_error("cluster.vocabulary must be a non-empty list of concepts")
+    for i, concept in enumerate(raw):
+        try:
+            validate_concept(concept)
+        except DispersError:
+            raise _config_error(f"cluster.vocabulary[{i}] is not a concept namespace:value") from None
+    if len(set(raw)) != len(raw):
+        raise _config_error("cluster.vocabulary names a concept twice")
+    return tuple(raw)
 
 
 def _settings(raw: Any) -> ClusterSettings:
@@ -232,13 +270,19 @@ def _settings(raw: Any) -> ClusterSettings:
     unknown = set(raw) - _SETTING_KEYS
     if unknown:
         raise _config_error(f"[cluster] has unknown key(s): {', '.join(sorted(unknown))}")
+    raw = dict(raw)
+    if "vocabulary" in raw:
+        raw["vocabulary"] = _vocabulary(raw["vocabulary"])
     s = ClusterSettings(**raw)
-    if not isinstance(s.k_min, int) or s.k_min < 2:
-        raise _config_error("cluster.k_min must be an integer >= 2")
-    if not isinstance(s.batch_size, int) or not 1 <= s.batch_size <= 100_000:
-        raise _config_error("cluster.batch_size must be an integer in 1..100000")
-    for key in ("max_query_age_s", "query_timeout_s"):
-        if not isinstance(getattr(s, key), int | float) or getattr(s, key) <= 0:
+    _int_setting(s, "k_min", 2, 10**9)
+    _int_setting(s, "batch_size", 1, 100_000)
+    _int_setting(s, "max_concepts", 1, 1024)
+    _int_setting(s, "max_long_polls", 0, 1024)
+    for key in _SIZE_KEYS:
+        _int_setting(s, key, 64, 64 * 1024 * 1024)
+    for key in ("max_query_age_s", "query_timeout_s", "max_wait_s"):
+        value = getattr(s, key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
             raise _config_error(f"cluster.{key} must be a positive number")
     return s
 

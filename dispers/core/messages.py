@@ -11,6 +11,9 @@ from dispers.core.config import DAPlan
 from dispers.core.errors import malformed
 from dispers.crypto.keys import SealingPublicKey, VerifyKey
 
+NONCE_BYTES = 16
+"""The fresh random nonce an instance puts in both halves of its subscription."""
+
 
 class SubscriptionOp(enum.Enum):
     """Join or leave the concepts of a subscription."""
@@ -27,12 +30,90 @@ class SubscriptionItem:
     sealed_address: bytes
 
 
-@dataclass(frozen=True)
-class TokenizedSubscription:
-    """One subscription as it reaches TF: seal_TF(tokens), seal_TF(pseudonym)."""
+def digest(data: bytes) -> bytes:
+    """The 32-byte BLAKE2b digest signatures over lists of ciphertexts are made of."""
+    return hashlib.blake2b(data, digest_size=32).digest()
 
-    sealed_tokens: bytes
-    sealed_pseudonym: bytes
+
+@dataclass(frozen=True)
+class BatchHeader:
+    """What binds a subscription batch to its host: every item's digests, signed by the host.
+
+    CI and T each get the header and only their own half of the items; both check the host's
+    signature, that each ciphertext they open is one the host signed, and that the batch is
+    fresh. The batch id is derived from the signed bytes, so the Conductor cannot give a
+    replayed batch a new one, and TF refuses a batch id it has applied before.
+    """
+
+    host: str
+    op: SubscriptionOp
+    issued_at: float
+    concept_digests: tuple[bytes, ...]
+    address_digests: tuple[bytes, ...]
+    signature: bytes = b""
+
+    def signing_bytes(self) -> bytes:
+        """What the host signs."""
+        head = dumps({"host": self.host, "op": self.op.value, "issued_at": self.issued_at})
+        pairs = b"".join(c + a for c, a in zip(self.concept_digests, self.address_digests, strict=True))
+        return b"dispers-subscription-v1\x00" + head + b"\x00" + pairs
+
+    @property
+    def batch_id(self) -> str:
+        """128 bits derived from what the host signed."""
+        return hashlib.blake2b(self.signing_bytes(), digest_size=16).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.concept_digests)
+
+
+@dataclass(frozen=True)
+class SubscriptionBatch:
+    """A host's batch of subscriptions as it reaches C: the items and the signed header."""
+
+    header: BatchHeader
+    items: tuple[SubscriptionItem, ...]
+
+    @classmethod
+    def build(
+        cls, host: str, op: SubscriptionOp, issued_at: float, items: tuple[SubscriptionItem, ...]
+    ) -> SubscriptionBatch:
+        """An unsigned batch whose header carries the items' digests."""
+        header = BatchHeader(
+            host,
+            op,
+            issued_at,
+            tuple(digest(i.sealed_concepts) for i in items),
+            tuple(digest(i.sealed_address) for i in items),
+        )
+        return cls(header, items)
+
+    def check_digests(self) -> None:
+        """The items are exactly those whose digests the header carries, in order."""
+        if len(self.items) != len(self.header.concept_digests) or len(self.items) != len(
+            self.header.address_digests
+        ):
+            raise malformed("the subscription batch's items do not match its header")
+        for i, item in enumerate(self.items):
+            if (
+                digest(item.sealed_concepts) != self.header.concept_digests[i]
+                or digest(item.sealed_address) != self.header.address_digests[i]
+            ):
+                raise malformed(f"subscription {i} does not match the batch's signed header")
+
+
+@dataclass(frozen=True)
+class SignedItems:
+    """Sealed items an actor hands on (CI's tokens, T's pseudonyms) and its signature over them."""
+
+    items: tuple[bytes, ...]
+    signature: bytes
+
+
+def signed_items_bytes(signer: str, batch_id: str, op: SubscriptionOp, items: tuple[bytes, ...]) -> bytes:
+    """What CI or T signs over the items it seals to TF for one batch."""
+    head = dumps({"signer": signer, "batch_id": batch_id, "op": op.value})
+    return b"dispers-subscription-items-v1\x00" + head + b"\x00" + b"".join(digest(x) for x in items)
 
 
 @dataclass(frozen=True)
@@ -81,10 +162,12 @@ class QueryEnvelope:
 
 @dataclass(frozen=True)
 class FoundTargets:
-    """TF's answer: how many targets (C may know) and seal_T(shuffled pseudonyms)."""
+    """TF's answer: how many targets (C may know), seal_T(shuffled pseudonyms), and the count
+    signed by TF and sealed to the root DA, which refuses a result resting on more items."""
 
     count: int
     sealed_pseudonyms: bytes
+    sealed_attestation: bytes
 
 
 @dataclass(frozen=True)
@@ -101,20 +184,19 @@ class ContributionRequest:
 
 @dataclass(frozen=True)
 class ContributionBatch:
-    """Host -> T: sealed contributions (each to its DA) and how many instances declined."""
+    """Host -> T: exactly one sealed item (contribution or decline, same length) per instance
+    asked, each to its DA, in the host's own random order."""
 
     aggregators: tuple[str, ...]
     ciphertexts: tuple[bytes, ...]
-    declined: int
 
 
 @dataclass(frozen=True)
 class CollectReport:
-    """T -> C: sizes only."""
+    """T -> C: sizes only. T cannot tell a contribution from a decline, so neither can C."""
 
     targets: int
-    contributed: int
-    declined: int
+    forwarded: int
     unreachable: int
     per_aggregator: tuple[tuple[str, int], ...]
 

@@ -14,6 +14,7 @@ from dispers.core.codec import field as get_field
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.expression import compile_named
 from dispers.core.ids import check_query_id
+from dispers.core.wire import ContributionLayout
 
 STATS = ("count", "sum", "mean", "var", "std", "min", "max")
 
@@ -75,6 +76,11 @@ class DataRequest:
     aggregators: tuple[str, ...]  # the leaf DAs an instance may seal to
     issued_at: float  # seconds since the epoch: hosts refuse stale requests
 
+    @property
+    def layout(self) -> ContributionLayout:
+        """The fixed record every target answers with (one value per contribution for now)."""
+        return ContributionLayout(1)
+
     def to_obj(self) -> dict[str, Any]:
         """JSON-able form (what Q signs)."""
         return {
@@ -115,6 +121,12 @@ class AggregateSpec:
     bounds: tuple[float, float]
     stats: tuple[str, ...]
     groups: tuple[str, ...]  # labels; contributions carry an index into this
+    n_fields: int = 1  # values per contribution record
+
+    @property
+    def layout(self) -> ContributionLayout:
+        """The fixed record the DAs decode."""
+        return ContributionLayout(self.n_fields)
 
     def __post_init__(self) -> None:
         lo, hi = self.bounds
@@ -134,6 +146,7 @@ class AggregateSpec:
             "bounds": list(self.bounds),
             "stats": list(self.stats),
             "groups": list(self.groups),
+            "n_fields": self.n_fields,
         }
 
     @classmethod
@@ -149,6 +162,7 @@ class AggregateSpec:
             bounds=(float(bounds[0]), float(bounds[1])),
             stats=tuple(get_field(obj, "stats", list, what)),
             groups=tuple(get_field(obj, "groups", list, what)),
+            n_fields=get_field(obj, "n_fields", int, what),
         )
 
 
@@ -308,8 +322,9 @@ class QueryResult:
     query_id: str
     k: int
     groups: tuple[GroupResult, ...]
-    contributions: int  # folded into the aggregate
-    dropped: Mapping[str, int]  # reason -> count, e.g. out_of_bounds
+    contributions: int  # folded into the released groups
+    dropped: Mapping[str, int | None]  # reason -> count, e.g. out_of_bounds; None: fewer than k
+    declined: int | None = None  # instances that declined; None: fewer than k
 
     def group(self, label: str) -> GroupResult:
         """The group labelled `label`."""
@@ -326,6 +341,7 @@ class QueryResult:
             "groups": [g.to_obj() for g in self.groups],
             "contributions": self.contributions,
             "dropped": dict(self.dropped),
+            "declined": self.declined,
         }
 
     @classmethod
@@ -338,4 +354,5 @@ class QueryResult:
             groups=tuple(GroupResult.from_obj(g) for g in get_field(obj, "groups", list, what)),
             contributions=get_field(obj, "contributions", int, what),
             dropped=get_field(obj, "dropped", dict, what),
+            declined=obj.get("declined"),
         )

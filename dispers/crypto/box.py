@@ -12,6 +12,11 @@ from dispers.crypto.observe import notify
 SEAL_OVERHEAD = 48  # ephemeral public key (32) + Poly1305 tag (16)
 
 
+def sealed_size(plaintext_size: int) -> int:
+    """The length of the box that seals `plaintext_size` bytes."""
+    return plaintext_size + SEAL_OVERHEAD
+
+
 def seal(recipient: SealingPublicKey, plaintext: bytes) -> bytes:
     """Seal plaintext so that only the holder of recipient's private key can open it."""
     box = nacl.public.SealedBox(nacl.public.PublicKey(recipient.raw))

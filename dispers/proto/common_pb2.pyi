@@ -292,28 +292,98 @@ class SubscriptionItem(_message.Message):
 Global___SubscriptionItem: _TypeAlias = SubscriptionItem  # noqa: Y015
 
 @_typing.final
-class TokenizedSubscription(_message.Message):
-    """One subscription as it reaches TF: seal_TF(tokens), seal_TF(pseudonym)."""
+class BatchHeader(_message.Message):
+    """What binds a subscription batch to its host: the digests of every item, signed by the host."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SEALED_TOKENS_FIELD_NUMBER: _builtins.int
-    SEALED_PSEUDONYM_FIELD_NUMBER: _builtins.int
-    sealed_tokens: _builtins.bytes
-    sealed_pseudonym: _builtins.bytes
+    HOST_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    CONCEPT_DIGESTS_FIELD_NUMBER: _builtins.int
+    ADDRESS_DIGESTS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    op: Global___SubscriptionOp.ValueType
+    issued_at: _builtins.float
+    """seconds since the epoch"""
+    signature: _builtins.bytes
+    @_builtins.property
+    def concept_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """BLAKE2b-256 of each seal_CI(concepts, nonce)"""
+
+    @_builtins.property
+    def address_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """BLAKE2b-256 of each seal_T(address, nonce)"""
+
     def __init__(
         self,
         *,
-        sealed_tokens: _builtins.bytes = ...,
-        sealed_pseudonym: _builtins.bytes = ...,
+        host: _builtins.str = ...,
+        op: Global___SubscriptionOp.ValueType = ...,
+        issued_at: _builtins.float = ...,
+        concept_digests: _abc.Iterable[_builtins.bytes] | None = ...,
+        address_digests: _abc.Iterable[_builtins.bytes] | None = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sealed_pseudonym", b"sealed_pseudonym", "sealed_tokens", b"sealed_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address_digests", b"address_digests", "concept_digests", b"concept_digests", "host", b"host", "issued_at", b"issued_at", "op", b"op", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TokenizedSubscription: _TypeAlias = TokenizedSubscription  # noqa: Y015
+Global___BatchHeader: _TypeAlias = BatchHeader  # noqa: Y015
+
+@_typing.final
+class SubscriptionBatch(_message.Message):
+    """A host's batch of subscriptions as it reaches C."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___BatchHeader: ...
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubscriptionItem]: ...
+    def __init__(
+        self,
+        *,
+        header: Global___BatchHeader | None = ...,
+        items: _abc.Iterable[Global___SubscriptionItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscriptionBatch: _TypeAlias = SubscriptionBatch  # noqa: Y015
+
+@_typing.final
+class SignedItems(_message.Message):
+    """Items CI or T seal to TF for one batch, and its signature over them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    signature: _builtins.bytes
+    @_builtins.property
+    def items(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[_builtins.bytes] | None = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedItems: _TypeAlias = SignedItems  # noqa: Y015
 
 @_typing.final
 class FoundTargets(_message.Message):
@@ -323,17 +393,21 @@ class FoundTargets(_message.Message):
 
     COUNT_FIELD_NUMBER: _builtins.int
     SEALED_PSEUDONYMS_FIELD_NUMBER: _builtins.int
+    SEALED_ATTESTATION_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     sealed_pseudonyms: _builtins.bytes
+    sealed_attestation: _builtins.bytes
+    """the count, signed by TF, sealed to the root DA"""
     def __init__(
         self,
         *,
         count: _builtins.int = ...,
         sealed_pseudonyms: _builtins.bytes = ...,
+        sealed_attestation: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "sealed_pseudonyms", b"sealed_pseudonyms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "sealed_attestation", b"sealed_attestation", "sealed_pseudonyms", b"sealed_pseudonyms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -382,14 +456,12 @@ Global___ContributionRequest: _TypeAlias = ContributionRequest  # noqa: Y015
 
 @_typing.final
 class ContributionBatch(_message.Message):
-    """Host -> T: sealed contributions, each to its DA, and how many instances declined."""
+    """Host -> T: one sealed item (contribution or decline, same length) per instance asked."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     AGGREGATORS_FIELD_NUMBER: _builtins.int
     CIPHERTEXTS_FIELD_NUMBER: _builtins.int
-    DECLINED_FIELD_NUMBER: _builtins.int
-    declined: _builtins.int
     @_builtins.property
     def aggregators(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """parallel to ciphertexts"""
@@ -401,11 +473,10 @@ class ContributionBatch(_message.Message):
         *,
         aggregators: _abc.Iterable[_builtins.str] | None = ...,
         ciphertexts: _abc.Iterable[_builtins.bytes] | None = ...,
-        declined: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregators", b"aggregators", "ciphertexts", b"ciphertexts", "declined", b"declined"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregators", b"aggregators", "ciphertexts", b"ciphertexts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -442,13 +513,12 @@ class CollectReport(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TARGETS_FIELD_NUMBER: _builtins.int
-    CONTRIBUTED_FIELD_NUMBER: _builtins.int
-    DECLINED_FIELD_NUMBER: _builtins.int
+    FORWARDED_FIELD_NUMBER: _builtins.int
     UNREACHABLE_FIELD_NUMBER: _builtins.int
     PER_AGGREGATOR_FIELD_NUMBER: _builtins.int
     targets: _builtins.int
-    contributed: _builtins.int
-    declined: _builtins.int
+    forwarded: _builtins.int
+    """items forwarded to the DAs (T cannot tell contributions from declines)"""
     unreachable: _builtins.int
     @_builtins.property
     def per_aggregator(self) -> _containers.RepeatedCompositeFieldContainer[Global___AggregatorCount]: ...
@@ -456,14 +526,13 @@ class CollectReport(_message.Message):
         self,
         *,
         targets: _builtins.int = ...,
-        contributed: _builtins.int = ...,
-        declined: _builtins.int = ...,
+        forwarded: _builtins.int = ...,
         unreachable: _builtins.int = ...,
         per_aggregator: _abc.Iterable[Global___AggregatorCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contributed", b"contributed", "declined", b"declined", "per_aggregator", b"per_aggregator", "targets", b"targets", "unreachable", b"unreachable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forwarded", b"forwarded", "per_aggregator", b"per_aggregator", "targets", b"targets", "unreachable", b"unreachable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,23 +23,23 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class TokenizeSubscriptionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    OP_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
     SEALED_CONCEPTS_FIELD_NUMBER: _builtins.int
-    BATCH_ID_FIELD_NUMBER: _builtins.int
-    op: _common_pb2.SubscriptionOp.ValueType
-    batch_id: _builtins.str
     @_builtins.property
-    def sealed_concepts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def header(self) -> _common_pb2.BatchHeader: ...
+    @_builtins.property
+    def sealed_concepts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """shuffled by C"""
+
     def __init__(
         self,
         *,
-        op: _common_pb2.SubscriptionOp.ValueType = ...,
+        header: _common_pb2.BatchHeader | None = ...,
         sealed_concepts: _abc.Iterable[_builtins.bytes] | None = ...,
-        batch_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "op", b"op", "sealed_concepts", b"sealed_concepts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "sealed_concepts", b"sealed_concepts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -49,17 +49,17 @@ Global___TokenizeSubscriptionsRequest: _TypeAlias = TokenizeSubscriptionsRequest
 class TokenizeSubscriptionsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    SEALED_TOKENS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def sealed_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def tokens(self) -> _common_pb2.SignedItems: ...
     def __init__(
         self,
         *,
-        sealed_tokens: _abc.Iterable[_builtins.bytes] | None = ...,
+        tokens: _common_pb2.SignedItems | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sealed_tokens", b"sealed_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dispers.proto import common_pb2 as dispers_dot_proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ispers/proto/conductor.proto\x12\rdispers.proto\x1a\x1a\x64ispers/proto/common.proto\"\x12\n\x10GetRosterRequest\":\n\x11GetRosterResponse\x12%\n\x06roster\x18\x01 \x01(\x0b\x32\x15.dispers.proto.Roster\"m\n\x10SubscribeRequest\x12)\n\x02op\x18\x01 \x01(\x0e\x32\x1d.dispers.proto.SubscriptionOp\x12.\n\x05items\x18\x02 \x03(\x0b\x32\x1f.dispers.proto.SubscriptionItem\"$\n\x11SubscribeResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x03\"H\n\x16\x43onductorSubmitRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.QueryEnvelope\"+\n\x17\x43onductorSubmitResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\"1\n\rStatusRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"<\n\x0eStatusResponse\x12*\n\x06record\x18\x01 \x01(\x0b\x32\x1a.dispers.proto.QueryRecord2\xcb\x02\n\tConductor\x12N\n\tGetRoster\x12\x1f.dispers.proto.GetRosterRequest\x1a .dispers.proto.GetRosterResponse\x12N\n\tSubscribe\x12\x1f.dispers.proto.SubscribeRequest\x1a .dispers.proto.SubscribeResponse\x12W\n\x06Submit\x12%.dispers.proto.ConductorSubmitRequest\x1a&.dispers.proto.ConductorSubmitResponse\x12\x45\n\x06Status\x12\x1c.dispers.proto.StatusRequest\x1a\x1d.dispers.proto.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64ispers/proto/conductor.proto\x12\rdispers.proto\x1a\x1a\x64ispers/proto/common.proto\"\x12\n\x10GetRosterRequest\":\n\x11GetRosterResponse\x12%\n\x06roster\x18\x01 \x01(\x0b\x32\x15.dispers.proto.Roster\"\x16\n\x14GetVocabularyRequest\")\n\x15GetVocabularyResponse\x12\x10\n\x08\x63oncepts\x18\x01 \x03(\t\"C\n\x10SubscribeRequest\x12/\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32 .dispers.proto.SubscriptionBatch\"$\n\x11SubscribeResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x03\"H\n\x16\x43onductorSubmitRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.QueryEnvelope\"+\n\x17\x43onductorSubmitResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\"1\n\rStatusRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"<\n\x0eStatusResponse\x12*\n\x06record\x18\x01 \x01(\x0b\x32\x1a.dispers.proto.QueryRecord2\xa7\x03\n\tConductor\x12N\n\tGetRoster\x12\x1f.dispers.proto.GetRosterRequest\x1a .dispers.proto.GetRosterResponse\x12Z\n\rGetVocabulary\x12#.dispers.proto.GetVocabularyRequest\x1a$.dispers.proto.GetVocabularyResponse\x12N\n\tSubscribe\x12\x1f.dispers.proto.SubscribeRequest\x1a .dispers.proto.SubscribeResponse\x12W\n\x06Submit\x12%.dispers.proto.ConductorSubmitRequest\x1a&.dispers.proto.ConductorSubmitResponse\x12\x45\n\x06Status\x12\x1c.dispers.proto.StatusRequest\x1a\x1d.dispers.proto.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,18 +36,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETROSTERREQUEST']._serialized_end=94
   _globals['_GETROSTERRESPONSE']._serialized_start=96
   _globals['_GETROSTERRESPONSE']._serialized_end=154
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=156
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=265
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=267
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=303
-  _globals['_CONDUCTORSUBMITREQUEST']._serialized_start=305
-  _globals['_CONDUCTORSUBMITREQUEST']._serialized_end=377
-  _globals['_CONDUCTORSUBMITRESPONSE']._serialized_start=379
-  _globals['_CONDUCTORSUBMITRESPONSE']._serialized_end=422
-  _globals['_STATUSREQUEST']._serialized_start=424
-  _globals['_STATUSREQUEST']._serialized_end=473
-  _globals['_STATUSRESPONSE']._serialized_start=475
-  _globals['_STATUSRESPONSE']._serialized_end=535
-  _globals['_CONDUCTOR']._serialized_start=538
-  _globals['_CONDUCTOR']._serialized_end=869
+  _globals['_GETVOCABULARYREQUEST']._serialized_start=156
+  _globals['_GETVOCABULARYREQUEST']._serialized_end=178
+  _globals['_GETVOCABULARYRESPONSE']._serialized_start=180
+  _globals['_GETVOCABULARYRESPONSE']._serialized_end=221
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=223
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=290
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=292
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=328
+  _globals['_CONDUCTORSUBMITREQUEST']._serialized_start=330
+  _globals['_CONDUCTORSUBMITREQUEST']._serialized_end=402
+  _globals['_CONDUCTORSUBMITRESPONSE']._serialized_start=404
+  _globals['_CONDUCTORSUBMITRESPONSE']._serialized_end=447
+  _globals['_STATUSREQUEST']._serialized_start=449
+  _globals['_STATUSREQUEST']._serialized_end=498
+  _globals['_STATUSRESPONSE']._serialized_start=500
+  _globals['_STATUSRESPONSE']._serialized_end=560
+  _globals['_CONDUCTOR']._serialized_start=563
+  _globals['_CONDUCTOR']._serialized_end=986
 # @@protoc_insertion_point(module_scope)

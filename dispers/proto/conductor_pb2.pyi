@@ -55,23 +55,55 @@ class GetRosterResponse(_message.Message):
 Global___GetRosterResponse: _TypeAlias = GetRosterResponse  # noqa: Y015
 
 @_typing.final
-class SubscribeRequest(_message.Message):
+class GetVocabularyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    OP_FIELD_NUMBER: _builtins.int
-    ITEMS_FIELD_NUMBER: _builtins.int
-    op: _common_pb2.SubscriptionOp.ValueType
-    @_builtins.property
-    def items(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SubscriptionItem]: ...
     def __init__(
         self,
-        *,
-        op: _common_pb2.SubscriptionOp.ValueType = ...,
-        items: _abc.Iterable[_common_pb2.SubscriptionItem] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "op", b"op"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetVocabularyRequest: _TypeAlias = GetVocabularyRequest  # noqa: Y015
+
+@_typing.final
+class GetVocabularyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONCEPTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def concepts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        concepts: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concepts", b"concepts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetVocabularyResponse: _TypeAlias = GetVocabularyResponse  # noqa: Y015
+
+@_typing.final
+class SubscribeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def batch(self) -> _common_pb2.SubscriptionBatch: ...
+    def __init__(
+        self,
+        *,
+        batch: _common_pb2.SubscriptionBatch | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -39,6 +39,11 @@ class ConductorStub:
                 request_serializer=dispers_dot_proto_dot_conductor__pb2.GetRosterRequest.SerializeToString,
                 response_deserializer=dispers_dot_proto_dot_conductor__pb2.GetRosterResponse.FromString,
                 _registered_method=True)
+        self.GetVocabulary = channel.unary_unary(
+                '/dispers.proto.Conductor/GetVocabulary',
+                request_serializer=dispers_dot_proto_dot_conductor__pb2.GetVocabularyRequest.SerializeToString,
+                response_deserializer=dispers_dot_proto_dot_conductor__pb2.GetVocabularyResponse.FromString,
+                _registered_method=True)
         self.Subscribe = channel.unary_unary(
                 '/dispers.proto.Conductor/Subscribe',
                 request_serializer=dispers_dot_proto_dot_conductor__pb2.SubscribeRequest.SerializeToString,
@@ -61,6 +66,13 @@ class ConductorServicer:
 
     def GetRoster(self, request, context):
         """The cluster's public roster.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVocabulary(self, request, context):
+        """The cluster's public concept vocabulary.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +106,11 @@ def add_ConductorServicer_to_server(servicer, server):
                     servicer.GetRoster,
                     request_deserializer=dispers_dot_proto_dot_conductor__pb2.GetRosterRequest.FromString,
                     response_serializer=dispers_dot_proto_dot_conductor__pb2.GetRosterResponse.SerializeToString,
+            ),
+            'GetVocabulary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVocabulary,
+                    request_deserializer=dispers_dot_proto_dot_conductor__pb2.GetVocabularyRequest.FromString,
+                    response_serializer=dispers_dot_proto_dot_conductor__pb2.GetVocabularyResponse.SerializeToString,
             ),
             'Subscribe': grpc.unary_unary_rpc_method_handler(
                     servicer.Subscribe,
@@ -138,6 +155,33 @@ class Conductor:
             '/dispers.proto.Conductor/GetRoster',
             dispers_dot_proto_dot_conductor__pb2.GetRosterRequest.SerializeToString,
             dispers_dot_proto_dot_conductor__pb2.GetRosterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVocabulary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispers.proto.Conductor/GetVocabulary',
+            dispers_dot_proto_dot_conductor__pb2.GetVocabularyRequest.SerializeToString,
+            dispers_dot_proto_dot_conductor__pb2.GetVocabularyResponse.FromString,
             options,
             channel_credentials,
             insecure,

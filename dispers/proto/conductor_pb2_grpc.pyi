@@ -33,6 +33,8 @@ class ConductorStub:
     def __new__(cls, channel: _aio.Channel) -> ConductorAsyncStub: ...
     GetRoster: _grpc.UnaryUnaryMultiCallable[_conductor_pb2.GetRosterRequest, _conductor_pb2.GetRosterResponse]
     """The cluster's public roster."""
+    GetVocabulary: _grpc.UnaryUnaryMultiCallable[_conductor_pb2.GetVocabularyRequest, _conductor_pb2.GetVocabularyResponse]
+    """The cluster's public concept vocabulary."""
     Subscribe: _grpc.UnaryUnaryMultiCallable[_conductor_pb2.SubscribeRequest, _conductor_pb2.SubscribeResponse]
     """Relay a batch of subscriptions through CI, T and TF."""
     Submit: _grpc.UnaryUnaryMultiCallable[_conductor_pb2.ConductorSubmitRequest, _conductor_pb2.ConductorSubmitResponse]
@@ -45,6 +47,8 @@ class ConductorAsyncStub(ConductorStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetRoster: _aio.UnaryUnaryMultiCallable[_conductor_pb2.GetRosterRequest, _conductor_pb2.GetRosterResponse]  # type: ignore[assignment]
     """The cluster's public roster."""
+    GetVocabulary: _aio.UnaryUnaryMultiCallable[_conductor_pb2.GetVocabularyRequest, _conductor_pb2.GetVocabularyResponse]  # type: ignore[assignment]
+    """The cluster's public concept vocabulary."""
     Subscribe: _aio.UnaryUnaryMultiCallable[_conductor_pb2.SubscribeRequest, _conductor_pb2.SubscribeResponse]  # type: ignore[assignment]
     """Relay a batch of subscriptions through CI, T and TF."""
     Submit: _aio.UnaryUnaryMultiCallable[_conductor_pb2.ConductorSubmitRequest, _conductor_pb2.ConductorSubmitResponse]  # type: ignore[assignment]
@@ -60,6 +64,14 @@ class ConductorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_conductor_pb2.GetRosterResponse, _abc.Awaitable[_conductor_pb2.GetRosterResponse]]:
         """The cluster's public roster."""
+
+    @_abc_1.abstractmethod
+    def GetVocabulary(
+        self,
+        request: _conductor_pb2.GetVocabularyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conductor_pb2.GetVocabularyResponse, _abc.Awaitable[_conductor_pb2.GetVocabularyResponse]]:
+        """The cluster's public concept vocabulary."""
 
     @_abc_1.abstractmethod
     def Subscribe(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dispers.proto import common_pb2 as dispers_dot_proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#dispers/proto/data_aggregator.proto\x12\rdispers.proto\x1a\x1a\x64ispers/proto/common.proto\"@\n\x0ePrepareRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.QueryEnvelope\"\x11\n\x0fPrepareResponse\"6\n\rIngestRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c\"\"\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\"H\n\rAbsorbRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05\x63hild\x18\x02 \x01(\t\x12\x16\n\x0esealed_partial\x18\x03 \x01(\x0c\"\x10\n\x0e\x41\x62sorbResponse\"#\n\x0f\x46inalizeRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\"\n\x10\x46inalizeResponse\x12\x0e\n\x06sealed\x18\x01 \x01(\x0c\" \n\x0c\x41\x62ortRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse2\xf9\x02\n\x0e\x44\x61taAggregator\x12H\n\x07Prepare\x12\x1d.dispers.proto.PrepareRequest\x1a\x1e.dispers.proto.PrepareResponse\x12\x45\n\x06Ingest\x12\x1c.dispers.proto.IngestRequest\x1a\x1d.dispers.proto.IngestResponse\x12\x45\n\x06\x41\x62sorb\x12\x1c.dispers.proto.AbsorbRequest\x1a\x1d.dispers.proto.AbsorbResponse\x12K\n\x08\x46inalize\x12\x1e.dispers.proto.FinalizeRequest\x1a\x1f.dispers.proto.FinalizeResponse\x12\x42\n\x05\x41\x62ort\x12\x1b.dispers.proto.AbortRequest\x1a\x1c.dispers.proto.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#dispers/proto/data_aggregator.proto\x12\rdispers.proto\x1a\x1a\x64ispers/proto/common.proto\"U\n\x0ePrepareRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.QueryEnvelope\x12\x13\n\x0b\x61ttestation\x18\x02 \x01(\x0c\"\x11\n\x0fPrepareResponse\"6\n\rIngestRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c\"\"\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\"H\n\rAbsorbRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05\x63hild\x18\x02 \x01(\t\x12\x16\n\x0esealed_partial\x18\x03 \x01(\x0c\"\x10\n\x0e\x41\x62sorbResponse\"#\n\x0f\x46inalizeRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\"\n\x10\x46inalizeResponse\x12\x0e\n\x06sealed\x18\x01 \x01(\x0c\" \n\x0c\x41\x62ortRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse2\xf9\x02\n\x0e\x44\x61taAggregator\x12H\n\x07Prepare\x12\x1d.dispers.proto.PrepareRequest\x1a\x1e.dispers.proto.PrepareResponse\x12\x45\n\x06Ingest\x12\x1c.dispers.proto.IngestRequest\x1a\x1d.dispers.proto.IngestResponse\x12\x45\n\x06\x41\x62sorb\x12\x1c.dispers.proto.AbsorbRequest\x1a\x1d.dispers.proto.AbsorbResponse\x12K\n\x08\x46inalize\x12\x1e.dispers.proto.FinalizeRequest\x1a\x1f.dispers.proto.FinalizeResponse\x12\x42\n\x05\x41\x62ort\x12\x1b.dispers.proto.AbortRequest\x1a\x1c.dispers.proto.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,25 +33,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispers.proto.data_aggregat
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREPAREREQUEST']._serialized_start=82
-  _globals['_PREPAREREQUEST']._serialized_end=146
-  _globals['_PREPARERESPONSE']._serialized_start=148
-  _globals['_PREPARERESPONSE']._serialized_end=165
-  _globals['_INGESTREQUEST']._serialized_start=167
-  _globals['_INGESTREQUEST']._serialized_end=221
-  _globals['_INGESTRESPONSE']._serialized_start=223
-  _globals['_INGESTRESPONSE']._serialized_end=257
-  _globals['_ABSORBREQUEST']._serialized_start=259
-  _globals['_ABSORBREQUEST']._serialized_end=331
-  _globals['_ABSORBRESPONSE']._serialized_start=333
-  _globals['_ABSORBRESPONSE']._serialized_end=349
-  _globals['_FINALIZEREQUEST']._serialized_start=351
-  _globals['_FINALIZEREQUEST']._serialized_end=386
-  _globals['_FINALIZERESPONSE']._serialized_start=388
-  _globals['_FINALIZERESPONSE']._serialized_end=422
-  _globals['_ABORTREQUEST']._serialized_start=424
-  _globals['_ABORTREQUEST']._serialized_end=456
-  _globals['_ABORTRESPONSE']._serialized_start=458
-  _globals['_ABORTRESPONSE']._serialized_end=473
-  _globals['_DATAAGGREGATOR']._serialized_start=476
-  _globals['_DATAAGGREGATOR']._serialized_end=853
+  _globals['_PREPAREREQUEST']._serialized_end=167
+  _globals['_PREPARERESPONSE']._serialized_start=169
+  _globals['_PREPARERESPONSE']._serialized_end=186
+  _globals['_INGESTREQUEST']._serialized_start=188
+  _globals['_INGESTREQUEST']._serialized_end=242
+  _globals['_INGESTRESPONSE']._serialized_start=244
+  _globals['_INGESTRESPONSE']._serialized_end=278
+  _globals['_ABSORBREQUEST']._serialized_start=280
+  _globals['_ABSORBREQUEST']._serialized_end=352
+  _globals['_ABSORBRESPONSE']._serialized_start=354
+  _globals['_ABSORBRESPONSE']._serialized_end=370
+  _globals['_FINALIZEREQUEST']._serialized_start=372
+  _globals['_FINALIZEREQUEST']._serialized_end=407
+  _globals['_FINALIZERESPONSE']._serialized_start=409
+  _globals['_FINALIZERESPONSE']._serialized_end=443
+  _globals['_ABORTREQUEST']._serialized_start=445
+  _globals['_ABORTREQUEST']._serialized_end=477
+  _globals['_ABORTRESPONSE']._serialized_start=479
+  _globals['_ABORTRESPONSE']._serialized_end=494
+  _globals['_DATAAGGREGATOR']._serialized_start=497
+  _globals['_DATAAGGREGATOR']._serialized_end=874
 # @@protoc_insertion_point(module_scope)

@@ -3,11 +3,9 @@
 isort:skip_file
 The Target Finder: token -> pseudonym sets; evaluates target expressions."""
 
-from collections import abc as _abc
 from dispers.proto import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -24,19 +22,30 @@ class ApplySubscriptionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OP_FIELD_NUMBER: _builtins.int
-    ITEMS_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    PSEUDONYMS_FIELD_NUMBER: _builtins.int
     op: _common_pb2.SubscriptionOp.ValueType
+    batch_id: _builtins.str
     @_builtins.property
-    def items(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenizedSubscription]: ...
+    def tokens(self) -> _common_pb2.SignedItems:
+        """from CI"""
+
+    @_builtins.property
+    def pseudonyms(self) -> _common_pb2.SignedItems:
+        """from T, paired item by item"""
+
     def __init__(
         self,
         *,
         op: _common_pb2.SubscriptionOp.ValueType = ...,
-        items: _abc.Iterable[_common_pb2.TokenizedSubscription] | None = ...,
+        batch_id: _builtins.str = ...,
+        tokens: _common_pb2.SignedItems | None = ...,
+        pseudonyms: _common_pb2.SignedItems | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pseudonyms", b"pseudonyms", "tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "op", b"op"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "op", b"op", "pseudonyms", b"pseudonyms", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dispers.proto import common_pb2 as dispers_dot_proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64ispers/proto/target.proto\x12\rdispers.proto\x1a\x1a\x64ispers/proto/common.proto\"l\n\x13PseudonymizeRequest\x12)\n\x02op\x18\x01 \x01(\x0e\x32\x1d.dispers.proto.SubscriptionOp\x12\x18\n\x10sealed_addresses\x18\x02 \x03(\x0c\x12\x10\n\x08\x62\x61tch_id\x18\x03 \x01(\t\"1\n\x14PseudonymizeResponse\x12\x19\n\x11sealed_pseudonyms\x18\x01 \x03(\x0c\"[\n\x0e\x43ollectRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.QueryEnvelope\x12\x19\n\x11sealed_pseudonyms\x18\x02 \x01(\x0c\"?\n\x0f\x43ollectResponse\x12,\n\x06report\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.CollectReport2\xf2\x01\n\x06Target\x12W\n\x0cPseudonymize\x12\".dispers.proto.PseudonymizeRequest\x1a#.dispers.proto.PseudonymizeResponse\x12H\n\x07\x43ollect\x12\x1d.dispers.proto.CollectRequest\x1a\x1e.dispers.proto.CollectResponse\x12\x45\n\x06Settle\x12\x1c.dispers.proto.SettleRequest\x1a\x1d.dispers.proto.SettleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64ispers/proto/target.proto\x12\rdispers.proto\x1a\x1a\x64ispers/proto/common.proto\"[\n\x13PseudonymizeRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.dispers.proto.BatchHeader\x12\x18\n\x10sealed_addresses\x18\x02 \x03(\x0c\"F\n\x14PseudonymizeResponse\x12.\n\npseudonyms\x18\x01 \x01(\x0b\x32\x1a.dispers.proto.SignedItems\"[\n\x0e\x43ollectRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.QueryEnvelope\x12\x19\n\x11sealed_pseudonyms\x18\x02 \x01(\x0c\"?\n\x0f\x43ollectResponse\x12,\n\x06report\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.CollectReport2\xf2\x01\n\x06Target\x12W\n\x0cPseudonymize\x12\".dispers.proto.PseudonymizeRequest\x1a#.dispers.proto.PseudonymizeResponse\x12H\n\x07\x43ollect\x12\x1d.dispers.proto.CollectRequest\x1a\x1e.dispers.proto.CollectResponse\x12\x45\n\x06Settle\x12\x1c.dispers.proto.SettleRequest\x1a\x1d.dispers.proto.SettleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispers.proto.target_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PSEUDONYMIZEREQUEST']._serialized_start=73
-  _globals['_PSEUDONYMIZEREQUEST']._serialized_end=181
-  _globals['_PSEUDONYMIZERESPONSE']._serialized_start=183
-  _globals['_PSEUDONYMIZERESPONSE']._serialized_end=232
-  _globals['_COLLECTREQUEST']._serialized_start=234
-  _globals['_COLLECTREQUEST']._serialized_end=325
-  _globals['_COLLECTRESPONSE']._serialized_start=327
-  _globals['_COLLECTRESPONSE']._serialized_end=390
-  _globals['_TARGET']._serialized_start=393
-  _globals['_TARGET']._serialized_end=635
+  _globals['_PSEUDONYMIZEREQUEST']._serialized_end=164
+  _globals['_PSEUDONYMIZERESPONSE']._serialized_start=166
+  _globals['_PSEUDONYMIZERESPONSE']._serialized_end=236
+  _globals['_COLLECTREQUEST']._serialized_start=238
+  _globals['_COLLECTREQUEST']._serialized_end=329
+  _globals['_COLLECTRESPONSE']._serialized_start=331
+  _globals['_COLLECTRESPONSE']._serialized_end=394
+  _globals['_TARGET']._serialized_start=397
+  _globals['_TARGET']._serialized_end=639
 # @@protoc_insertion_point(module_scope)

@@ -23,23 +23,23 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class PseudonymizeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    OP_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
     SEALED_ADDRESSES_FIELD_NUMBER: _builtins.int
-    BATCH_ID_FIELD_NUMBER: _builtins.int
-    op: _common_pb2.SubscriptionOp.ValueType
-    batch_id: _builtins.str
     @_builtins.property
-    def sealed_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def header(self) -> _common_pb2.BatchHeader: ...
+    @_builtins.property
+    def sealed_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """shuffled by C, in the same order as CI's"""
+
     def __init__(
         self,
         *,
-        op: _common_pb2.SubscriptionOp.ValueType = ...,
+        header: _common_pb2.BatchHeader | None = ...,
         sealed_addresses: _abc.Iterable[_builtins.bytes] | None = ...,
-        batch_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "op", b"op", "sealed_addresses", b"sealed_addresses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "sealed_addresses", b"sealed_addresses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -49,17 +49,17 @@ Global___PseudonymizeRequest: _TypeAlias = PseudonymizeRequest  # noqa: Y015
 class PseudonymizeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    SEALED_PSEUDONYMS_FIELD_NUMBER: _builtins.int
+    PSEUDONYMS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def sealed_pseudonyms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def pseudonyms(self) -> _common_pb2.SignedItems: ...
     def __init__(
         self,
         *,
-        sealed_pseudonyms: _abc.Iterable[_builtins.bytes] | None = ...,
+        pseudonyms: _common_pb2.SignedItems | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pseudonyms", b"pseudonyms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sealed_pseudonyms", b"sealed_pseudonyms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pseudonyms", b"pseudonyms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

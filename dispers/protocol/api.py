@@ -1,4 +1,8 @@
-"""What each actor offers the others: the contract both transports implement."""
+"""What each actor offers the others, as a caller sees it: the contract both transports implement.
+
+The protocol objects behind these take the caller's name first (see protocol/authz.py); a
+transport supplies it: from the TLS certificate over gRPC, explicitly in process.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,15 @@ from typing import Protocol
 
 from dispers.core.config import Roster
 from dispers.core.messages import (
+    BatchHeader,
     CollectReport,
     ContributionBatch,
     ContributionRequest,
     FoundTargets,
     QueryEnvelope,
-    SubscriptionItem,
+    SignedItems,
+    SubscriptionBatch,
     SubscriptionOp,
-    TokenizedSubscription,
 )
 from dispers.core.spec import QueryResult, QuerySpec
 from dispers.state.queries import QueryRecord
@@ -25,7 +30,8 @@ class ConductorAPI(Protocol):
     """Orchestrates subscriptions and queries; relays ciphertext."""
 
     def get_roster(self) -> Roster: ...
-    def subscribe(self, op: SubscriptionOp, items: Sequence[SubscriptionItem]) -> int: ...
+    def get_vocabulary(self) -> tuple[str, ...]: ...
+    def subscribe(self, batch: SubscriptionBatch) -> int: ...
     def submit(self, envelope: QueryEnvelope) -> str: ...
     def status(self, query_id: str, wait_s: float = 0.0) -> QueryRecord: ...
 
@@ -34,8 +40,8 @@ class ConceptIndexorAPI(Protocol):
     """Concept strings -> keyed tokens, sealed to TF."""
 
     def tokenize_subscriptions(
-        self, op: SubscriptionOp, sealed_concepts: Sequence[bytes], batch_id: str
-    ) -> list[bytes]: ...
+        self, header: BatchHeader, sealed_concepts: Sequence[bytes]
+    ) -> SignedItems: ...
     def tokenize_query(self, envelope: QueryEnvelope) -> bytes: ...
     def settle(self, batch_id: str, commit: bool) -> None: ...
 
@@ -43,16 +49,16 @@ class ConceptIndexorAPI(Protocol):
 class TargetFinderAPI(Protocol):
     """Token -> pseudonym sets; evaluates target expressions."""
 
-    def apply_subscriptions(self, op: SubscriptionOp, items: Sequence[TokenizedSubscription]) -> int: ...
+    def apply_subscriptions(
+        self, op: SubscriptionOp, batch_id: str, tokens: SignedItems, pseudonyms: SignedItems
+    ) -> int: ...
     def find_targets(self, envelope: QueryEnvelope, sealed_tokens: bytes) -> FoundTargets: ...
 
 
 class TargetAPI(Protocol):
     """Address directory; asks targets for contributions and forwards them to DAs."""
 
-    def pseudonymize(
-        self, op: SubscriptionOp, sealed_addresses: Sequence[bytes], batch_id: str
-    ) -> list[bytes]: ...
+    def pseudonymize(self, header: BatchHeader, sealed_addresses: Sequence[bytes]) -> SignedItems: ...
     def collect(self, envelope: QueryEnvelope, sealed_pseudonyms: bytes) -> CollectReport: ...
     def settle(self, batch_id: str, commit: bool) -> None: ...
 
@@ -60,7 +66,7 @@ class TargetAPI(Protocol):
 class DataAggregatorAPI(Protocol):
     """Folds contributions into partials in memory; the root releases the result."""
 
-    def prepare(self, envelope: QueryEnvelope) -> None: ...
+    def prepare(self, envelope: QueryEnvelope, attestation: bytes = b"") -> None: ...
     def ingest(self, query_id: str, ciphertexts: Sequence[bytes]) -> int: ...
     def absorb(self, query_id: str, child: str, sealed_partial: bytes) -> None: ...
     def finalize(self, query_id: str) -> bytes: ...

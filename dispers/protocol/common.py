@@ -13,8 +13,10 @@ from dispers.core.codec import dumps, hex_bytes, loads_object
 from dispers.core.config import ClusterSettings, Roster, RosterEntry
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.ids import Role, check_batch_id, check_query_id
-from dispers.core.messages import QueryEnvelope
-from dispers.crypto.keys import SigningKeyPair, VerifyKey
+from dispers.core.messages import BatchHeader, QueryEnvelope, digest
+from dispers.core.wire import pad, unpad
+from dispers.crypto import Opener, seal
+from dispers.crypto.keys import SealingPublicKey, SigningKeyPair, VerifyKey
 
 CLOCK_SKEW_S = 60.0
 T = TypeVar("T")
@@ -84,6 +86,14 @@ class ReplayGuard:
         with self._lock:
             self._seen[key] = time.time()
 
+    def claim(self, key: str, what: str) -> None:
+        """Check and record `key` in one step: of two concurrent uses, exactly one succeeds."""
+        with self._lock:
+            self._expire(time.time())
+            if key in self._seen:
+                raise DispersError(ErrorCode.REPLAY, f"{what} was already processed (replay)")
+            self._seen[key] = time.time()
+
 
 def verify_envelope(
     envelope: QueryEnvelope, roster: Roster, settings: ClusterSettings, *, now: float | None = None
@@ -127,6 +137,35 @@ def open_signed(payload: bytes, expected_signer: str, key: VerifyKey, what: str)
     return loads_object(raw, what)
 
 
+def seal_padded(recipient: SealingPublicKey, obj: dict[str, Any], size: int, what: str) -> bytes:
+    """Seal a JSON object inside a fixed frame of `size` bytes (its length says nothing)."""
+    return seal(recipient, pad(dumps(obj), size, what))
+
+
+def open_padded(opener: Opener, ciphertext: bytes, size: int, what: str) -> dict[str, Any]:
+    """Open a box sealed with seal_padded."""
+    return loads_object(unpad(opener.open(ciphertext, what), size, what), what)
+
+
+def seal_signed(
+    recipient: SealingPublicKey,
+    signing: SigningKeyPair,
+    signer: str,
+    body: dict[str, Any],
+    size: int,
+    what: str,
+) -> bytes:
+    """Sign a JSON body (sealed boxes are anonymous), frame it to `size` bytes and seal it."""
+    return seal(recipient, pad(sign_payload(signing, signer, body), size, what))
+
+
+def open_sealed_signed(
+    opener: Opener, ciphertext: bytes, size: int, signer: str, key: VerifyKey, what: str
+) -> dict[str, Any]:
+    """Open a box sealed with seal_signed and check who signed it."""
+    return open_signed(unpad(opener.open(ciphertext, what), size, what), signer, key, what)
+
+
 def pack(items: Sequence[bytes], size: int) -> str:
     """Fixed-size byte strings as one base64 string (compact for a million pseudonyms)."""
     if any(len(x) != size for x in items):
@@ -151,3 +190,35 @@ def same_query(obj: dict[str, Any], envelope: QueryEnvelope, what: str) -> None:
     """A sealed payload must belong to the query it travels with (no swapping between queries)."""
     if obj.get("query_id") != envelope.query_id:
         raise malformed(f"{what} belongs to another query")
+
+
+def check_batch(
+    header: BatchHeader,
+    roster: Roster,
+    settings: ClusterSettings,
+    ciphertexts: Sequence[bytes],
+    signed: Sequence[bytes],
+    *,
+    now: float | None = None,
+) -> RosterEntry:
+    """CI's and T's checks on a subscription batch: signed by a host of the roster, fresh, and
+    made of exactly the ciphertexts the host signed (`signed`: their digests), each once."""
+    host = roster.require(header.host, Role.PERSONAL_CLOUD)
+    if len(header.concept_digests) != len(header.address_digests):
+        raise malformed("the subscription batch header is malformed")
+    if not 0 < len(header) <= settings.batch_size:
+        raise malformed(f"a subscription batch holds 1 to {settings.batch_size} items")
+    host.verify_key.verify(header.signing_bytes(), header.signature, "subscription batch")
+    now = time.time() if now is None else now
+    if now - header.issued_at > settings.max_query_age_s or header.issued_at - now > CLOCK_SKEW_S:
+        raise DispersError(ErrorCode.EXPIRED, "the subscription batch is stale or dated in the future")
+    if len(ciphertexts) != len(signed):
+        raise malformed("the subscription batch has items its host did not sign")
+    if sorted(digest(c) for c in ciphertexts) != sorted(signed):
+        raise malformed("the subscription batch has items its host did not sign")
+    return host
+
+
+def tokens_bytes(settings: ClusterSettings) -> int:
+    """The fixed frame of a token list: max_concepts hex tokens, a nonce or a query id."""
+    return 70 * settings.max_concepts + 128

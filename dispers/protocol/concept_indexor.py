@@ -5,18 +5,33 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from dispers.core.codec import dumps, field, loads_list, loads_object
+from dispers.core.codec import field, hex_bytes
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.ids import Role
-from dispers.core.messages import QueryEnvelope, SubscriptionOp
-from dispers.crypto import ActorKeys, Opener, keyed_hash, seal
-from dispers.protocol.common import ReplayGuard, Staging, verify_envelope
-from dispers.protocol.instance.concepts import validate_concept
+from dispers.core.messages import (
+    NONCE_BYTES,
+    BatchHeader,
+    QueryEnvelope,
+    SignedItems,
+    SubscriptionOp,
+    signed_items_bytes,
+)
+from dispers.core.vocabulary import validate_concept
+from dispers.crypto import ActorKeys, Opener, keyed_hash
+from dispers.protocol.authz import authorize
+from dispers.protocol.common import (
+    ReplayGuard,
+    Staging,
+    check_batch,
+    open_padded,
+    seal_padded,
+    tokens_bytes,
+    verify_envelope,
+)
 from dispers.state.concepts import ConceptCatalog
 
 log = logging.getLogger(__name__)
-MAX_CONCEPTS = 256
 
 
 class ConceptIndexor:
@@ -26,10 +41,12 @@ class ConceptIndexor:
         self, keys: ActorKeys, roster: Roster, settings: ClusterSettings, catalog: ConceptCatalog
     ) -> None:
         self.name = keys.name
+        self._keys = keys
         self._secret = keys.secret
         self._opener = Opener(keys.name, keys.sealing)
         self._roster = roster
         self._settings = settings
+        self._vocabulary = frozenset(settings.vocabulary)
         self._catalog = catalog
         self._tf_key = roster.one(Role.TARGET_FINDER).sealing_key
         self._replays = ReplayGuard(settings.max_query_age_s * 2)
@@ -40,8 +57,14 @@ class ConceptIndexor:
         return keyed_hash(self._secret, concept.encode(), b"dispers-concept")
 
     def _concepts(self, values: list[object], what: str) -> list[str]:
-        if not values or len(values) > MAX_CONCEPTS:
-            raise malformed(f"{what}: between 1 and {MAX_CONCEPTS} concepts")
+        """Validate a concept list: 1..max_concepts vocabulary concepts.
+
+        The vocabulary is public, so refusing a concept outside it tells nobody anything about
+        who holds what; every vocabulary concept is tokenized, populated or not.
+        """
+        limit = self._settings.max_concepts
+        if not values or len(values) > limit:
+            raise malformed(f"{what}: between 1 and {limit} concepts")
         out = []
         for j, c in enumerate(values):
             if not isinstance(c, str):
@@ -50,49 +73,59 @@ class ConceptIndexor:
                 validate_concept(c)
             except DispersError as exc:
                 raise malformed(f"{what}: concept {j}: {exc.message}") from None
+            if c not in self._vocabulary:
+                raise DispersError(
+                    ErrorCode.UNKNOWN_CONCEPT, f"{what}: concept {j} is not in the cluster's vocabulary"
+                )
             out.append(c)
         return out
 
     def tokenize_subscriptions(
-        self, op: SubscriptionOp, sealed_concepts: Sequence[bytes], batch_id: str
-    ) -> list[bytes]:
-        """Open each subscription's concepts, return seal_TF(tokens) in the same order.
+        self, caller: str, header: BatchHeader, sealed_concepts: Sequence[bytes]
+    ) -> SignedItems:
+        """Open each subscription's concepts; return seal_TF(tokens, nonce), signed as a whole.
 
-        New concepts are staged under `batch_id` and reach the catalogue only when the
-        Conductor settles the batch with commit=True (after TF applied it).
+        The batch must be one a host signed; concepts are staged under its batch id and
+        reach the catalogue only when the Conductor settles it with commit=True.
         """
+        authorize(self._roster, caller, "concept_indexor.tokenize_subscriptions", callee=self.name)
+        check_batch(header, self._roster, self._settings, sealed_concepts, header.concept_digests)
+        size, out_size = self._settings.concepts_bytes, tokens_bytes(self._settings)
         per_item: list[list[str]] = []
+        sealed: list[bytes] = []
         for i, ciphertext in enumerate(sealed_concepts):
             what = f"subscription {i} concepts"
-            per_item.append(self._concepts(loads_list(self._opener.open(ciphertext, what), what), what))
-        out = [seal(self._tf_key, dumps([self.token(c).hex() for c in concepts])) for concepts in per_item]
-        if op is SubscriptionOp.SUBSCRIBE:
+            obj = open_padded(self._opener, ciphertext, size, what)
+            nonce = hex_bytes(obj.get("nonce"), f"{what} nonce", NONCE_BYTES)
+            concepts = self._concepts(field(obj, "concepts", list, what), what)
+            per_item.append(concepts)
+            body = {"tokens": [self.token(c).hex() for c in concepts], "nonce": nonce.hex()}
+            sealed.append(seal_padded(self._tf_key, body, out_size, "token list"))
+        items = tuple(sealed)
+        batch_id = header.batch_id
+        if header.op is SubscriptionOp.SUBSCRIBE:
             self._staged.put(batch_id, sorted({c for concepts in per_item for c in concepts}))
-        return out
+        signature = self._keys.signing.sign(signed_items_bytes(self.name, batch_id, header.op, items))
+        return SignedItems(items, signature)
 
-    def settle(self, batch_id: str, commit: bool) -> None:
+    def settle(self, caller: str, batch_id: str, commit: bool) -> None:
         """Commit (or drop) the concepts a subscription batch staged."""
+        authorize(self._roster, caller, "concept_indexor.settle", callee=self.name)
         concepts = self._staged.take(batch_id)
         if commit and concepts:
             new = self._catalog.add(concepts)
             log.debug("batch settled: %d new concepts", new)
 
-    def tokenize_query(self, envelope: QueryEnvelope) -> bytes:
+    def tokenize_query(self, caller: str, envelope: QueryEnvelope) -> bytes:
         """Open a query's concepts and seal their tokens, in order, to TF."""
+        authorize(self._roster, caller, "concept_indexor.tokenize_query", callee=self.name)
         verify_envelope(envelope, self._roster, self._settings)
-        self._replays.check(envelope.query_id, "query")
+        self._replays.claim(envelope.query_id, "query")
         what = "query concepts"
-        obj = loads_object(self._opener.open(envelope.sealed_concepts, what), what)
+        obj = open_padded(self._opener, envelope.sealed_concepts, self._settings.concepts_bytes, what)
         if obj.get("query_id") != envelope.query_id:
             raise malformed(f"{what} belong to another query")
         concepts = self._concepts(field(obj, "concepts", list, what), what)
-        unknown = self._catalog.unknown(concepts)
-        if unknown:
-            where = ", ".join(str(i) for i in unknown)
-            raise DispersError(
-                ErrorCode.UNKNOWN_CONCEPT,
-                f"the concept(s) at position(s) {where} of the query are unknown to the Concept Indexor",
-            )
         tokens = [self.token(c).hex() for c in concepts]
-        self._replays.record(envelope.query_id)
-        return seal(self._tf_key, dumps({"query_id": envelope.query_id, "tokens": tokens}))
+        body = {"query_id": envelope.query_id, "tokens": tokens}
+        return seal_padded(self._tf_key, body, tokens_bytes(self._settings), "token list")

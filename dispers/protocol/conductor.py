@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
-from dispers.core.ids import new_query_id
-from dispers.core.messages import (
-    QueryEnvelope,
-    SubscriptionItem,
-    SubscriptionOp,
-    TokenizedSubscription,
-)
+from dispers.core.messages import QueryEnvelope, SubscriptionBatch
 from dispers.protocol.api import Peers
+from dispers.protocol.authz import authorize
 from dispers.protocol.common import verify_envelope
 from dispers.state.queries import QueryRecord, QueryStore
 
@@ -69,34 +65,49 @@ class Conductor:
         self._executor = executor
         self._done = threading.Condition()
         self._random = secrets.SystemRandom()
+        self._long_polls = threading.BoundedSemaphore(max(1, settings.max_long_polls))
+        if settings.max_long_polls == 0:
+            self._long_polls.acquire()  # nobody waits
 
-    def get_roster(self) -> Roster:
+    def get_roster(self, caller: str) -> Roster:
         """The cluster's public roster."""
+        authorize(self._roster, caller, "conductor.get_roster", callee=self.name)
         return self._roster
 
-    def subscribe(self, op: SubscriptionOp, items: Sequence[SubscriptionItem]) -> int:
-        """Relay one batch of subscriptions through CI, T and TF, shuffled; all or nothing.
+    def get_vocabulary(self, caller: str) -> tuple[str, ...]:
+        """The cluster's public concept vocabulary."""
+        authorize(self._roster, caller, "conductor.get_vocabulary", callee=self.name)
+        return self._settings.vocabulary
 
-        CI and T stage what they would write under a fresh batch id; once TF has applied the
-        batch they are told to commit, and if anything was refused, to drop it.
+    def subscribe(self, caller: str, batch: SubscriptionBatch) -> int:
+        """Relay one host's signed batch of subscriptions through CI, T and TF, shuffled.
+
+        Only a host subscribes, and only its own instances: the batch must be signed by the
+        caller. CI and T stage what they would write under the batch id (derived from what
+        the host signed); once TF has applied the batch they are told to commit, and if
+        anything was refused, to drop it: all or nothing.
         """
-        if not items:
+        authorize(self._roster, caller, "conductor.subscribe", callee=self.name)
+        header = batch.header
+        if header.host != caller:
+            raise DispersError(ErrorCode.UNAUTHORIZED, "a host may subscribe only its own instances")
+        if not batch.items:
             return 0
-        if len(items) > self._settings.batch_size:
+        if len(batch.items) > self._settings.batch_size:
             raise malformed(f"a subscription batch holds at most {self._settings.batch_size} items")
-        order = list(range(len(items)))
+        batch.check_digests()
+        self._roster.get(caller).verify_key.verify(
+            header.signing_bytes(), header.signature, "subscription batch"
+        )
+        order = list(range(len(batch.items)))
         self._random.shuffle(order)  # so CI, T and TF cannot pair items by arrival position
-        shuffled = [items[i] for i in order]
-        batch_id = new_query_id()
+        shuffled = [batch.items[i] for i in order]
+        batch_id = header.batch_id
         ci, t = self._peers.concept_indexor(), self._peers.target()
         try:
-            tokens = ci.tokenize_subscriptions(op, [s.sealed_concepts for s in shuffled], batch_id)
-            pseudonyms = t.pseudonymize(op, [s.sealed_address for s in shuffled], batch_id)
-            if len(tokens) != len(items) or len(pseudonyms) != len(items):
-                raise DispersError(ErrorCode.INTERNAL, "an actor answered the wrong number of items")
-            applied = self._peers.target_finder().apply_subscriptions(
-                op, [TokenizedSubscription(tk, p) for tk, p in zip(tokens, pseudonyms, strict=True)]
-            )
+            tokens = ci.tokenize_subscriptions(header, [s.sealed_concepts for s in shuffled])
+            pseudonyms = t.pseudonymize(header, [s.sealed_address for s in shuffled])
+            applied = self._peers.target_finder().apply_subscriptions(header.op, batch_id, tokens, pseudonyms)
         except DispersError as exc:
             for actor in (ci, t):
                 try:
@@ -106,11 +117,14 @@ class Conductor:
             raise _in_caller_order(exc, order) from None
         ci.settle(batch_id, True)
         t.settle(batch_id, True)
-        log.info("%s: a batch of %d subscriptions applied", op.value, applied)
+        log.info("%s: a batch of %d subscriptions applied", header.op.value, applied)
         return applied
 
-    def submit(self, envelope: QueryEnvelope) -> str:
+    def submit(self, caller: str, envelope: QueryEnvelope) -> str:
         """Check who asks and record the query; it then runs on the executor."""
+        authorize(self._roster, caller, "conductor.submit", callee=self.name)
+        if envelope.querier != caller:
+            raise DispersError(ErrorCode.UNAUTHORIZED, "a querier may submit only its own queries")
         verify_envelope(envelope, self._roster, self._settings)
         self._store.create(
             QueryRecord(
@@ -125,9 +139,32 @@ class Conductor:
         self._executor(lambda: self._run(envelope))
         return envelope.query_id
 
-    def status(self, query_id: str, wait_s: float = 0.0) -> QueryRecord:
-        """The query's record, waiting up to wait_s for it to finish."""
-        deadline = time.monotonic() + max(0.0, min(wait_s, self._settings.query_timeout_s))
+    def status(self, caller: str, query_id: str, wait_s: float = 0.0) -> QueryRecord:
+        """The query's record as its querier may see it, waiting up to wait_s for it to end.
+
+        Only the querier who submitted a query reads it, and without the Conductor's counts:
+        the number of targets beside the released counts would give a suppressed group away.
+        At most `max_long_polls` calls wait at once, each at most `max_wait_s`; the others
+        answer at once, so waiting callers cannot starve the server's workers.
+        """
+        authorize(self._roster, caller, "conductor.status", callee=self.name)
+        record = self._store.get(query_id)
+        if record.querier != caller:
+            raise DispersError(ErrorCode.NOT_FOUND, "no such query for this querier")
+        wait = max(0.0, min(wait_s, self._settings.max_wait_s, self._settings.query_timeout_s))
+        if wait > 0 and record.state not in FINAL_STATES and self._long_polls.acquire(blocking=False):
+            try:
+                record = self._wait(query_id, wait)
+            finally:
+                self._long_polls.release()
+        return dataclasses.replace(record, counts={})
+
+    def record(self, query_id: str) -> QueryRecord:
+        """The full record, counts included (for the Conductor's operator and tests)."""
+        return self._store.get(query_id)
+
+    def _wait(self, query_id: str, wait_s: float) -> QueryRecord:
+        deadline = time.monotonic() + wait_s
         with self._done:
             while True:
                 record = self._store.get(query_id)
@@ -155,15 +192,15 @@ class Conductor:
             self._store.update(qid, counts={"targets": found.count})
             with self._phase(qid, "prepare"):
                 for da in plan.members:
-                    self._peers.data_aggregator(da).prepare(envelope)
+                    attestation = found.sealed_attestation if da == plan.root else b""
                     prepared.append(da)
+                    self._peers.data_aggregator(da).prepare(envelope, attestation)
             with self._phase(qid, "collect"):
                 report = self._peers.target().collect(envelope, found.sealed_pseudonyms)
             self._store.update(
                 qid,
                 counts={
-                    "contributed": report.contributed,
-                    "declined": report.declined,
+                    "forwarded": report.forwarded,
                     "unreachable": report.unreachable,
                     **{f"to:{da}": n for da, n in report.per_aggregator},
                 },

@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from dispers.core.codec import dumps, loads_object
+from dispers.core.codec import field as get_field
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.ids import Role, check_query_id
 from dispers.core.messages import QueryEnvelope
 from dispers.core.spec import AggregateSpec
-from dispers.crypto import ActorKeys, Opener, seal
+from dispers.crypto import ActorKeys, Opener
+from dispers.crypto.box import sealed_size
 from dispers.protocol.aggregation.partial import Partial
-from dispers.protocol.common import ReplayGuard, open_signed, sign_payload, verify_envelope
+from dispers.protocol.authz import authorize
+from dispers.protocol.common import (
+    ReplayGuard,
+    open_padded,
+    open_sealed_signed,
+    seal_signed,
+    verify_envelope,
+)
+from dispers.protocol.target_finder import ATTESTATION_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +43,9 @@ class _QueryState:
     expected_children: frozenset[str]
     received_children: set[str] = field(default_factory=set)
     seen: set[bytes] = field(default_factory=set)  # digests of ciphertexts, against duplicates
-    started: float = field(default_factory=time.time)
+    attested: int | None = None  # root only: TF's signed number of targets
+    timer: threading.Timer | None = None  # forgets the query after query_timeout_s
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _valid_group(g: object, n_groups: int) -> bool:
-    return isinstance(g, int) and not isinstance(g, bool) and 0 <= g < n_groups
-
-
-def _finite_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def encode_contribution(query_id: str, group: int, value: float) -> bytes:
-    """The plaintext an instance seals to its DA."""
-    return dumps({"q": query_id, "g": group, "v": value})
 
 
 class DataAggregator:
@@ -69,13 +64,15 @@ class DataAggregator:
     @property
     def active_queries(self) -> int:
         """How many queries this DA holds state for (tests check it returns to 0)."""
-        return len(self._queries)
+        with self._lock:
+            return len(self._queries)
 
-    def _expire(self) -> None:
-        now = time.time()
-        for qid in [q for q, s in self._queries.items() if now - s.started > self._settings.query_timeout_s]:
-            log.warning("query %s: state expired unfinished", qid[:8])
-            del self._queries[qid]
+    def _expire(self, query_id: str) -> None:
+        """The timer's end: forget a query still held after query_timeout_s (invariant 3)."""
+        with self._lock:
+            state = self._queries.pop(query_id, None)
+        if state is not None:
+            log.warning("query %s: state expired unfinished", query_id[:8])
 
     def _state(self, query_id: str) -> _QueryState:
         check_query_id(query_id)
@@ -85,20 +82,34 @@ class DataAggregator:
             raise DispersError(ErrorCode.NOT_FOUND, "this aggregator holds no such query")
         return state
 
-    def prepare(self, envelope: QueryEnvelope) -> None:
-        """Verify the query and open this DA's aggregate spec."""
+    def prepare(self, caller: str, envelope: QueryEnvelope, attestation: bytes = b"") -> None:
+        """Verify the query and open this DA's aggregate spec (and, at the root, TF's count)."""
+        authorize(self._roster, caller, "data_aggregator.prepare", callee=self.name)
         verify_envelope(envelope, self._roster, self._settings)
         if self.name not in envelope.plan.members:
             raise DispersError(ErrorCode.FAILED_PRECONDITION, "this aggregator is not in the query's plan")
-        self._replays.check(envelope.query_id, "query")
+        self._replays.claim(envelope.query_id, "query")
         what = "aggregate spec"
         spec = AggregateSpec.from_obj(
-            loads_object(self._opener.open(envelope.spec_for(self.name), what), what)
+            open_padded(self._opener, envelope.spec_for(self.name), self._settings.spec_bytes, what)
         )
         if spec.query_id != envelope.query_id or spec.k != envelope.k:
             raise malformed(f"{what} does not match the query")
+        attested: int | None = None
+        if envelope.plan.root == self.name:
+            tf = self._roster.one(Role.TARGET_FINDER)
+            what = "target count"
+            body = open_sealed_signed(
+                self._opener, attestation, ATTESTATION_BYTES, tf.name, tf.verify_key, what
+            )
+            attested = get_field(body, "targets", int, what)
+            if body.get("query_id") != envelope.query_id or attested < 0:
+                raise malformed(f"{what} does not match the query")
+        elif attestation:
+            raise malformed("only the root aggregator takes the target count")
+        timer = threading.Timer(self._settings.query_timeout_s, self._expire, (envelope.query_id,))
+        timer.daemon = True
         with self._lock:
-            self._expire()
             if envelope.query_id in self._queries:
                 raise DispersError(ErrorCode.REPLAY, "query was already prepared (replay)")
             self._queries[envelope.query_id] = _QueryState(
@@ -106,67 +117,83 @@ class DataAggregator:
                 envelope=envelope,
                 partial=Partial.empty(len(spec.groups)),
                 expected_children=frozenset(envelope.plan.children(self.name)),
+                attested=attested,
+                timer=timer,
             )
-            self._replays.record(envelope.query_id)
+        timer.start()
 
-    def ingest(self, query_id: str, ciphertexts: Sequence[bytes]) -> int:
-        """Open and fold a batch of contributions; bad ones are dropped and counted, not reported.
+    def ingest(self, caller: str, query_id: str, ciphertexts: Sequence[bytes]) -> int:
+        """Open and fold a batch of items; bad ones are dropped and counted, never fatal.
 
-        The counts of dropped contributions reach only Q, inside the sealed result: telling T
-        which batch held an out-of-bounds value would tell it something about a value.
+        Declines are counted apart. The counts reach only Q, inside the sealed result:
+        telling T which batch held an out-of-bounds value would tell it something about a value.
         """
+        authorize(self._roster, caller, "data_aggregator.ingest", callee=self.name)
         state = self._state(query_id)
         if state.expected_children:
             raise DispersError(ErrorCode.FAILED_PRECONDITION, "only leaf aggregators take contributions")
+        if len(ciphertexts) > self._settings.batch_size:
+            raise malformed(f"an ingest batch holds at most {self._settings.batch_size} items")
         spec = state.spec
+        layout = spec.layout
+        item_size = sealed_size(layout.size)
         lo, hi = spec.bounds
         n_groups = len(spec.groups)
         groups: list[int] = []
         values: list[float] = []
         dropped: dict[str, int] = {}
+        declined = 0
 
         def drop(reason: str) -> None:
             dropped[reason] = dropped.get(reason, 0) + 1
 
         with state.lock:
             for ciphertext in ciphertexts:
-                digest = hashlib.blake2b(ciphertext, digest_size=16).digest()
-                if digest in state.seen:
+                if not isinstance(ciphertext, bytes) or len(ciphertext) != item_size:
+                    drop("malformed")  # not even opened: every honest item has this length
+                    continue
+                item_digest = hashlib.blake2b(ciphertext, digest_size=16).digest()
+                if item_digest in state.seen:
                     drop("duplicate")
                     continue
-                state.seen.add(digest)
+                state.seen.add(item_digest)
                 plaintext = self._opener.try_open(ciphertext, "contribution")
                 if plaintext is None:
                     drop("unopenable")
                     continue
                 try:
-                    obj = json.loads(plaintext)
-                    q, g, v = obj["q"], obj["g"], obj["v"]
-                except (ValueError, TypeError, KeyError):
+                    record = layout.decode(plaintext)
+                except DispersError:
                     drop("malformed")
                     continue
-                if q != query_id:
+                if record.query_id != query_id:
                     drop("wrong_query")
-                elif not _valid_group(g, n_groups) or not _finite_number(v):
+                elif record.declined:
+                    declined += 1
+                elif not 0 <= record.group < n_groups or not all(math.isfinite(v) for v in record.values):
                     drop("malformed")
-                elif not lo <= v <= hi:
+                elif not all(lo <= v <= hi for v in record.values):
                     drop("out_of_bounds")
                 else:
-                    groups.append(g)
-                    values.append(float(v))
+                    groups.append(record.group)
+                    values.append(record.values[0])
             state.partial.add(np.asarray(groups, dtype=np.int64), np.asarray(values))
             for reason, n in dropped.items():
                 state.partial.drop(reason, n)
+            state.partial.decline(declined)
         return len(ciphertexts)
 
-    def absorb(self, query_id: str, child: str, sealed_partial: bytes) -> None:
+    def absorb(self, caller: str, query_id: str, child: str, sealed_partial: bytes) -> None:
         """Merge a child DA's partial (sealed to this DA and signed by the child)."""
+        authorize(self._roster, caller, "data_aggregator.absorb", callee=self.name)
         state = self._state(query_id)
         if child not in state.expected_children:
             raise DispersError(ErrorCode.FAILED_PRECONDITION, "not a child of this aggregator in the plan")
         what = "partial aggregate"
         child_key = self._roster.require(child, Role.DATA_AGGREGATOR).verify_key
-        body = open_signed(self._opener.open(sealed_partial, what), child, child_key, what)
+        body = open_sealed_signed(
+            self._opener, sealed_partial, self._settings.partial_bytes, child, child_key, what
+        )
         if body.get("query_id") != query_id:
             raise malformed(f"{what} belongs to another query")
         partial = Partial.from_obj(body.get("partial"), len(state.spec.groups))
@@ -176,8 +203,13 @@ class DataAggregator:
             state.partial.merge(partial)
             state.received_children.add(child)
 
-    def finalize(self, query_id: str) -> bytes:
-        """Seal the partial to the parent, or (root) release the result sealed to Q; then forget."""
+    def finalize(self, caller: str, query_id: str) -> bytes:
+        """Seal the partial to the parent, or (root) release the result sealed to Q; then forget.
+
+        The root refuses a result resting on more items than TF attested targets
+        (invariant 9): someone added items that no target sent.
+        """
+        authorize(self._roster, caller, "data_aggregator.finalize", callee=self.name)
         state = self._state(query_id)
         missing = state.expected_children - state.received_children
         if missing:
@@ -186,19 +218,37 @@ class DataAggregator:
                 f"waiting for partials from {len(missing)} child aggregator(s)",
             )
         parent = state.envelope.plan.parent(self.name)
-        with state.lock:
-            if parent is None:
-                result = state.partial.release(state.spec)
-                body = {"query_id": query_id, "result": result.to_obj()}
-                recipient = state.envelope.querier_sealing_key
-            else:
-                body = {"query_id": query_id, "partial": state.partial.to_obj()}
-                recipient = self._roster.require(parent, Role.DATA_AGGREGATOR).sealing_key
-            ciphertext = seal(recipient, sign_payload(self._keys.signing, self.name, body))
-        self.abort(query_id)
-        return ciphertext
+        try:
+            with state.lock:
+                if parent is None:
+                    assert state.attested is not None
+                    if state.partial.items > state.attested:
+                        raise DispersError(
+                            ErrorCode.FAILED_PRECONDITION,
+                            "the aggregate rests on more items than the Target Finder attested targets; "
+                            "no result is released",
+                        )
+                    result = state.partial.release(state.spec)
+                    return seal_signed(
+                        state.envelope.querier_sealing_key, self._keys.signing, self.name,
+                        {"query_id": query_id, "result": result.to_obj()},
+                        self._settings.result_bytes, "query result",
+                    )  # fmt: skip
+                return seal_signed(
+                    self._roster.require(parent, Role.DATA_AGGREGATOR).sealing_key, self._keys.signing,
+                    self.name, {"query_id": query_id, "partial": state.partial.to_obj()},
+                    self._settings.partial_bytes, "partial aggregate",
+                )  # fmt: skip
+        finally:
+            self._forget(query_id)
 
-    def abort(self, query_id: str) -> None:
+    def abort(self, caller: str, query_id: str) -> None:
         """Forget everything about a query (idempotent)."""
+        authorize(self._roster, caller, "data_aggregator.abort", callee=self.name)
+        self._forget(query_id)
+
+    def _forget(self, query_id: str) -> None:
         with self._lock:
-            self._queries.pop(query_id, None)
+            state = self._queries.pop(query_id, None)
+        if state is not None and state.timer is not None:
+            state.timer.cancel()

@@ -14,9 +14,10 @@ from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.ids import Role, new_query_id
 from dispers.core.messages import QueryEnvelope, request_signing_bytes
 from dispers.core.spec import AggregateSpec, DataRequest, QueryResult, QuerySpec
-from dispers.crypto import ActorKeys, Opener, seal
+from dispers.crypto import ActorKeys, Opener
 from dispers.protocol.api import ConductorAPI, QuerierAPI, QueryOutcome
-from dispers.protocol.common import open_signed
+from dispers.protocol.authz import authorize
+from dispers.protocol.common import open_sealed_signed, seal_padded
 from dispers.protocol.instance.functions import get_function, validate_params
 
 log = logging.getLogger(__name__)
@@ -64,15 +65,28 @@ class Querier:
             return self._roster
 
     def build(self, spec: QuerySpec, *, query_id: str | None = None) -> QueryEnvelope:
-        """Seal every part of the query to its reader and sign the whole."""
+        """Seal every part of the query to its reader, padded to the cluster's fixed sizes, and
+        sign the whole. A concept outside the public vocabulary is refused before anything
+        is sealed."""
         get_function(spec.function)
         validate_params(spec.function, spec.params)
-        if spec.k < self._settings.k_min:
-            raise malformed(f"query spec: k={spec.k} is below the cluster minimum {self._settings.k_min}")
+        settings = self._settings
+        if spec.k < settings.k_min:
+            raise malformed(f"query spec: k={spec.k} is below the cluster minimum {settings.k_min}")
+        concepts, expression = spec.compiled()
+        vocabulary = set(settings.vocabulary)
+        for concept in concepts:
+            if concept not in vocabulary:
+                raise DispersError(
+                    ErrorCode.UNKNOWN_CONCEPT,
+                    f"query spec: concept {concept!r} is not in the cluster's vocabulary "
+                    "(`dispers concepts` lists it)",
+                )
+        if len(concepts) > settings.max_concepts:
+            raise malformed(f"query spec: the target names more than {settings.max_concepts} concepts")
         roster = self.roster()
         plan = roster.da_plan()
         qid = query_id or new_query_id()
-        concepts, expression = spec.compiled()
         request = DataRequest(
             query_id=qid,
             function=spec.function,
@@ -84,31 +98,38 @@ class Querier:
         )
         request_bytes = dumps(request.to_obj())
         signature = self._keys.signing.sign(request_signing_bytes(request_bytes))
-        agg = AggregateSpec(qid, spec.k, spec.bounds, spec.stats, spec.groups)
+        agg = AggregateSpec(qid, spec.k, spec.bounds, spec.stats, spec.groups, request.layout.n_fields)
         unsigned = QueryEnvelope(
             query_id=qid,
             querier=self.name,
             created_at=time.time(),
             k=spec.k,
-            sealed_concepts=seal(
+            sealed_concepts=seal_padded(
                 roster.one(Role.CONCEPT_INDEXOR).sealing_key,
-                dumps({"query_id": qid, "concepts": list(concepts)}),
+                {"query_id": qid, "concepts": list(concepts)},
+                settings.concepts_bytes,
+                "query spec: the target's concept list",
             ),
-            sealed_expression=seal(
+            sealed_expression=seal_padded(
                 roster.one(Role.TARGET_FINDER).sealing_key,
-                dumps({"query_id": qid, "expression": expression}),
+                {"query_id": qid, "expression": expression},
+                settings.expression_bytes,
+                "query spec: the target expression",
             ),
-            sealed_request=seal(
+            sealed_request=seal_padded(
                 roster.one(Role.TARGET).sealing_key,
-                dumps(
-                    {
-                        "request": base64.b64encode(request_bytes).decode(),
-                        "signature": signature.hex(),
-                    }
-                ),
+                {"request": base64.b64encode(request_bytes).decode(), "signature": signature.hex()},
+                settings.request_bytes,
+                "query spec: the data request",
             ),
             sealed_specs=tuple(
-                (da, seal(roster.get(da).sealing_key, dumps(agg.to_obj()))) for da in plan.members
+                (
+                    da,
+                    seal_padded(
+                        roster.get(da).sealing_key, agg.to_obj(), settings.spec_bytes, "query spec: aggregate"
+                    ),
+                )
+                for da in plan.members
             ),
             plan=plan,
             querier_sealing_key=self._keys.sealing.public,
@@ -116,16 +137,23 @@ class Querier:
         )
         return _with_signature(unsigned, self._keys.signing.sign(unsigned.signing_bytes()))
 
-    def submit(self, spec: QuerySpec) -> str:
-        """Build and submit a query; returns its id."""
+    def submit(self, caller: str, spec: QuerySpec) -> str:
+        """Build and submit a query; returns its id (only this querier's own operator may ask)."""
+        authorize(self._roster_for_authz(), caller, "querier.submit", callee=self.name)
         return self._conductor.submit(self.build(spec))
+
+    def _roster_for_authz(self) -> Roster:
+        # Our own config's roster when we have one: no need to ask the Conductor who we are.
+        return self._pinned if self._pinned is not None else self.roster()
 
     def open_result(self, query_id: str, sealed_result: bytes) -> QueryResult:
         """Open the root DA's sealed result and check the root signed it."""
         roster = self.roster()
         root = roster.da_plan().root
         what = "query result"
-        body = open_signed(self._opener.open(sealed_result, what), root, roster.get(root).verify_key, what)
+        body = open_sealed_signed(
+            self._opener, sealed_result, self._settings.result_bytes, root, roster.get(root).verify_key, what
+        )
         if body.get("query_id") != query_id:
             raise malformed(f"{what} belongs to another query")
         result_obj = body.get("result")
@@ -133,27 +161,29 @@ class Querier:
             raise malformed(f"{what} is malformed")
         return QueryResult.from_obj(result_obj)
 
-    def outcome(self, query_id: str, wait_s: float = 0.0) -> QueryOutcome:
+    def outcome(self, caller: str, query_id: str, wait_s: float = 0.0) -> QueryOutcome:
         """C's record of the query, with the opened result once it is done."""
+        authorize(self._roster_for_authz(), caller, "querier.outcome", callee=self.name)
         record = self._conductor.status(query_id, wait_s)
         result = None
         if record.state == "done" and record.sealed_result is not None:
             result = self.open_result(query_id, record.sealed_result)
         return QueryOutcome(record, result)
 
-    def run(self, spec: QuerySpec, *, timeout_s: float = 300.0) -> QueryOutcome:
-        """Submit and wait for the outcome (the small Python API)."""
-        return run_query(self, spec, timeout_s=timeout_s)
-
 
 def run_query(querier: QuerierAPI, spec: QuerySpec, *, timeout_s: float = 300.0) -> QueryOutcome:
     """Submit through any Querier (object or gRPC client) and wait until the query ends."""
     query_id = querier.submit(spec)
     deadline = time.monotonic() + timeout_s
+    pause = 0.05
     while True:
-        outcome = querier.outcome(query_id, wait_s=min(30.0, max(0.0, deadline - time.monotonic())))
+        asked = time.monotonic()
+        outcome = querier.outcome(query_id, wait_s=min(30.0, max(0.0, deadline - asked)))
         if outcome.record.state in ("done", "refused", "failed") or time.monotonic() >= deadline:
             return outcome
+        if time.monotonic() - asked < pause:  # the Conductor answered at once (too many waiters)
+            time.sleep(pause)
+            pause = min(2.0, pause * 2)
 
 
 def _with_signature(envelope: QueryEnvelope, signature: bytes) -> QueryEnvelope:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,16 +14,33 @@ from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.ids import Role
 from dispers.core.messages import (
+    NONCE_BYTES,
+    BatchHeader,
     CollectReport,
+    ContributionBatch,
     ContributionRequest,
     QueryEnvelope,
+    SignedItems,
     SubscriptionOp,
     request_signing_bytes,
+    signed_items_bytes,
 )
 from dispers.core.spec import DataRequest
-from dispers.crypto import ActorKeys, Opener, keyed_hash, seal
+from dispers.crypto import ActorKeys, Opener, keyed_hash
+from dispers.crypto.box import sealed_size
 from dispers.protocol.api import Peers
-from dispers.protocol.common import ReplayGuard, Staging, same_query, unpack, verify_envelope
+from dispers.protocol.authz import authorize
+from dispers.protocol.common import (
+    ReplayGuard,
+    Staging,
+    check_batch,
+    open_padded,
+    same_query,
+    seal_padded,
+    unpack,
+    verify_envelope,
+)
+from dispers.protocol.target_finder import PSEUDONYM_FRAME
 from dispers.state.directory import AddressDirectory
 
 log = logging.getLogger(__name__)
@@ -50,6 +67,7 @@ class Target:
         peers: Peers,
     ) -> None:
         self.name = keys.name
+        self._keys = keys
         self._secret = keys.secret
         self._opener = Opener(keys.name, keys.sealing)
         self._roster = roster
@@ -57,9 +75,10 @@ class Target:
         self._directory = directory
         self._peers = peers
         self._tf_key = roster.one(Role.TARGET_FINDER).sealing_key
-        self._hosts = {e.name for e in roster.by_role(Role.PERSONAL_CLOUD)}
         self._replays = ReplayGuard(settings.max_query_age_s * 2)
-        self._staged: Staging[list[tuple[bytes, str]]] = Staging(settings.query_timeout_s)
+        self._staged: Staging[tuple[SubscriptionOp, list[tuple[bytes, str]]]] = Staging(
+            settings.query_timeout_s
+        )
         self._random = secrets.SystemRandom()
 
     def pseudonym(self, address: str) -> bytes:
@@ -67,39 +86,52 @@ class Target:
         return keyed_hash(self._secret, address.encode(), b"dispers-address")
 
     def pseudonymize(
-        self, op: SubscriptionOp, sealed_addresses: Sequence[bytes], batch_id: str
-    ) -> list[bytes]:
-        """Open each address and return seal_TF(pseudonym); on subscribe, stage the entry.
+        self, caller: str, header: BatchHeader, sealed_addresses: Sequence[bytes]
+    ) -> SignedItems:
+        """Open each address of a host's signed batch; return seal_TF(pseudonym, nonce), signed.
 
-        The directory is written only when the Conductor settles the batch with commit=True.
+        Every address must belong to the host that signed the batch. The directory changes
+        (new entries on subscribe, deletions on unsubscribe) only when the Conductor settles
+        the batch with commit=True.
         """
+        authorize(self._roster, caller, "target.pseudonymize", callee=self.name)
+        check_batch(header, self._roster, self._settings, sealed_addresses, header.address_digests)
         entries: list[tuple[bytes, str]] = []
+        sealed: list[bytes] = []
         for i, ciphertext in enumerate(sealed_addresses):
             what = f"subscription {i} address"
-            raw = self._opener.open(ciphertext, what)
-            try:
-                address = raw.decode()
-            except UnicodeDecodeError:
-                raise malformed(f"{what} is not UTF-8") from None
+            obj = open_padded(self._opener, ciphertext, self._settings.address_bytes, what)
+            address = field(obj, "address", str, what)
+            nonce = hex_bytes(obj.get("nonce"), f"{what} nonce", NONCE_BYTES)
             if len(address) > MAX_ADDRESS:
                 raise malformed(f"{what} is longer than {MAX_ADDRESS} characters")
             host, _ = split_address(address)
-            if host not in self._hosts:
-                raise malformed(f"{what} names no personal-cloud host of the roster")
-            entries.append((self.pseudonym(address), address))
-        if op is SubscriptionOp.SUBSCRIBE:
-            self._staged.put(batch_id, entries)
-        return [seal(self._tf_key, p) for p, _ in entries]
+            if host != header.host:
+                raise DispersError(ErrorCode.UNAUTHORIZED, f"{what} is not an instance of the signing host")
+            pseudonym = self.pseudonym(address)
+            entries.append((pseudonym, address))
+            body = {"pseudonym": pseudonym.hex(), "nonce": nonce.hex()}
+            sealed.append(seal_padded(self._tf_key, body, PSEUDONYM_FRAME, "pseudonym"))
+        items = tuple(sealed)
+        self._staged.put(header.batch_id, (header.op, entries))
+        signature = self._keys.signing.sign(signed_items_bytes(self.name, header.batch_id, header.op, items))
+        return SignedItems(items, signature)
 
-    def settle(self, batch_id: str, commit: bool) -> None:
-        """Commit (or drop) the directory entries a subscription batch staged."""
-        entries = self._staged.take(batch_id)
-        if commit and entries:
+    def settle(self, caller: str, batch_id: str, commit: bool) -> None:
+        """Commit (or drop) the directory changes a subscription batch staged."""
+        authorize(self._roster, caller, "target.settle", callee=self.name)
+        staged = self._staged.take(batch_id)
+        if not commit or staged is None:
+            return
+        op, entries = staged
+        if op is SubscriptionOp.SUBSCRIBE:
             self._directory.put_many(entries)
+        else:
+            self._directory.delete_many([p for p, _ in entries])
 
     def _open_request(self, envelope: QueryEnvelope) -> tuple[DataRequest, bytes, bytes]:
         what = "data request"
-        obj = loads_object(self._opener.open(envelope.sealed_request, what), what)
+        obj = open_padded(self._opener, envelope.sealed_request, self._settings.request_bytes, what)
         try:
             request_bytes = base64.b64decode(field(obj, "request", str, what), validate=True)
         except ValueError:
@@ -113,21 +145,27 @@ class Target:
             raise malformed(f"{what} names aggregators other than the plan's leaves")
         return request, request_bytes, signature
 
-    def collect(self, envelope: QueryEnvelope, sealed_pseudonyms: bytes) -> CollectReport:
-        """Ask every target for its contribution, then forward them shuffled and batched to DAs."""
+    def collect(self, caller: str, envelope: QueryEnvelope, sealed_pseudonyms: bytes) -> CollectReport:
+        """Ask every target for its item, then forward them shuffled and batched to the DAs.
+
+        Each host must answer exactly one item per instance asked, of the query's fixed
+        length, to the DA assigned to that instance; a host whose answer breaks any of that
+        loses its own items (counted unreachable), never anyone else's.
+        """
+        authorize(self._roster, caller, "target.collect", callee=self.name)
         verify_envelope(envelope, self._roster, self._settings)
-        self._replays.check(envelope.query_id, "query")
+        self._replays.claim(envelope.query_id, "query")
         request, request_bytes, signature = self._open_request(envelope)
+        item_size = sealed_size(request.layout.size)
         what = "target pseudonyms"
         obj = loads_object(self._opener.open(sealed_pseudonyms, what), what)
         same_query(obj, envelope, what)
         pseudonyms = unpack(obj.get("pseudonyms"), 32, what)
-        found = self._directory.lookup(pseudonyms)
+        found = self._directory.lookup(list(dict.fromkeys(pseudonyms)))
         # A pseudonym TF knows but the directory does not (a batch whose settle never came)
         # is counted unreachable rather than failing everyone else's query.
         addresses = [a for a in found if a is not None]
-        unknown = len(found) - len(addresses)
-        self._replays.record(envelope.query_id)
+        unknown = len(pseudonyms) - len(addresses)
 
         leaves = list(envelope.plan.leaves)
         self._random.shuffle(addresses)
@@ -141,9 +179,9 @@ class Target:
             (host, items[j : j + size]) for host, items in by_host.items() for j in range(0, len(items), size)
         ]
         per_da: dict[str, list[bytes]] = {leaf: [] for leaf in leaves}
-        declined, unreachable = 0, unknown
+        unreachable = unknown
 
-        def ask(job: tuple[str, list[tuple[str, str]]]) -> tuple[int, list[tuple[str, bytes]], int]:
+        def ask(job: tuple[str, list[tuple[str, str]]]) -> list[tuple[str, bytes]] | None:
             host, items = job
             req = ContributionRequest(
                 query_id=envelope.query_id,
@@ -157,17 +195,20 @@ class Target:
                 batch = self._peers.personal_cloud(host).contribute(req)
             except DispersError as exc:
                 log.warning("query %s: host %s failed: %s", envelope.query_id[:8], host, exc.code.value)
-                return 0, [], len(items)
-            pairs = [(a, ct) for a, ct in zip(batch.aggregators, batch.ciphertexts, strict=True)]
-            return batch.declined, pairs, 0
+                return None
+            problem = _check_answer(batch, req.aggregators, item_size)
+            if problem:
+                log.warning("query %s: host %s answered %s; its items are dropped",
+                            envelope.query_id[:8], host, problem)  # fmt: skip
+                return None
+            return list(zip(batch.aggregators, batch.ciphertexts, strict=True))
 
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(jobs)))) as pool:
-            for n_declined, pairs, n_unreachable in pool.map(ask, jobs):
-                declined += n_declined
-                unreachable += n_unreachable
+            for job, pairs in zip(jobs, pool.map(ask, jobs), strict=True):
+                if pairs is None:
+                    unreachable += len(job[1])
+                    continue
                 for aggregator, ciphertext in pairs:
-                    if aggregator not in per_da:
-                        raise DispersError(ErrorCode.MALFORMED, "a host sealed to an aggregator not asked")
                     per_da[aggregator].append(ciphertext)
 
         def forward(leaf: str) -> None:
@@ -179,11 +220,21 @@ class Target:
 
         with ThreadPoolExecutor(max_workers=len(leaves)) as pool:
             list(pool.map(forward, leaves))
-        contributed = sum(len(v) for v in per_da.values())
         return CollectReport(
             targets=len(pseudonyms),
-            contributed=contributed,
-            declined=declined,
+            forwarded=sum(len(v) for v in per_da.values()),
             unreachable=unreachable,
             per_aggregator=tuple((leaf, len(per_da[leaf])) for leaf in leaves),
         )
+
+
+def _check_answer(batch: ContributionBatch, asked: Sequence[str], item_size: int) -> str | None:
+    """Why a host's answer is refused, or None: exactly one item per instance asked, each to
+    the DA assigned to it (the same number per DA), each of the query's fixed sealed length."""
+    if len(batch.ciphertexts) != len(asked) or len(batch.aggregators) != len(asked):
+        return "a number of items other than the instances asked"
+    if Counter(batch.aggregators) != Counter(asked):
+        return "items for aggregators it was not told to use"
+    if any(len(ct) != item_size for ct in batch.ciphertexts):
+        return "items of the wrong length"
+    return None

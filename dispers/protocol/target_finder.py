@@ -4,21 +4,38 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
 
-from dispers.core.codec import dumps, field, hex_bytes, loads_list, loads_object
+from dispers.core.codec import dumps, field, hex_bytes
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.expression import Not, evaluate, parse_positional
-from dispers.core.ids import Role
-from dispers.core.messages import FoundTargets, QueryEnvelope, SubscriptionOp, TokenizedSubscription
+from dispers.core.ids import Role, check_batch_id
+from dispers.core.messages import (
+    NONCE_BYTES,
+    FoundTargets,
+    QueryEnvelope,
+    SignedItems,
+    SubscriptionOp,
+    signed_items_bytes,
+)
 from dispers.crypto import ActorKeys, Opener, seal
-from dispers.protocol.common import ReplayGuard, pack, same_query, verify_envelope
+from dispers.protocol.authz import authorize
+from dispers.protocol.common import (
+    ReplayGuard,
+    open_padded,
+    pack,
+    same_query,
+    seal_signed,
+    tokens_bytes,
+    verify_envelope,
+)
 from dispers.state.pseudonyms import PseudonymSets
 
 log = logging.getLogger(__name__)
 TOKEN_BYTES = 32
 PSEUDONYM_BYTES = 32
+PSEUDONYM_FRAME = 160  # {"pseudonym": 64 hex, "nonce": 32 hex} padded
+ATTESTATION_BYTES = 512  # TF's signed target count, sealed to the root DA
 
 
 def _has_not(expr: object) -> bool:
@@ -34,6 +51,7 @@ class TargetFinder:
         self, keys: ActorKeys, roster: Roster, settings: ClusterSettings, sets: PseudonymSets
     ) -> None:
         self.name = keys.name
+        self._keys = keys
         self._opener = Opener(keys.name, keys.sealing)
         self._roster = roster
         self._settings = settings
@@ -42,31 +60,65 @@ class TargetFinder:
         self._replays = ReplayGuard(settings.max_query_age_s * 2)
         self._random = secrets.SystemRandom()
 
-    def apply_subscriptions(self, op: SubscriptionOp, items: Sequence[TokenizedSubscription]) -> int:
-        """Add (or remove) each pseudonym to its tokens' sets, all or nothing; returns how many."""
+    def apply_subscriptions(
+        self, caller: str, op: SubscriptionOp, batch_id: str, tokens: SignedItems, pseudonyms: SignedItems
+    ) -> int:
+        """Apply one batch, all or nothing, once; returns how many subscriptions it held.
+
+        Both halves must be signed for this batch id and op (by CI and by T), pair up item by
+        item with the same nonce (so the Conductor cannot re-pair them), and the batch id must
+        be new (so it cannot replay one).
+        """
+        authorize(self._roster, caller, "target_finder.apply_subscriptions", callee=self.name)
+        check_batch_id(batch_id)
+        n = len(tokens.items)
+        if not 0 < n <= self._settings.batch_size or len(pseudonyms.items) != n:
+            raise malformed(f"a subscription batch holds 1 to {self._settings.batch_size} paired items")
+        ci = self._roster.one(Role.CONCEPT_INDEXOR)
+        t = self._roster.one(Role.TARGET)
+        ci.verify_key.verify(
+            signed_items_bytes(ci.name, batch_id, op, tokens.items), tokens.signature, "token list"
+        )
+        t.verify_key.verify(
+            signed_items_bytes(t.name, batch_id, op, pseudonyms.items), pseudonyms.signature, "pseudonyms"
+        )
+        size = tokens_bytes(self._settings)
         pairs: list[tuple[list[bytes], bytes]] = []
-        for i, item in enumerate(items):
+        for i, (sealed_tokens, sealed_pseudonym) in enumerate(
+            zip(tokens.items, pseudonyms.items, strict=True)
+        ):
             what = f"subscription {i} tokens"
-            raw = loads_list(self._opener.open(item.sealed_tokens, what), what)
-            tokens = [hex_bytes(t, what, TOKEN_BYTES) for t in raw]
-            pseudonym = self._opener.open(item.sealed_pseudonym, f"subscription {i} pseudonym")
-            if len(pseudonym) != PSEUDONYM_BYTES:
-                raise malformed(f"subscription {i} pseudonym must be {PSEUDONYM_BYTES} bytes")
-            pairs.append((tokens, pseudonym))
-        changed = self._sets.add(pairs) if op is SubscriptionOp.SUBSCRIBE else self._sets.remove(pairs)
-        log.debug("%s: %d memberships changed", op.value, changed)
+            obj = open_padded(self._opener, sealed_tokens, size, what)
+            raw = field(obj, "tokens", list, what)
+            if len(raw) > self._settings.max_concepts:
+                raise malformed(f"{what}: more than {self._settings.max_concepts} tokens")
+            toks = [hex_bytes(tk, what, TOKEN_BYTES) for tk in raw]
+            nonce = hex_bytes(obj.get("nonce"), f"{what} nonce", NONCE_BYTES)
+            what = f"subscription {i} pseudonym"
+            pobj = open_padded(self._opener, sealed_pseudonym, PSEUDONYM_FRAME, what)
+            pseudonym = hex_bytes(pobj.get("pseudonym"), what, PSEUDONYM_BYTES)
+            if hex_bytes(pobj.get("nonce"), f"{what} nonce", NONCE_BYTES) != nonce:
+                raise malformed(f"subscription {i}: its tokens and pseudonym carry different nonces")
+            pairs.append((toks, pseudonym))
+        if op is SubscriptionOp.SUBSCRIBE:
+            self._sets.subscribe_batch(batch_id, pairs)
+        else:
+            self._sets.unsubscribe_batch(batch_id, [p for _, p in pairs])
         # Only the number of subscriptions goes back: C already knows it, whereas the number
         # of memberships would tell C how many concepts the instances of a batch hold.
         return len(pairs)
 
-    def find_targets(self, envelope: QueryEnvelope, sealed_tokens: bytes) -> FoundTargets:
+    def find_targets(self, caller: str, envelope: QueryEnvelope, sealed_tokens: bytes) -> FoundTargets:
         """Evaluate the query's expression; refuse below k; seal shuffled pseudonyms to T."""
+        authorize(self._roster, caller, "target_finder.find_targets", callee=self.name)
         verify_envelope(envelope, self._roster, self._settings)
-        self._replays.check(envelope.query_id, "query")
+        self._replays.claim(envelope.query_id, "query")
         what = "query expression"
-        expr_obj = loads_object(self._opener.open(envelope.sealed_expression, what), what)
+        expr_obj = open_padded(
+            self._opener, envelope.sealed_expression, self._settings.expression_bytes, what
+        )
         same_query(expr_obj, envelope, what)
-        tok_obj = loads_object(self._opener.open(sealed_tokens, "query tokens"), "query tokens")
+        tok_obj = open_padded(self._opener, sealed_tokens, tokens_bytes(self._settings), "query tokens")
         same_query(tok_obj, envelope, "query tokens")
         tokens = [
             hex_bytes(t, "query token", TOKEN_BYTES) for t in field(tok_obj, "tokens", list, "query tokens")
@@ -79,13 +131,20 @@ class TargetFinder:
         universe = self._sets.universe() if _has_not(expr) else frozenset()
         targets = list(evaluate(expr, sets, universe))
         if len(targets) < envelope.k:
-            self._replays.record(envelope.query_id)
             raise DispersError(
                 ErrorCode.TOO_FEW_TARGETS,
                 f"the query matches fewer than k={envelope.k} targets; refused",
             )
         self._random.shuffle(targets)
         payload = {"query_id": envelope.query_id, "pseudonyms": pack(targets, PSEUDONYM_BYTES)}
-        self._replays.record(envelope.query_id)
+        root = self._roster.get(envelope.plan.root)
+        attestation = seal_signed(
+            root.sealing_key,
+            self._keys.signing,
+            self.name,
+            {"query_id": envelope.query_id, "targets": len(targets)},
+            ATTESTATION_BYTES,
+            "target count",
+        )
         log.info("query %s: %d targets", envelope.query_id[:8], len(targets))
-        return FoundTargets(len(targets), seal(self._t_key, dumps(payload)))
+        return FoundTargets(len(targets), seal(self._t_key, dumps(payload)), attestation)

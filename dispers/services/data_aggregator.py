@@ -6,42 +6,50 @@ from typing import Any
 
 from dispers.proto import data_aggregator_pb2 as pb
 from dispers.proto import data_aggregator_pb2_grpc
-from dispers.protocol.api import DataAggregatorAPI
+from dispers.protocol.data_aggregator import DataAggregator
+from dispers.services.base import CallerOf
 from dispers.transport import convert
 from dispers.transport.grpc_errors import rpc
 
 
 class DataAggregatorServicer(data_aggregator_pb2_grpc.DataAggregatorServicer):
-    """Data Aggregator RPCs over a DataAggregatorAPI."""
+    """Data Aggregator RPCs over a DataAggregator."""
 
-    def __init__(self, aggregator: DataAggregatorAPI) -> None:
+    def __init__(self, aggregator: DataAggregator, caller_of: CallerOf) -> None:
         self._aggregator = aggregator
+        self._caller_of = caller_of
 
     @rpc
     def Prepare(self, request: pb.PrepareRequest, context: Any) -> pb.PrepareResponse:
         """Get ready for a query."""
-        self._aggregator.prepare(convert.envelope_from_proto(request.envelope))
+        caller = self._caller_of(context)
+        envelope = convert.envelope_from_proto(request.envelope)
+        self._aggregator.prepare(caller, envelope, request.attestation)
         return pb.PrepareResponse()
 
     @rpc
     def Ingest(self, request: pb.IngestRequest, context: Any) -> pb.IngestResponse:
-        """Fold a batch of sealed contributions."""
-        accepted = self._aggregator.ingest(request.query_id, list(request.ciphertexts))
+        """Fold a batch of sealed items (from T only)."""
+        caller = self._caller_of(context)
+        accepted = self._aggregator.ingest(caller, request.query_id, list(request.ciphertexts))
         return pb.IngestResponse(accepted=accepted)
 
     @rpc
     def Absorb(self, request: pb.AbsorbRequest, context: Any) -> pb.AbsorbResponse:
         """Merge a child's sealed partial."""
-        self._aggregator.absorb(request.query_id, request.child, request.sealed_partial)
+        caller = self._caller_of(context)
+        self._aggregator.absorb(caller, request.query_id, request.child, request.sealed_partial)
         return pb.AbsorbResponse()
 
     @rpc
     def Finalize(self, request: pb.FinalizeRequest, context: Any) -> pb.FinalizeResponse:
         """Seal the partial (or, at the root, the result)."""
-        return pb.FinalizeResponse(sealed=self._aggregator.finalize(request.query_id))
+        return pb.FinalizeResponse(
+            sealed=self._aggregator.finalize(self._caller_of(context), request.query_id)
+        )
 
     @rpc
     def Abort(self, request: pb.AbortRequest, context: Any) -> pb.AbortResponse:
         """Forget a query."""
-        self._aggregator.abort(request.query_id)
+        self._aggregator.abort(self._caller_of(context), request.query_id)
         return pb.AbortResponse()

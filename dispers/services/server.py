@@ -33,6 +33,7 @@ from dispers.protocol.data_aggregator import DataAggregator
 from dispers.protocol.querier import Querier
 from dispers.protocol.target import Target
 from dispers.protocol.target_finder import TargetFinder
+from dispers.services.base import CallerOf
 from dispers.services.concept_indexor import ConceptIndexorServicer
 from dispers.services.conductor import ConductorServicer
 from dispers.services.data_aggregator import DataAggregatorServicer
@@ -81,22 +82,30 @@ def _close_all(closers: Sequence[Closer], name: str) -> None:
             log.exception("closing a resource of %s failed", name)
 
 
-def _register(server: grpc.Server, actor: Actor) -> None:
+def _register(server: grpc.Server, actor: Actor, caller_of: CallerOf) -> None:
     """Add the servicer of the actor's role to `server`."""
     if isinstance(actor, Conductor):
-        conductor_pb2_grpc.add_ConductorServicer_to_server(ConductorServicer(actor), server)
+        conductor_pb2_grpc.add_ConductorServicer_to_server(ConductorServicer(actor, caller_of), server)
     elif isinstance(actor, ConceptIndexor):
-        concept_indexor_pb2_grpc.add_ConceptIndexorServicer_to_server(ConceptIndexorServicer(actor), server)
+        concept_indexor_pb2_grpc.add_ConceptIndexorServicer_to_server(
+            ConceptIndexorServicer(actor, caller_of), server
+        )
     elif isinstance(actor, TargetFinder):
-        target_finder_pb2_grpc.add_TargetFinderServicer_to_server(TargetFinderServicer(actor), server)
+        target_finder_pb2_grpc.add_TargetFinderServicer_to_server(
+            TargetFinderServicer(actor, caller_of), server
+        )
     elif isinstance(actor, Target):
-        target_pb2_grpc.add_TargetServicer_to_server(TargetServicer(actor), server)
+        target_pb2_grpc.add_TargetServicer_to_server(TargetServicer(actor, caller_of), server)
     elif isinstance(actor, DataAggregator):
-        data_aggregator_pb2_grpc.add_DataAggregatorServicer_to_server(DataAggregatorServicer(actor), server)
+        data_aggregator_pb2_grpc.add_DataAggregatorServicer_to_server(
+            DataAggregatorServicer(actor, caller_of), server
+        )
     elif isinstance(actor, Querier):
-        querier_pb2_grpc.add_QuerierServicer_to_server(QuerierServicer(actor), server)
+        querier_pb2_grpc.add_QuerierServicer_to_server(QuerierServicer(actor, caller_of), server)
     else:
-        personal_cloud_pb2_grpc.add_PersonalCloudServicer_to_server(PersonalCloudServicer(actor), server)
+        personal_cloud_pb2_grpc.add_PersonalCloudServicer_to_server(
+            PersonalCloudServicer(actor, caller_of), server
+        )
 
 
 @dataclass
@@ -138,6 +147,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _claimed_caller(context: Any) -> str:
+    """TEMPORARY until mTLS lands: the name a client claims in metadata."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "dispers-caller":
+            return str(value)
+    return ""
+
+
 def start_server(config: ClusterConfig, name: str, *, port_override: int | None = None) -> RunningServer:
     """Build actor `name` and serve it on its roster endpoint (or on `port_override`; 0 = any)."""
     entry = config.roster.get(name)
@@ -156,7 +173,7 @@ def start_server(config: ClusterConfig, name: str, *, port_override: int | None 
         interceptors=(DecodeGuard(),),
     )
     try:
-        _register(server, actor)
+        _register(server, actor, _claimed_caller)
         try:
             bound = server.add_insecure_port(address)
         except RuntimeError:  # grpc raises when the address cannot be bound

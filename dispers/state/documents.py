@@ -33,6 +33,9 @@ CREATE TABLE IF NOT EXISTS heart_rate (
     bpm REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS heart_rate_by_instance_day ON heart_rate (instance_id, day);
+CREATE TABLE IF NOT EXISTS subscribed (  -- instances whose subscription the cluster applied
+    instance_id TEXT PRIMARY KEY
+);
 CREATE TABLE IF NOT EXISTS declared_concepts (  -- concepts an owner opts into (a study, a cohort)
     instance_id TEXT NOT NULL,
     concept TEXT NOT NULL,
@@ -171,6 +174,27 @@ class DocumentStore:
         out: list[list[str]] = [[] for _ in ids]
         for pos, concept in rows:
             out[int(pos)].append(str(concept))
+        return out
+
+    def set_subscribed(self, ids: Sequence[str], subscribed: bool) -> None:
+        """Record that ``ids`` are (or are no longer) subscribed, in one transaction."""
+        _batch_param(ids)
+        rows = [(i,) for i in ids]
+        if subscribed:
+            self._write("set_subscribed", "INSERT OR IGNORE INTO subscribed VALUES (?)", rows)
+        else:
+            self._write("set_subscribed", "DELETE FROM subscribed WHERE instance_id = ?", rows)
+
+    def subscribed(self, ids: Sequence[str]) -> npt.NDArray[np.bool_]:
+        """Whether each of ``ids`` is subscribed (one query for the batch)."""
+        batch = _batch_param(ids)
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT b.key FROM json_each(?) AS b JOIN subscribed AS s ON s.instance_id = b.value",
+                (batch,),
+            ).fetchall()
+        out = np.zeros(len(ids), dtype=bool)
+        out[[int(r[0]) for r in rows]] = True
         return out
 
     def instance_ids(self) -> list[str]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from dispers.core.errors import malformed
+from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.state._sqlite import SQLiteStore
 
 Pairs = Sequence[tuple[Sequence[bytes], bytes]]
@@ -36,6 +37,17 @@ def _memberships(pairs: Pairs) -> list[tuple[bytes, bytes]]:
     return rows
 
 
+def _check_pseudonyms(pseudonyms: Sequence[bytes]) -> Sequence[bytes]:
+    for i, p in enumerate(pseudonyms):
+        if not isinstance(p, bytes) or not p:
+            raise malformed(f"pseudonym {i} is not non-empty bytes")
+    return pseudonyms
+
+
+def _replay() -> DispersError:
+    return DispersError(ErrorCode.REPLAY, "this subscription batch was applied before (replay)")
+
+
 class PseudonymSets(ABC):
     """For each token, the set of pseudonyms of the instances subscribed to its concept."""
 
@@ -53,6 +65,17 @@ class PseudonymSets(ABC):
         Removing a pseudonym that is not a member is a no-op. Returns the number of
         memberships removed.
         """
+
+    @abstractmethod
+    def subscribe_batch(self, batch_id: str, pairs: Pairs) -> int:
+        """Apply a subscription batch once: REPLAY if `batch_id` was applied before, else
+        record it and add the pairs, in one step (all or none). Returns memberships added."""
+
+    @abstractmethod
+    def unsubscribe_batch(self, batch_id: str, pseudonyms: Sequence[bytes]) -> int:
+        """Apply an unsubscription batch once: REPLAY if `batch_id` was applied before, else
+        record it and remove each pseudonym from every set it is in, whatever concepts it
+        holds today (all or none). Returns memberships removed."""
 
     @abstractmethod
     def members(self, token: bytes) -> frozenset[bytes]:
@@ -78,6 +101,36 @@ class MemoryPseudonymSets(PseudonymSets):
         self._sets: dict[bytes, set[bytes]] = {}
         # pseudonym -> number of tokens it belongs to, so universe() needs no union.
         self._refs: dict[bytes, int] = {}
+        self._batches: set[str] = set()
+
+    def subscribe_batch(self, batch_id: str, pairs: Pairs) -> int:
+        """Apply a subscription batch once (see PseudonymSets)."""
+        _memberships(pairs)
+        with self._lock:
+            if batch_id in self._batches:
+                raise _replay()
+            self._batches.add(batch_id)
+        return self.add(pairs)
+
+    def unsubscribe_batch(self, batch_id: str, pseudonyms: Sequence[bytes]) -> int:
+        """Apply an unsubscription batch once (see PseudonymSets)."""
+        gone = set(_check_pseudonyms(pseudonyms))
+        with self._lock:
+            if batch_id in self._batches:
+                raise _replay()
+            self._batches.add(batch_id)
+            removed = 0
+            for token in list(self._sets):
+                members = self._sets[token]
+                hit = members & gone
+                if hit:
+                    members -= hit
+                    removed += len(hit)
+                    if not members:
+                        del self._sets[token]
+            for p in gone:
+                self._refs.pop(p, None)
+        return removed
 
     def add(self, pairs: Pairs) -> int:
         """Add each pseudonym to each of its tokens' sets (all or none; idempotent).
@@ -147,6 +200,32 @@ class SQLitePseudonymSets(PseudonymSets, SQLiteStore):
                 " PRIMARY KEY (token, pseudonym)) WITHOUT ROWID"
             )
             conn.execute("CREATE INDEX IF NOT EXISTS memberships_pseudonym ON memberships (pseudonym)")
+            conn.execute("CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY) WITHOUT ROWID")
+
+    @staticmethod
+    def _claim(conn: sqlite3.Connection, batch_id: str) -> None:
+        try:
+            conn.execute("INSERT INTO batches (batch_id) VALUES (?)", (batch_id,))
+        except sqlite3.IntegrityError:
+            raise _replay() from None
+
+    def subscribe_batch(self, batch_id: str, pairs: Pairs) -> int:
+        """Apply a subscription batch once (see PseudonymSets)."""
+        rows = _memberships(pairs)
+        with self._transaction() as conn:
+            self._claim(conn, batch_id)
+            cursor = conn.executemany(
+                "INSERT OR IGNORE INTO memberships (token, pseudonym) VALUES (?, ?)", rows
+            )
+            return max(cursor.rowcount, 0)
+
+    def unsubscribe_batch(self, batch_id: str, pseudonyms: Sequence[bytes]) -> int:
+        """Apply an unsubscription batch once (see PseudonymSets)."""
+        rows = [(p,) for p in set(_check_pseudonyms(pseudonyms))]
+        with self._transaction() as conn:
+            self._claim(conn, batch_id)
+            cursor = conn.executemany("DELETE FROM memberships WHERE pseudonym = ?", rows)
+            return max(cursor.rowcount, 0)
 
     def add(self, pairs: Pairs) -> int:
         """Add each pseudonym to each of its tokens' sets (all or none; idempotent).

@@ -9,14 +9,16 @@ from dispers.core.config import DAPlan, Roster, RosterEntry
 from dispers.core.errors import DispersError, malformed
 from dispers.core.ids import Role, check_name, check_query_id
 from dispers.core.messages import (
+    BatchHeader,
     CollectReport,
     ContributionBatch,
     ContributionRequest,
     FoundTargets,
     QueryEnvelope,
+    SignedItems,
+    SubscriptionBatch,
     SubscriptionItem,
     SubscriptionOp,
-    TokenizedSubscription,
 )
 from dispers.core.spec import QueryResult, QuerySpec, parse_query_spec
 from dispers.crypto.keys import SealingPublicKey, VerifyKey
@@ -192,12 +194,20 @@ def envelope_from_proto(msg: pb.QueryEnvelope) -> QueryEnvelope:
 
 def found_targets_to_proto(found: FoundTargets) -> pb.FoundTargets:
     """FoundTargets -> proto."""
-    return pb.FoundTargets(count=found.count, sealed_pseudonyms=found.sealed_pseudonyms)
+    return pb.FoundTargets(
+        count=found.count,
+        sealed_pseudonyms=found.sealed_pseudonyms,
+        sealed_attestation=found.sealed_attestation,
+    )
 
 
 def found_targets_from_proto(msg: pb.FoundTargets) -> FoundTargets:
     """Proto -> FoundTargets."""
-    return FoundTargets(count=_count(msg.count, "target count"), sealed_pseudonyms=msg.sealed_pseudonyms)
+    return FoundTargets(
+        count=_count(msg.count, "target count"),
+        sealed_pseudonyms=msg.sealed_pseudonyms,
+        sealed_attestation=msg.sealed_attestation,
+    )
 
 
 def query_record_to_proto(record: QueryRecord) -> pb.QueryRecord:
@@ -251,14 +261,58 @@ def subscription_item_from_proto(msg: pb.SubscriptionItem) -> SubscriptionItem:
     return SubscriptionItem(sealed_concepts=msg.sealed_concepts, sealed_address=msg.sealed_address)
 
 
-def tokenized_to_proto(item: TokenizedSubscription) -> pb.TokenizedSubscription:
-    """TokenizedSubscription -> proto."""
-    return pb.TokenizedSubscription(sealed_tokens=item.sealed_tokens, sealed_pseudonym=item.sealed_pseudonym)
+def batch_header_to_proto(header: BatchHeader) -> pb.BatchHeader:
+    """BatchHeader -> proto."""
+    return pb.BatchHeader(
+        host=header.host,
+        op=op_to_proto(header.op),
+        issued_at=header.issued_at,
+        concept_digests=list(header.concept_digests),
+        address_digests=list(header.address_digests),
+        signature=header.signature,
+    )
 
 
-def tokenized_from_proto(msg: pb.TokenizedSubscription) -> TokenizedSubscription:
-    """Proto -> TokenizedSubscription."""
-    return TokenizedSubscription(sealed_tokens=msg.sealed_tokens, sealed_pseudonym=msg.sealed_pseudonym)
+def batch_header_from_proto(msg: pb.BatchHeader) -> BatchHeader:
+    """Proto -> BatchHeader; digests are 32 bytes and pair up."""
+    if len(msg.concept_digests) != len(msg.address_digests):
+        raise malformed("subscription batch header: digest lists differ in length")
+    if any(len(d) != 32 for d in (*msg.concept_digests, *msg.address_digests)):
+        raise malformed("subscription batch header: a digest is not 32 bytes")
+    return BatchHeader(
+        host=check_name(msg.host, "host name"),
+        op=op_from_proto(msg.op),
+        issued_at=msg.issued_at,
+        concept_digests=tuple(msg.concept_digests),
+        address_digests=tuple(msg.address_digests),
+        signature=msg.signature,
+    )
+
+
+def subscription_batch_to_proto(batch: SubscriptionBatch) -> pb.SubscriptionBatch:
+    """SubscriptionBatch -> proto."""
+    return pb.SubscriptionBatch(
+        header=batch_header_to_proto(batch.header),
+        items=[subscription_item_to_proto(i) for i in batch.items],
+    )
+
+
+def subscription_batch_from_proto(msg: pb.SubscriptionBatch) -> SubscriptionBatch:
+    """Proto -> SubscriptionBatch."""
+    return SubscriptionBatch(
+        header=batch_header_from_proto(msg.header),
+        items=tuple(subscription_item_from_proto(i) for i in msg.items),
+    )
+
+
+def signed_items_to_proto(items: SignedItems) -> pb.SignedItems:
+    """SignedItems -> proto."""
+    return pb.SignedItems(items=list(items.items), signature=items.signature)
+
+
+def signed_items_from_proto(msg: pb.SignedItems) -> SignedItems:
+    """Proto -> SignedItems."""
+    return SignedItems(items=tuple(msg.items), signature=msg.signature)
 
 
 # --- contributions -----------------------------------------------------------------------------
@@ -295,7 +349,6 @@ def contribution_batch_to_proto(batch: ContributionBatch) -> pb.ContributionBatc
     return pb.ContributionBatch(
         aggregators=list(batch.aggregators),
         ciphertexts=list(batch.ciphertexts),
-        declined=batch.declined,
     )
 
 
@@ -306,7 +359,6 @@ def contribution_batch_from_proto(msg: pb.ContributionBatch) -> ContributionBatc
     return ContributionBatch(
         aggregators=_names(msg.aggregators, "aggregator name"),
         ciphertexts=tuple(msg.ciphertexts),
-        declined=_count(msg.declined, "declined count"),
     )
 
 
@@ -314,8 +366,7 @@ def collect_report_to_proto(report: CollectReport) -> pb.CollectReport:
     """CollectReport -> proto."""
     return pb.CollectReport(
         targets=report.targets,
-        contributed=report.contributed,
-        declined=report.declined,
+        forwarded=report.forwarded,
         unreachable=report.unreachable,
         per_aggregator=[pb.AggregatorCount(aggregator=name, count=n) for name, n in report.per_aggregator],
     )
@@ -325,8 +376,7 @@ def collect_report_from_proto(msg: pb.CollectReport) -> CollectReport:
     """Proto -> CollectReport."""
     return CollectReport(
         targets=_count(msg.targets, "targets"),
-        contributed=_count(msg.contributed, "contributed"),
-        declined=_count(msg.declined, "declined"),
+        forwarded=_count(msg.forwarded, "forwarded"),
         unreachable=_count(msg.unreachable, "unreachable"),
         per_aggregator=tuple(
             (check_name(a.aggregator, "aggregator name"), _count(a.count, "aggregator count"))

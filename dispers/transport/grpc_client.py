@@ -14,14 +14,15 @@ from dispers.core.config import Roster
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
 from dispers.core.messages import (
+    BatchHeader,
     CollectReport,
     ContributionBatch,
     ContributionRequest,
     FoundTargets,
     QueryEnvelope,
-    SubscriptionItem,
+    SignedItems,
+    SubscriptionBatch,
     SubscriptionOp,
-    TokenizedSubscription,
 )
 from dispers.core.spec import QuerySpec
 from dispers.proto import (
@@ -110,12 +111,16 @@ class ConductorClient(_Client):
         )
         return convert.roster_from_proto(response.roster)
 
-    def subscribe(self, op: SubscriptionOp, items: Sequence[SubscriptionItem]) -> int:
-        """Relay a batch of subscriptions; returns how many changed a set."""
-        request = conductor_pb2.SubscribeRequest(
-            op=convert.op_to_proto(op),
-            items=[convert.subscription_item_to_proto(i) for i in items],
+    def get_vocabulary(self) -> tuple[str, ...]:
+        """The cluster's public concept vocabulary."""
+        response: conductor_pb2.GetVocabularyResponse = self._call(
+            "GetVocabulary", self._stub.GetVocabulary, conductor_pb2.GetVocabularyRequest(), SHORT_DEADLINE_S
         )
+        return tuple(response.concepts)
+
+    def subscribe(self, batch: SubscriptionBatch) -> int:
+        """Relay a host's signed batch of subscriptions; returns how many were applied."""
+        request = conductor_pb2.SubscribeRequest(batch=convert.subscription_batch_to_proto(batch))
         response: conductor_pb2.SubscribeResponse = self._call(
             "Subscribe", self._stub.Subscribe, request, LONG_DEADLINE_S
         )
@@ -145,17 +150,15 @@ class ConceptIndexorClient(_Client):
         super().__init__(target, peer)
         self._stub = concept_indexor_pb2_grpc.ConceptIndexorStub(self._channel)
 
-    def tokenize_subscriptions(
-        self, op: SubscriptionOp, sealed_concepts: Sequence[bytes], batch_id: str
-    ) -> list[bytes]:
-        """seal_CI(concepts) -> seal_TF(tokens), in order; new concepts staged under batch_id."""
+    def tokenize_subscriptions(self, header: BatchHeader, sealed_concepts: Sequence[bytes]) -> SignedItems:
+        """seal_CI(concepts, nonce) -> seal_TF(tokens, nonce), in order, signed by CI."""
         request = concept_indexor_pb2.TokenizeSubscriptionsRequest(
-            op=convert.op_to_proto(op), sealed_concepts=list(sealed_concepts), batch_id=batch_id
+            header=convert.batch_header_to_proto(header), sealed_concepts=list(sealed_concepts)
         )
         response: concept_indexor_pb2.TokenizeSubscriptionsResponse = self._call(
             "TokenizeSubscriptions", self._stub.TokenizeSubscriptions, request, SHORT_DEADLINE_S
         )
-        return list(response.sealed_tokens)
+        return convert.signed_items_from_proto(response.tokens)
 
     def settle(self, batch_id: str, commit: bool) -> None:
         """Commit or drop a staged subscription batch."""
@@ -178,10 +181,15 @@ class TargetFinderClient(_Client):
         super().__init__(target, peer)
         self._stub = target_finder_pb2_grpc.TargetFinderStub(self._channel)
 
-    def apply_subscriptions(self, op: SubscriptionOp, items: Sequence[TokenizedSubscription]) -> int:
-        """Add or remove pseudonyms; returns how many changed a set."""
+    def apply_subscriptions(
+        self, op: SubscriptionOp, batch_id: str, tokens: SignedItems, pseudonyms: SignedItems
+    ) -> int:
+        """Apply one signed, nonce-paired batch; returns how many subscriptions it held."""
         request = target_finder_pb2.ApplySubscriptionsRequest(
-            op=convert.op_to_proto(op), items=[convert.tokenized_to_proto(i) for i in items]
+            op=convert.op_to_proto(op),
+            batch_id=batch_id,
+            tokens=convert.signed_items_to_proto(tokens),
+            pseudonyms=convert.signed_items_to_proto(pseudonyms),
         )
         response: target_finder_pb2.ApplySubscriptionsResponse = self._call(
             "ApplySubscriptions", self._stub.ApplySubscriptions, request, SHORT_DEADLINE_S
@@ -206,17 +214,15 @@ class TargetClient(_Client):
         super().__init__(target, peer)
         self._stub = target_pb2_grpc.TargetStub(self._channel)
 
-    def pseudonymize(
-        self, op: SubscriptionOp, sealed_addresses: Sequence[bytes], batch_id: str
-    ) -> list[bytes]:
-        """seal_T(address) -> seal_TF(pseudonym), in order; entries staged under batch_id."""
+    def pseudonymize(self, header: BatchHeader, sealed_addresses: Sequence[bytes]) -> SignedItems:
+        """seal_T(address, nonce) -> seal_TF(pseudonym, nonce), in order, signed by T."""
         request = target_pb2.PseudonymizeRequest(
-            op=convert.op_to_proto(op), sealed_addresses=list(sealed_addresses), batch_id=batch_id
+            header=convert.batch_header_to_proto(header), sealed_addresses=list(sealed_addresses)
         )
         response: target_pb2.PseudonymizeResponse = self._call(
             "Pseudonymize", self._stub.Pseudonymize, request, SHORT_DEADLINE_S
         )
-        return list(response.sealed_pseudonyms)
+        return convert.signed_items_from_proto(response.pseudonyms)
 
     def settle(self, batch_id: str, commit: bool) -> None:
         """Commit or drop a staged subscription batch."""
@@ -241,9 +247,11 @@ class DataAggregatorClient(_Client):
         super().__init__(target, peer)
         self._stub = data_aggregator_pb2_grpc.DataAggregatorStub(self._channel)
 
-    def prepare(self, envelope: QueryEnvelope) -> None:
-        """Get ready for a query."""
-        request = data_aggregator_pb2.PrepareRequest(envelope=convert.envelope_to_proto(envelope))
+    def prepare(self, envelope: QueryEnvelope, attestation: bytes = b"") -> None:
+        """Get ready for a query (the root also gets TF's sealed target count)."""
+        request = data_aggregator_pb2.PrepareRequest(
+            envelope=convert.envelope_to_proto(envelope), attestation=attestation
+        )
         self._call("Prepare", self._stub.Prepare, request, SHORT_DEADLINE_S)
 
     def ingest(self, query_id: str, ciphertexts: Sequence[bytes]) -> int:

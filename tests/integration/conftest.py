@@ -25,7 +25,7 @@ class World:
     setup: Setup
     querier: QuerierAPI
     host: PersonalCloudAdminAPI
-    peers: Peers  # clients of every actor, as other actors reach them
+    peers_as: Callable[[str], Peers]  # clients of every actor, as the named caller reaches them
     actors: dict[str, Any]  # the protocol objects behind the actors (to inspect their state)
     querier_object: Querier  # builds envelopes for hand-made bad queries
     close: Callable[[], None]
@@ -33,6 +33,11 @@ class World:
 
     def subscribe(self) -> int:
         return self.host.subscribe_all(SubscriptionOp.SUBSCRIBE)
+
+    @property
+    def peers(self) -> Peers:
+        """Clients of every actor as the Conductor reaches them."""
+        return self.peers_as("conductor")
 
     @property
     def das(self) -> dict[str, DataAggregator]:
@@ -51,8 +56,8 @@ def local_world(setup: Setup) -> World:
         **cluster.queriers,
     }
     return World(
-        "local", setup, cluster.querier(), cluster.hosts["pc-1"], cluster, actors,
-        cluster.querier(), cluster.close,
+        "local", setup, cluster.querier(), cluster.host_admin("pc-1"), cluster.as_caller, actors,
+        cluster.querier_object(), cluster.close,
     )  # fmt: skip
 
 

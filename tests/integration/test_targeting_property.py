@@ -79,4 +79,4 @@ def test_targets_are_exactly_the_matching_instances(world: World, expression: tu
         assert outcome.record.error_code == "TOO_FEW_TARGETS"
     else:
         assert outcome.record.state == "done", outcome.record
-        assert outcome.record.counts["targets"] == expected
+        assert world.actors["conductor"].record(outcome.record.query_id).counts["targets"] == expected

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import new_query_id
 from dispers.core.spec import STATS, AggregateSpec
-from dispers.protocol.aggregation.partial import Partial, merged
+from dispers.protocol.aggregation.partial import DROP_REASONS, Partial, merged
 
 
 def _json_round_trip(p: Partial) -> Partial:
@@ -85,7 +85,7 @@ def test_any_tree_of_merges_equals_numpy_on_the_whole_data(
     cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=8), label="cuts"))
     bounds = [0, *cuts, n]
     nodes: list[Partial] = []
-    total_dropped = 0
+    total_dropped = total_declined = 0
     for a, b in zip(bounds, bounds[1:], strict=False):
         if data.draw(st.booleans(), label="via add"):
             p = Partial.empty(n_groups)
@@ -95,6 +95,9 @@ def test_any_tree_of_merges_equals_numpy_on_the_whole_data(
         dropped = data.draw(st.integers(0, 3), label="dropped")
         p.drop("out_of_bounds", dropped)
         total_dropped += dropped
+        declines = data.draw(st.integers(0, 3), label="declined")
+        p.decline(declines)
+        total_declined += declines
         nodes.append(p)
     # merge in a random binary tree shape, sending some nodes through JSON on the way
     while len(nodes) > 1:
@@ -120,6 +123,8 @@ def test_any_tree_of_merges_equals_numpy_on_the_whole_data(
         _assert_stats(result.stats(i), want, scale)
     assert int(result.count.sum()) == n
     assert result.dropped == ({"out_of_bounds": total_dropped} if total_dropped else {})
+    assert result.declined == total_declined
+    assert result.items == n + total_dropped + total_declined
 
 
 def test_merged_accepts_a_mapping_of_children() -> None:
@@ -199,7 +204,10 @@ def test_release_suppresses_small_groups_and_reports_only_requested_stats(
 
     assert result.query_id == spec.query_id and result.k == k
     assert [g.label for g in result.groups] == list(LABELS)
-    assert dict(result.dropped) == {"out_of_bounds": 3}
+    # Every reason is listed whatever happened, and a count under k carries no number.
+    assert set(result.dropped) == set(DROP_REASONS)
+    assert result.dropped["out_of_bounds"] == (3 if k <= 3 else None)
+    assert all(result.dropped[r] == (0 if k <= 0 else None) for r in DROP_REASONS if r != "out_of_bounds")
     truth = _truth(groups, values, len(LABELS))
     for group, count, want in zip(result.groups, counts, truth, strict=True):
         if count < k:

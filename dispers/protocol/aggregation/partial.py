@@ -13,6 +13,9 @@ import numpy.typing as npt
 from dispers.core.errors import malformed
 from dispers.core.spec import AggregateSpec, GroupResult, QueryResult
 
+DROP_REASONS: tuple[str, ...] = ("duplicate", "unopenable", "malformed", "wrong_query", "out_of_bounds")
+"""Why a DA leaves an item out of the aggregate."""
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
@@ -27,6 +30,7 @@ class Partial:
     min: FloatArray
     max: FloatArray
     dropped: dict[str, int] = field(default_factory=dict)
+    declined: int = 0  # decline records received
 
     @classmethod
     def empty(cls, n_groups: int) -> Partial:
@@ -69,6 +73,15 @@ class Partial:
         """Fold a batch of values in."""
         self.merge(Partial.of(self.n_groups, groups, values))
 
+    @property
+    def items(self) -> int:
+        """Every item received: contributions, declines and dropped ones."""
+        return int(self.count.sum()) + self.declined + sum(self.dropped.values())
+
+    def decline(self, n: int = 1) -> None:
+        """Count declines."""
+        self.declined += n
+
     def drop(self, reason: str, n: int = 1) -> None:
         """Count contributions left out, by reason."""
         if n:
@@ -90,6 +103,7 @@ class Partial:
         self.max = np.maximum(self.max, other.max)
         for reason, k in other.dropped.items():
             self.drop(reason, k)
+        self.declined += other.declined
 
     def to_obj(self) -> dict[str, Any]:
         """JSON-able form (empty groups have null min/max)."""
@@ -101,6 +115,7 @@ class Partial:
             "min": [None if e else x for e, x in zip(empty, self.min.tolist(), strict=True)],
             "max": [None if e else x for e, x in zip(empty, self.max.tolist(), strict=True)],
             "dropped": dict(self.dropped),
+            "declined": self.declined,
         }
 
     @classmethod
@@ -120,19 +135,22 @@ class Partial:
             lo = np.asarray([np.inf if x is None else x for x in obj["min"]], dtype=np.float64)
             hi = np.asarray([-np.inf if x is None else x for x in obj["max"]], dtype=np.float64)
             dropped = {str(k): int(v) for k, v in dict(obj["dropped"]).items()}
+            declined = obj.get("declined", 0)
         except (KeyError, TypeError, ValueError):
             raise malformed("partial aggregate is malformed") from None
         if any(a.shape != (n_groups,) for a in (count, mean, m2, lo, hi)):
             raise malformed("partial aggregate has the wrong number of groups")
         if (count < 0).any() or (m2 < 0).any() or any(v < 0 for v in dropped.values()):
             raise malformed("partial aggregate has negative counts")
+        if not isinstance(declined, int) or isinstance(declined, bool) or declined < 0:
+            raise malformed("partial aggregate has a bad decline count")
         if (
             not (np.isfinite(mean).all() and np.isfinite(m2).all())
             or np.isnan(lo).any()
             or np.isnan(hi).any()
         ):
             raise malformed("partial aggregate has non-finite values")
-        return cls(count, mean, m2, lo, hi, dropped)
+        return cls(count, mean, m2, lo, hi, dropped, declined)
 
     def stats(self, i: int) -> dict[str, float | None]:
         """Every statistic of group i (var and std are sample statistics, ddof=1)."""
@@ -158,13 +176,21 @@ class Partial:
             every = self.stats(i)
             groups.append(GroupResult(label, False, {s: every[s] for s in spec.stats}))
         released = sum(int(self.count[i]) for i, g in enumerate(groups) if not g.suppressed)
+
+        def under_k(n: int) -> int | None:
+            return n if n >= spec.k else None
+
         return QueryResult(
             query_id=spec.query_id,
             k=spec.k,
             groups=tuple(groups),
             # Only released groups count: a total over suppressed ones would give their size away.
             contributions=released,
-            dropped=dict(self.dropped),
+            # A count under k is reported as such, with no number (DESIGN.md "What a release
+            # may carry"): one out-of-bounds value must not be countable.
+            # Every reason is listed, zero or not, so that a key's presence says nothing either.
+            dropped={reason: under_k(self.dropped.get(reason, 0)) for reason in DROP_REASONS},
+            declined=under_k(self.declined),
         )
 
 

@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from datetime import date
 
 import numpy as np
 
-from dispers.core.errors import DispersError, ErrorCode
+from dispers.core.vocabulary import (  # noqa: F401 (re-exported)
+    AGE_BRACKETS,
+    AGE_CONCEPTS,
+    CONCEPT_PATTERN,
+    HAS_HEART_RATE,
+    MAX_CONCEPT_LENGTH,
+    validate_concept,
+)
 from dispers.protocol.instance.functions import ages_at, bucketize
 from dispers.state.documents import DocumentStore, epoch_day
-
-MAX_CONCEPT_LENGTH = 64
-# namespace:value; the lookahead caps the whole string's length.
-CONCEPT_PATTERN = re.compile(rf"(?=.{{1,{MAX_CONCEPT_LENGTH}}}\Z)[a-z_]+:[A-Za-z0-9_.-]+\Z")
-
-AGE_BRACKETS: tuple[int, ...] = (0, 12, 25, 50, 100, 150)
-AGE_CONCEPTS: tuple[str, ...] = tuple(
-    f"age:{lo}-{hi}" for lo, hi in zip(AGE_BRACKETS, AGE_BRACKETS[1:], strict=False)
-)
-HAS_HEART_RATE = "has:heart_rate"
-
-
-def validate_concept(s: str) -> None:
-    """Raise MALFORMED unless ``s`` is a concept ``namespace:value``; never echoes ``s``."""
-    if not isinstance(s, str) or CONCEPT_PATTERN.match(s) is None:
-        raise DispersError(ErrorCode.MALFORMED, "concept does not match namespace:value")
 
 
 def derive_concepts(store: DocumentStore, ids: Sequence[str], as_of: date) -> list[list[str]]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -11,13 +13,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dispers.core.codec import dumps, loads_object
+from dispers.core.codec import loads_object
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.ids import Role, check_query_id
 from dispers.core.messages import (
+    NONCE_BYTES,
     ContributionBatch,
     ContributionRequest,
+    SubscriptionBatch,
     SubscriptionItem,
     SubscriptionOp,
     request_signing_bytes,
@@ -25,8 +29,8 @@ from dispers.core.messages import (
 from dispers.core.spec import DataRequest
 from dispers.crypto import ActorKeys, seal
 from dispers.protocol.api import ConductorAPI
-from dispers.protocol.common import CLOCK_SKEW_S
-from dispers.protocol.data_aggregator import encode_contribution
+from dispers.protocol.authz import authorize
+from dispers.protocol.common import CLOCK_SKEW_S, seal_padded
 from dispers.protocol.instance.concepts import derive_concepts
 from dispers.protocol.instance.functions import compute_contributions
 from dispers.state.documents import DocumentStore
@@ -60,38 +64,87 @@ class PersonalCloudHost:
         # Per query, the instances that already answered: an instance answers a query once.
         self._answered: OrderedDict[str, tuple[float, set[str]]] = OrderedDict()
         self._lock = threading.Lock()
+        self._random = secrets.SystemRandom()
 
     def address(self, instance_id: str) -> str:
         """The address T stores for an instance of this host."""
         return f"{self.name}/{instance_id}"
 
-    def subscription_items(self, ids: Sequence[str]) -> list[SubscriptionItem]:
-        """Each instance seals its concepts to CI and its address to T."""
-        as_of = self._as_of or dt.date.today()
-        concepts = derive_concepts(self._store, ids, as_of)
-        return [
-            SubscriptionItem(
-                sealed_concepts=seal(self._ci_key, dumps(c)),
-                sealed_address=seal(self._t_key, self.address(i).encode()),
-            )
-            for i, c in zip(ids, concepts, strict=True)
-        ]
+    def subscription_batch(self, op: SubscriptionOp, ids: Sequence[str]) -> SubscriptionBatch:
+        """Each instance seals its concepts to CI and its address to T, both with one fresh
+        nonce and padded to the cluster's fixed sizes; the host signs the batch.
 
-    def subscribe_all(self, op: SubscriptionOp) -> int:
-        """(Un)subscribe every instance this host serves, in batches; returns how many."""
+        Concepts outside the cluster's public vocabulary are left out: nobody could ask for
+        them. On unsubscribe the concept list is empty: TF removes the instance from every set.
+        """
+        as_of = self._as_of or dt.date.today()
+        settings = self._settings
+        if op is SubscriptionOp.SUBSCRIBE:
+            vocabulary = set(settings.vocabulary)
+            concepts = [
+                [c for c in row if c in vocabulary] for row in derive_concepts(self._store, ids, as_of)
+            ]
+        else:
+            concepts = [[] for _ in ids]
+        items = []
+        for instance_id, row in zip(ids, concepts, strict=True):
+            nonce = secrets.token_bytes(NONCE_BYTES).hex()
+            items.append(
+                SubscriptionItem(
+                    sealed_concepts=seal_padded(
+                        self._ci_key,
+                        {"concepts": row[: settings.max_concepts], "nonce": nonce},
+                        settings.concepts_bytes,
+                        "concept list",
+                    ),
+                    sealed_address=seal_padded(
+                        self._t_key,
+                        {"address": self.address(instance_id), "nonce": nonce},
+                        settings.address_bytes,
+                        "address",
+                    ),
+                )  # fmt: skip
+            )
+        batch = SubscriptionBatch.build(self.name, op, time.time(), tuple(items))
+        header = dataclasses.replace(
+            batch.header, signature=self._keys.signing.sign(batch.header.signing_bytes())
+        )
+        return SubscriptionBatch(header, batch.items)
+
+    def subscribe_all(self, caller: str, op: SubscriptionOp) -> int:
+        """(Un)subscribe every instance this host serves, in batches; returns how many.
+
+        Only the host itself (its operator, under its identity) may ask. An instance counts
+        as subscribed, and answers data requests, once its batch is applied.
+        """
+        authorize(self._roster, caller, "personal_cloud.subscribe_all", callee=self.name)
         ids = self._store.instance_ids()
         size = self._settings.batch_size
         changed = 0
         for start in range(0, len(ids), size):
-            changed += self._conductor.subscribe(op, self.subscription_items(ids[start : start + size]))
+            chunk = ids[start : start + size]
+            if op is SubscriptionOp.UNSUBSCRIBE:  # stop answering first, whatever happens next
+                self._store.set_subscribed(chunk, False)
+            changed += self._conductor.subscribe(self.subscription_batch(op, chunk))
+            if op is SubscriptionOp.SUBSCRIBE:
+                self._store.set_subscribed(chunk, True)
         log.info("%s: %s %d instances", self.name, op.value, len(ids))
         return changed
 
-    def contribute(self, request: ContributionRequest) -> ContributionBatch:
-        """Verify Q's signed data request, compute each instance's value, seal it to its DA."""
+    def contribute(self, caller: str, request: ContributionRequest) -> ContributionBatch:
+        """Answer a signed data request with exactly one item per instance asked, shuffled.
+
+        An instance contributes when it is subscribed, consents, has a value, has not
+        answered this query before, and appears for the first time in this request; every
+        other position gets a decline of the same length, so T learns nothing from the answer.
+        """
+        authorize(self._roster, caller, "personal_cloud.contribute", callee=self.name)
         check_query_id(request.query_id)
-        if len(request.instance_ids) != len(request.aggregators):
+        n = len(request.instance_ids)
+        if n != len(request.aggregators):
             raise malformed("instance_ids and aggregators differ in length")
+        if n > self._settings.batch_size:
+            raise malformed(f"a contribution request asks at most {self._settings.batch_size} instances")
         querier = self._roster.require(request.querier, Role.QUERIER)
         querier.verify_key.verify(
             request_signing_bytes(request.request), request.request_signature, "data request"
@@ -112,30 +165,35 @@ class PersonalCloudHost:
                 )
             da_keys[name] = self._roster.require(name, Role.DATA_AGGREGATOR).sealing_key
 
-        known = self._store.known(request.instance_ids).tolist()
+        ids = list(request.instance_ids)
+        eligible = self._store.known(ids) & self._store.subscribed(ids) if ids else np.zeros(0, dtype=bool)
         with self._lock:
             now = time.monotonic()
             while self._answered and now - next(iter(self._answered.values()))[0] > self._memory_s:
                 self._answered.popitem(last=False)
             _, answered = self._answered.setdefault(request.query_id, (now, set()))
-            fresh = [j for j, i in enumerate(request.instance_ids) if known[j] and i not in answered]
-            answered.update(request.instance_ids[j] for j in fresh)
-        ids = [request.instance_ids[j] for j in fresh]
+            fresh: list[int] = []
+            for j, instance_id in enumerate(ids):
+                if eligible[j] and instance_id not in answered:  # also the first of repeated ids
+                    answered.add(instance_id)
+                    fresh.append(j)
         local = compute_contributions(
             self._store,
-            ids,
+            [ids[j] for j in fresh],
             function=data.function,
             params=data.params,
             as_of=data.as_of,
             group_field=data.group_by.field if data.group_by else None,
             edges=data.group_by.edges if data.group_by else None,
         )
-        aggregators: list[str] = []
-        ciphertexts: list[bytes] = []
+        layout = data.layout
+        records = [layout.decline(request.query_id)] * n
         for k in np.flatnonzero(local.ok).tolist():
-            da = request.aggregators[fresh[k]]
-            plaintext = encode_contribution(request.query_id, int(local.groups[k]), float(local.values[k]))
-            aggregators.append(da)
-            ciphertexts.append(seal(da_keys[da], plaintext))
-        declined = len(request.instance_ids) - len(ciphertexts)
-        return ContributionBatch(tuple(aggregators), tuple(ciphertexts), declined)
+            records[fresh[k]] = layout.encode(
+                request.query_id, int(local.groups[k]), [float(local.values[k])]
+            )
+        order = list(range(n))
+        self._random.shuffle(order)  # the host's own order: T cannot tie an item to a position
+        aggregators = tuple(request.aggregators[j] for j in order)
+        ciphertexts = tuple(seal(da_keys[request.aggregators[j]], records[j]) for j in order)
+        return ContributionBatch(aggregators, ciphertexts)
