@@ -17,6 +17,7 @@ import grpc
 from dispers.core.config import ClusterConfig
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
+from dispers.crypto.tls import TlsIdentity
 from dispers.proto import (
     concept_indexor_pb2_grpc,
     conductor_pb2_grpc,
@@ -67,7 +68,8 @@ def build_actor(config: ClusterConfig, name: str, *, closers: list[Closer] | Non
 
 
 def _build(config: ClusterConfig, name: str, own: list[Closer]) -> Actor:
-    peers = GrpcPeers(config.roster)  # channels open lazily: free for actors that call no one
+    # Channels open lazily: free for actors that call no one. They use `name`'s certificate.
+    peers = GrpcPeers.for_config(config, name)
     own.append(peers.close)
     return assemble_actor(config, name, peers, run_in_thread, own)
 
@@ -138,6 +140,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _server_credentials(identity: TlsIdentity) -> grpc.ServerCredentials:
+    """Mutual TLS: present the actor's certificate, accept only clients with a cluster certificate."""
+    return grpc.ssl_server_credentials(
+        [(identity.key_pem, identity.cert_pem)],
+        root_certificates=identity.ca_pem,
+        require_client_auth=True,
+    )
+
+
 def start_server(config: ClusterConfig, name: str, *, port_override: int | None = None) -> RunningServer:
     """Build actor `name` and serve it on its roster endpoint (or on `port_override`; 0 = any)."""
     entry = config.roster.get(name)
@@ -145,8 +156,15 @@ def start_server(config: ClusterConfig, name: str, *, port_override: int | None 
     if port_override is not None:
         port = port_override
     address = f"{host}:{port}"
-    if not _is_loopback(host.strip("[]")):
-        log.warning("%s listens on %s without TLS: keep it on a private network", name, address)
+    identity = config.tls_identity(name)  # before building: a TLS misconfiguration fails fast
+    if identity is None:
+        log.warning(
+            "%s listens on %s without TLS ([cluster] insecure = true): callers are not "
+            "authenticated; use this only for experiments on loopback%s",
+            name,
+            address,
+            "" if _is_loopback(host.strip("[]")) else " (this address is NOT loopback)",
+        )
     closers: list[Closer] = []
     actor = build_actor(config, name, closers=closers)
     server = grpc.server(
@@ -158,7 +176,10 @@ def start_server(config: ClusterConfig, name: str, *, port_override: int | None 
     try:
         _register(server, actor)
         try:
-            bound = server.add_insecure_port(address)
+            if identity is None:
+                bound = server.add_insecure_port(address)
+            else:
+                bound = server.add_secure_port(address, _server_credentials(identity))
         except RuntimeError:  # grpc raises when the address cannot be bound
             bound = 0
         if not bound:
