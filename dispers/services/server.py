@@ -17,7 +17,6 @@ import grpc
 from dispers.core.config import ClusterConfig
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
-from dispers.crypto.tls import TlsIdentity
 from dispers.proto import (
     concept_indexor_pb2_grpc,
     conductor_pb2_grpc,
@@ -43,6 +42,7 @@ from dispers.services.target import TargetServicer
 from dispers.services.target_finder import TargetFinderServicer
 from dispers.transport.grpc_client import CHANNEL_OPTIONS, GrpcPeers
 from dispers.transport.grpc_errors import DecodeGuard
+from dispers.transport.identity import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +140,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _server_credentials(identity: TlsIdentity) -> grpc.ServerCredentials:
-    """Mutual TLS: present the actor's certificate, accept only clients with a cluster certificate."""
-    return grpc.ssl_server_credentials(
-        [(identity.key_pem, identity.cert_pem)],
-        root_certificates=identity.ca_pem,
-        require_client_auth=True,
-    )
-
-
 def start_server(config: ClusterConfig, name: str, *, port_override: int | None = None) -> RunningServer:
     """Build actor `name` and serve it on its roster endpoint (or on `port_override`; 0 = any)."""
     entry = config.roster.get(name)
@@ -179,7 +170,7 @@ def start_server(config: ClusterConfig, name: str, *, port_override: int | None 
             if identity is None:
                 bound = server.add_insecure_port(address)
             else:
-                bound = server.add_secure_port(address, _server_credentials(identity))
+                bound = server.add_secure_port(address, server_credentials(identity))
         except RuntimeError:  # grpc raises when the address cannot be bound
             bound = 0
         if not bound:

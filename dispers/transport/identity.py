@@ -6,6 +6,7 @@ import grpc
 
 from dispers.core.config import Roster
 from dispers.core.errors import DispersError, ErrorCode
+from dispers.crypto.tls import TlsIdentity
 from dispers.transport.grpc_client import CALLER_METADATA_KEY
 
 _COMMON_NAME = "x509_common_name"
@@ -14,6 +15,15 @@ _SHOWN = 64  # at most this much of an unknown, caller-chosen name goes into an 
 
 def _shown(name: str) -> str:
     return repr(name) if len(name) <= _SHOWN else repr(name[:_SHOWN]) + "..."
+
+
+def server_credentials(identity: TlsIdentity) -> grpc.ServerCredentials:
+    """Mutual TLS for a server: present the actor's certificate, require a cluster certificate."""
+    return grpc.ssl_server_credentials(
+        [(identity.key_pem, identity.cert_pem)],
+        root_certificates=identity.ca_pem,
+        require_client_auth=True,
+    )
 
 
 def caller_name(context: grpc.ServicerContext, roster: Roster, *, insecure: bool) -> str:
