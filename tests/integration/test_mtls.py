@@ -266,3 +266,21 @@ def test_dispers_init_writes_tls_material_unless_insecure(
     assert "warning: insecure = true" in out
     assert not (tmp_path / "plain" / "tls").exists()
     assert "insecure = true" in (tmp_path / "plain" / "cluster.toml").read_text()
+
+
+def test_dispers_subscribe_acts_as_the_host_over_mtls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dispers.cli.main import main
+    from tests.integration.conftest import grpc_world
+    from tests.integration.world import make_setup
+
+    world = grpc_world(make_setup(tmp_path / "w", n=30))
+    try:
+        config = str(world.setup.config.path)
+        assert main(["subscribe", "--config", config, "--host", "pc-1"]) == 0
+        assert capsys.readouterr().out.startswith("subscribe: ")
+        assert main(["subscribe", "--config", config, "--host", "pc-1", "--unsubscribe"]) == 0
+        assert capsys.readouterr().out.startswith("unsubscribe: ")
+    finally:
+        world.close()
