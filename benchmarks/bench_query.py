@@ -26,7 +26,7 @@ from dispers.core.spec import load_query_spec
 from dispers.protocol.querier import run_query
 from dispers.simulation.population import PopulationSpec, generate
 from dispers.state.documents import DocumentStore
-from dispers.transport.grpc_client import PersonalCloudClient, QuerierClient
+from dispers.transport.grpc_client import PersonalCloudClient, QuerierClient, client_for
 
 
 def crypto_floor(boxes: list[tuple[int, int]]) -> float:
@@ -66,8 +66,9 @@ def main() -> int:
 
     figures: dict[str, float] = {}
     with running_cluster(config, workdir / "logs"):
-        host = PersonalCloudClient(config.roster.get("pc-1").endpoint)
-        querier = QuerierClient(config.roster.by_role(Role.QUERIER)[0].endpoint)
+        host = client_for(config, "pc-1", "pc-1", PersonalCloudClient)
+        researcher = config.roster.by_role(Role.QUERIER)[0].name
+        querier = client_for(config, researcher, researcher, QuerierClient)
         start = time.perf_counter()
         host.subscribe_all(SubscriptionOp.SUBSCRIBE)
         figures["subscribe_s"] = time.perf_counter() - start

@@ -24,6 +24,7 @@ from dispers.protocol.api import QueryOutcome
 from dispers.simulation.ground_truth import GroupTruth, mean_heart_rate_by_age
 from dispers.simulation.population import PopulationSpec, generate
 from dispers.state.documents import DocumentStore
+from dispers.transport.grpc_client import open_channel
 
 DEFAULT_SPEC = Path(__file__).resolve().parent / "heart_rate.toml"
 
@@ -54,8 +55,10 @@ def running_cluster(config: ClusterConfig, logs: Path, *, ready_timeout_s: float
             procs.append((entry.name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
             log.close()
         deadline = time.monotonic() + ready_timeout_s
+        # Readiness is a completed (mutual TLS) handshake, made as the first querier.
+        identity = config.tls_identity(config.roster.by_role(Role.QUERIER)[0].name)
         for entry in config.roster:
-            with grpc.insecure_channel(entry.endpoint) as channel:
+            with open_channel(entry.endpoint, identity=identity, server_name=entry.name) as channel:
                 remaining = max(0.1, deadline - time.monotonic())
                 try:
                     grpc.channel_ready_future(channel).result(timeout=remaining)
@@ -90,7 +93,7 @@ def run_demo(
     """Generate a cluster and a population, run the spec's query over gRPC, print the tables."""
     from dispers.cli.render import counts_line, phase_table, result_table
     from dispers.protocol.querier import run_query
-    from dispers.transport.grpc_client import PersonalCloudClient, QuerierClient
+    from dispers.transport.grpc_client import PersonalCloudClient, QuerierClient, client_for
 
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)  # type: ignore[call-overload]
@@ -113,11 +116,12 @@ def run_demo(
         timings["start 9 gRPC server processes"] = time.perf_counter() - t0
         roster = config.roster
         t0 = time.perf_counter()
-        host = PersonalCloudClient(roster.get("pc-1").endpoint)
+        host = client_for(config, "pc-1", "pc-1", PersonalCloudClient)  # the host's administrator
         host.subscribe_all(SubscriptionOp.SUBSCRIBE)
         timings[f"subscribe {instances} instances"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        querier = QuerierClient(roster.by_role(Role.QUERIER)[0].endpoint)
+        researcher = roster.by_role(Role.QUERIER)[0].name
+        querier = client_for(config, researcher, researcher, QuerierClient)
         outcome = run_query(querier, spec, timeout_s=600)
         timings["query, end to end"] = time.perf_counter() - t0
         host.close()

@@ -9,8 +9,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dispers.core.errors import DispersError, ErrorCode
+
+if TYPE_CHECKING:
+    from dispers.transport.grpc_client import QuerierClient
 
 log = logging.getLogger("dispers.cli")
 
@@ -45,9 +49,15 @@ def _init(args: argparse.Namespace) -> int:
             k_min=args.k_min,
             backend=args.backend,
             host_as_of=dt.date.fromisoformat(args.as_of) if args.as_of else None,
+            insecure=args.insecure,
         ),
     )
     print(f"wrote {config.path} and {len(config.roster.entries)} key files")
+    if args.insecure:
+        print("warning: insecure = true: plain gRPC channels and unauthenticated callers; "
+              "use this cluster only for experiments on loopback")  # fmt: skip
+    else:
+        print(f"mutual TLS: cluster CA {config.settings.ca_cert}, a certificate and key per actor")
     for entry in config.roster:
         print(f"  {entry.name:12} {entry.role.value:16} {entry.endpoint}")
     return 0
@@ -101,24 +111,29 @@ def _serve(args: argparse.Namespace) -> int:
 def _subscribe(args: argparse.Namespace) -> int:
     from dispers.core.config import load_config
     from dispers.core.messages import SubscriptionOp
-    from dispers.transport.grpc_client import PersonalCloudClient
+    from dispers.transport.grpc_client import PersonalCloudClient, client_for
 
     config = load_config(args.config)
-    client = PersonalCloudClient(config.roster.get(args.host).endpoint)
     op = SubscriptionOp.UNSUBSCRIBE if args.unsubscribe else SubscriptionOp.SUBSCRIBE
-    count = client.subscribe_all(op)
+    # The host's own administrator: the call is made as the host.
+    with client_for(config, args.host, args.host, PersonalCloudClient) as client:
+        count = client.subscribe_all(op)
     print(f"{op.value}: {count} instances")
     return 0
 
 
-def _querier_endpoint(args: argparse.Namespace) -> str:
+def _querier_client(args: argparse.Namespace) -> QuerierClient:
+    """A client of the chosen Querier service, calling as that querier (its certificate)."""
     from dispers.core.config import load_config
     from dispers.core.ids import Role
+    from dispers.transport.grpc_client import QuerierClient, client_for
 
     config = load_config(args.config)
     if args.querier:
-        return config.roster.require(args.querier, Role.QUERIER).endpoint
-    return config.roster.by_role(Role.QUERIER)[0].endpoint
+        name = config.roster.require(args.querier, Role.QUERIER).name
+    else:
+        name = config.roster.by_role(Role.QUERIER)[0].name
+    return client_for(config, name, name, QuerierClient)
 
 
 def _print_outcome(outcome: object, as_json: bool) -> int:
@@ -146,18 +161,17 @@ def _print_outcome(outcome: object, as_json: bool) -> int:
 def _query(args: argparse.Namespace) -> int:
     from dispers.core.spec import load_query_spec
     from dispers.protocol.querier import run_query
-    from dispers.transport.grpc_client import QuerierClient
 
     spec = load_query_spec(args.spec)
-    client = QuerierClient(_querier_endpoint(args))
-    return _print_outcome(run_query(client, spec, timeout_s=args.timeout), args.json)
+    with _querier_client(args) as client:
+        outcome = run_query(client, spec, timeout_s=args.timeout)
+    return _print_outcome(outcome, args.json)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from dispers.transport.grpc_client import QuerierClient
-
-    client = QuerierClient(_querier_endpoint(args))
-    return _print_outcome(client.outcome(args.query_id, wait_s=args.wait), args.json)
+    with _querier_client(args) as client:
+        outcome = client.outcome(args.query_id, wait_s=args.wait)
+    return _print_outcome(outcome, args.json)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -186,13 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing key file")
     s.set_defaults(fn=_keygen)
 
-    s = sub.add_parser("init", help="write keys and cluster.toml for a loopback cluster")
+    s = sub.add_parser("init", help="write keys, TLS certificates and cluster.toml for a loopback cluster")
     s.add_argument("directory")
     s.add_argument("--leaf-aggregators", type=int, default=2)
     s.add_argument("--hosts", nargs="+", default=["pc-1"])
     s.add_argument("--k-min", type=int, default=10)
     s.add_argument("--backend", choices=["memory", "sqlite"], default="sqlite")
     s.add_argument("--as-of", help="hosts derive concepts as of this date (default: today)")
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no CA or certificates: plain channels, unauthenticated callers (loopback only)",
+    )
     s.set_defaults(fn=_init)
 
     s = sub.add_parser("populate", help="fill a host's document store with a synthetic population")

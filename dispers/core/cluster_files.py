@@ -11,6 +11,7 @@ from pathlib import Path
 from dispers.core.config import ClusterConfig, load_config
 from dispers.crypto.keyfiles import write_key_file
 from dispers.crypto.keys import ActorKeys
+from dispers.crypto.tls import issue_cert, make_ca, write_private_pem, write_public_pem
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -33,10 +34,15 @@ class ClusterLayout:
     host_as_of: dt.date | None = None
     endpoint_host: str = "127.0.0.1"
     extra_settings: dict[str, float] = field(default_factory=dict)
+    insecure: bool = False  # plain gRPC channels, no CA or certificates: loopback experiments only
 
 
 def write_cluster(directory: Path, layout: ClusterLayout = ClusterLayout()) -> ClusterConfig:
-    """Generate keys (mode 0600) and a cluster.toml with free loopback ports; return the config."""
+    """Generate keys (mode 0600) and a cluster.toml with free loopback ports; return the config.
+
+    Unless `layout.insecure`, also a cluster CA (tls/ca.crt, its key in keys/ca.tls.key) and a
+    certificate per actor (tls/<name>.crt, keys/<name>.tls.key), all private keys mode 0600.
+    """
     directory = Path(directory)
     (directory / "keys").mkdir(parents=True, exist_ok=True)
     (directory / "state").mkdir(parents=True, exist_ok=True)
@@ -61,6 +67,14 @@ def write_cluster(directory: Path, layout: ClusterLayout = ClusterLayout()) -> C
         f"batch_size = {layout.batch_size}",
     ]
     lines += [f"{k} = {v}" for k, v in layout.extra_settings.items()]
+    ca: tuple[bytes, bytes] | None = None
+    if layout.insecure:
+        lines.append("insecure = true  # plain channels, unauthenticated callers: loopback only")
+    else:
+        ca = make_ca(directory.resolve().name)
+        write_public_pem(directory / "tls" / "ca.crt", ca[0])
+        write_private_pem(directory / "keys" / "ca.tls.key", ca[1], overwrite=True)
+        lines.append('ca_cert = "tls/ca.crt"')
     for name, role, extra in actors:
         keys = ActorKeys.generate(name)
         write_key_file(directory / "keys" / f"{name}.key", keys, overwrite=True)
@@ -74,6 +88,11 @@ def write_cluster(directory: Path, layout: ClusterLayout = ClusterLayout()) -> C
             f'verify_key = "{keys.signing.verify_key.hex()}"',
             f'key_file = "keys/{name}.key"',
         ]
+        if ca is not None:
+            cert_pem, key_pem = issue_cert(*ca, name)
+            write_public_pem(directory / "tls" / f"{name}.crt", cert_pem)
+            write_private_pem(directory / "keys" / f"{name}.tls.key", key_pem, overwrite=True)
+            lines += [f'tls_cert = "tls/{name}.crt"', f'tls_key = "keys/{name}.tls.key"']
         lines += [f'{k} = "{v}"' for k, v in extra.items()]
         if role in stateful:
             lines.append(f'backend = "{layout.backend}"')

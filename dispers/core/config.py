@@ -14,6 +14,7 @@ from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role, check_name
 from dispers.core.vocabulary import DEFAULT_VOCABULARY, validate_concept
 from dispers.crypto.keys import SealingPublicKey, VerifyKey
+from dispers.crypto.tls import TlsIdentity
 
 SINGLETON_ROLES = (Role.CONDUCTOR, Role.CONCEPT_INDEXOR, Role.TARGET_FINDER, Role.TARGET)
 
@@ -207,6 +208,8 @@ class ClusterSettings:
     result_bytes: int = 65536  # the result sealed to Q
     max_long_polls: int = 4  # Status calls allowed to wait at once; more answer at once
     max_wait_s: float = 30.0  # the longest one Status call waits
+    insecure: bool = False  # plain channels, caller names unauthenticated: loopback experiments only
+    ca_cert: Path | None = None  # the cluster CA certificate (PEM), absolute once loaded
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,8 @@ class LocalSettings:
     state_path: Path | None = None
     documents: Path | None = None
     as_of: dt.date | None = None  # personal_cloud: reference date for deriving concepts
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -235,10 +240,33 @@ class ClusterConfig:
             raise _config_error(f"no actor named {name!r} in the config")
         return self.local[name]
 
+    @property
+    def insecure(self) -> bool:
+        """True when the cluster runs over plain channels ([cluster] insecure = true)."""
+        return self.settings.insecure
+
+    def tls_identity(self, name: str) -> TlsIdentity | None:
+        """Actor `name`'s certificate, key and the cluster CA; None when the cluster is insecure.
+
+        Reads the files on each call (they are small), so a rotated certificate is picked up
+        by the next channel or server; errors name the missing key or the bad file.
+        """
+        if self.settings.insecure:
+            return None
+        local = self.local_for(name)
+        needed = "(needed unless [cluster] insecure = true)"
+        if self.settings.ca_cert is None:
+            raise _config_error(f"[cluster] has no ca_cert {needed}")
+        if local.tls_cert is None:
+            raise _config_error(f"actor {name!r} has no tls_cert {needed}")
+        if local.tls_key is None:
+            raise _config_error(f"actor {name!r} has no tls_key {needed}")
+        return TlsIdentity.load(name, cert=local.tls_cert, key=local.tls_key, ca=self.settings.ca_cert)
+
 
 _ACTOR_KEYS = {
     "name", "role", "endpoint", "sealing_public_key", "verify_key", "parent",
-    "key_file", "backend", "state_path", "documents", "as_of",
+    "key_file", "backend", "state_path", "documents", "as_of", "tls_cert", "tls_key",
 }  # fmt: skip
 _SETTING_KEYS = {f.name for f in dataclasses.fields(ClusterSettings)}
 _SIZE_KEYS = ("concepts_bytes", "address_bytes", "expression_bytes", "request_bytes", "spec_bytes",
@@ -264,7 +292,12 @@ def _vocabulary(raw: Any) -> tuple[str, ...]:
     return tuple(raw)
 
 
-def _settings(raw: Any) -> ClusterSettings:
+def _resolve(value: str, base: Path | None) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() or base is None else base / p
+
+
+def _settings(raw: Any, base: Path | None = None) -> ClusterSettings:
     if not isinstance(raw, dict):
         raise _config_error("[cluster] must be a table")
     unknown = set(raw) - _SETTING_KEYS
@@ -273,7 +306,12 @@ def _settings(raw: Any) -> ClusterSettings:
     raw = dict(raw)
     if "vocabulary" in raw:
         raw["vocabulary"] = _vocabulary(raw["vocabulary"])
-    s = ClusterSettings(**raw)
+    if not isinstance(raw.get("insecure", False), bool):
+        raise _config_error("cluster.insecure must be true or false")
+    ca_cert = raw.pop("ca_cert", None)
+    if ca_cert is not None and not isinstance(ca_cert, str):
+        raise _config_error("cluster.ca_cert must be a path string")
+    s = ClusterSettings(**raw, ca_cert=None if ca_cert is None else _resolve(ca_cert, base))
     _int_setting(s, "k_min", 2, 10**9)
     _int_setting(s, "batch_size", 1, 100_000)
     _int_setting(s, "max_concepts", 1, 1024)
@@ -317,8 +355,7 @@ def _entry(raw: Any, i: int, base: Path | None) -> tuple[RosterEntry, LocalSetti
             return None
         if not isinstance(value, str):
             raise _config_error(f"{where}.{key} must be a path string")
-        p = Path(value)
-        return p if p.is_absolute() or base is None else base / p
+        return _resolve(value, base)
 
     as_of = raw.get("as_of")
     if isinstance(as_of, str):
@@ -330,7 +367,7 @@ def _entry(raw: Any, i: int, base: Path | None) -> tuple[RosterEntry, LocalSetti
         raise _config_error(f"{where}.as_of must be a date (YYYY-MM-DD)")
     local = LocalSettings(
         key_file=path("key_file"), backend=backend, state_path=path("state_path"),
-        documents=path("documents"), as_of=as_of,
+        documents=path("documents"), as_of=as_of, tls_cert=path("tls_cert"), tls_key=path("tls_key"),
     )  # fmt: skip
     if backend == "sqlite" and local.state_path is None:
         raise _config_error(f"{where}.state_path is required with backend = 'sqlite'")
@@ -342,11 +379,11 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> ClusterCo
     unknown = set(data) - {"cluster", "actor"}
     if unknown:
         raise _config_error(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
-    settings = _settings(data.get("cluster", {}))
+    base = path.parent if path is not None else None
+    settings = _settings(data.get("cluster", {}), base)
     actors = data.get("actor")
     if not isinstance(actors, list) or not actors:
         raise _config_error("the config needs [[actor]] entries")
-    base = path.parent if path is not None else None
     pairs = [_entry(raw, i, base) for i, raw in enumerate(actors)]
     roster = Roster(tuple(e for e, _ in pairs))
     for role in SINGLETON_ROLES:

@@ -25,11 +25,20 @@ def write_key_file(path: Path, keys: ActorKeys, *, overwrite: bool = False) -> N
         f'sealing_public_key = "{keys.sealing.public.hex()}"\n'
         f'verify_key = "{keys.signing.verify_key.hex()}"\n'
     )
+    write_owner_only(path, text.encode())
+
+
+def write_owner_only(path: Path, data: bytes) -> None:
+    """Write `data` to `path` with mode 0600, atomically (temp file then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
+        view = memoryview(data)
+        while view:  # os.write may write less than asked
+            view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
     os.replace(tmp, path)

@@ -56,15 +56,15 @@ class ConceptIndexor:
         """Keyed BLAKE2b of a concept under CI's secret."""
         return keyed_hash(self._secret, concept.encode(), b"dispers-concept")
 
-    def _concepts(self, values: list[object], what: str) -> list[str]:
+    def _concepts(self, values: list[object], what: str, *, least: int = 1) -> list[str]:
         """Validate a concept list: 1..max_concepts vocabulary concepts.
 
         The vocabulary is public, so refusing a concept outside it tells nobody anything about
         who holds what; every vocabulary concept is tokenized, populated or not.
         """
         limit = self._settings.max_concepts
-        if not values or len(values) > limit:
-            raise malformed(f"{what}: between 1 and {limit} concepts")
+        if not least <= len(values) <= limit:
+            raise malformed(f"{what}: between {least} and {limit} concepts")
         out = []
         for j, c in enumerate(values):
             if not isinstance(c, str):
@@ -97,7 +97,8 @@ class ConceptIndexor:
             what = f"subscription {i} concepts"
             obj = open_padded(self._opener, ciphertext, size, what)
             nonce = hex_bytes(obj.get("nonce"), f"{what} nonce", NONCE_BYTES)
-            concepts = self._concepts(field(obj, "concepts", list, what), what)
+            # An unsubscription carries none: TF removes the instance from every set.
+            concepts = self._concepts(field(obj, "concepts", list, what), what, least=0)
             per_item.append(concepts)
             body = {"tokens": [self.token(c).hex() for c in concepts], "nonce": nonce.hex()}
             sealed.append(seal_padded(self._tf_key, body, out_size, "token list"))

@@ -43,6 +43,7 @@ from dispers.services.target import TargetServicer
 from dispers.services.target_finder import TargetFinderServicer
 from dispers.transport.grpc_client import CHANNEL_OPTIONS, GrpcPeers
 from dispers.transport.grpc_errors import DecodeGuard
+from dispers.transport.identity import caller_name, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def build_actor(config: ClusterConfig, name: str, *, closers: list[Closer] | Non
 
 
 def _build(config: ClusterConfig, name: str, own: list[Closer]) -> Actor:
-    peers = GrpcPeers(config.roster)  # channels open lazily: free for actors that call no one
+    # Channels open lazily: free for actors that call no one. They use `name`'s certificate.
+    peers = GrpcPeers.for_config(config, name)
     own.append(peers.close)
     return assemble_actor(config, name, peers, run_in_thread, own)
 
@@ -147,14 +149,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _claimed_caller(context: Any) -> str:
-    """TEMPORARY until mTLS lands: the name a client claims in metadata."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "dispers-caller":
-            return str(value)
-    return ""
-
-
 def start_server(config: ClusterConfig, name: str, *, port_override: int | None = None) -> RunningServer:
     """Build actor `name` and serve it on its roster endpoint (or on `port_override`; 0 = any)."""
     entry = config.roster.get(name)
@@ -162,8 +156,15 @@ def start_server(config: ClusterConfig, name: str, *, port_override: int | None 
     if port_override is not None:
         port = port_override
     address = f"{host}:{port}"
-    if not _is_loopback(host.strip("[]")):
-        log.warning("%s listens on %s without TLS: keep it on a private network", name, address)
+    identity = config.tls_identity(name)  # before building: a TLS misconfiguration fails fast
+    if identity is None:
+        log.warning(
+            "%s listens on %s without TLS ([cluster] insecure = true): callers are not "
+            "authenticated; use this only for experiments on loopback%s",
+            name,
+            address,
+            "" if _is_loopback(host.strip("[]")) else " (this address is NOT loopback)",
+        )
     closers: list[Closer] = []
     actor = build_actor(config, name, closers=closers)
     server = grpc.server(
@@ -173,9 +174,13 @@ def start_server(config: ClusterConfig, name: str, *, port_override: int | None 
         interceptors=(DecodeGuard(),),
     )
     try:
-        _register(server, actor, _claimed_caller)
+        roster, insecure = config.roster, config.insecure
+        _register(server, actor, lambda context: caller_name(context, roster, insecure=insecure))
         try:
-            bound = server.add_insecure_port(address)
+            if identity is None:
+                bound = server.add_insecure_port(address)
+            else:
+                bound = server.add_secure_port(address, server_credentials(identity))
         except RuntimeError:  # grpc raises when the address cannot be bound
             bound = 0
         if not bound:

@@ -1,4 +1,10 @@
-"""gRPC clients implementing each actor's API, and GrpcPeers: one cached channel per endpoint."""
+"""gRPC clients implementing each actor's API, and GrpcPeers: one cached channel per endpoint.
+
+Channels use mutual TLS when given a TlsIdentity: the client shows its actor certificate and
+checks that the server's certificate names the roster actor it meant to reach. Without one
+(a cluster with `insecure = true`) channels are plain and carry the caller's claimed name in
+the `dispers-caller` metadata, which nothing authenticates.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,11 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import grpc
 
-from dispers.core.config import Roster
+from dispers.core.config import ClusterConfig, Roster
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
 from dispers.core.messages import (
@@ -25,6 +31,7 @@ from dispers.core.messages import (
     SubscriptionOp,
 )
 from dispers.core.spec import QuerySpec
+from dispers.crypto.tls import TlsIdentity
 from dispers.proto import (
     common_pb2,
     concept_indexor_pb2,
@@ -60,17 +67,72 @@ LONG_DEADLINE_S = 600.0
 """Deadline of a call that fans out to other actors (collect, subscribe, submit, contribute)."""
 
 
-def open_channel(endpoint: str) -> grpc.Channel:
-    """An insecure channel to host:port with dispers' message-size limits."""
-    return grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+CALLER_METADATA_KEY = "dispers-caller"
+"""Metadata naming the caller on a plain channel (insecure clusters only; not authenticated)."""
+
+
+class _CallerMetadata(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds `dispers-caller: <name>` to every unary call of a plain channel."""
+
+    def __init__(self, caller: str) -> None:
+        self._caller = caller
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        metadata = [
+            *(client_call_details.metadata or ()),
+            (CALLER_METADATA_KEY, self._caller),
+        ]
+        return continuation(client_call_details._replace(metadata=metadata), request)
+
+
+def open_channel(
+    endpoint: str,
+    *,
+    identity: TlsIdentity | None = None,
+    server_name: str | None = None,
+    caller: str | None = None,
+) -> grpc.Channel:
+    """A channel to host:port with dispers' message-size limits.
+
+    With `identity`, mutual TLS: the client presents identity's certificate, trusts only the
+    cluster CA, and requires the server's certificate to name `server_name` (the peer's
+    roster name, which is required then). Without it, a plain channel that sends `caller` (if
+    given) as `dispers-caller` metadata on every call.
+    """
+    if identity is None:
+        channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        if caller:
+            channel = grpc.intercept_channel(channel, _CallerMetadata(caller))
+        return channel
+    if not server_name:
+        raise DispersError(ErrorCode.CONFIG, f"a TLS channel to {endpoint} needs the peer's roster name")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=identity.ca_pem,
+        private_key=identity.key_pem,
+        certificate_chain=identity.cert_pem,
+    )
+    options = (*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(endpoint, credentials, options=options)
 
 
 class _Client:
     """A channel (owned when made from an endpoint) and a call helper that maps errors."""
 
-    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        peer: str | None = None,
+        *,
+        identity: TlsIdentity | None = None,
+        server_name: str | None = None,
+        caller: str | None = None,
+    ) -> None:
         self._owned = isinstance(target, str)
-        self._channel = open_channel(target) if isinstance(target, str) else target
+        if isinstance(target, str):
+            name = server_name if server_name is not None else peer
+            self._channel = open_channel(target, identity=identity, server_name=name, caller=caller)
+        else:
+            self._channel = target
         self.peer = peer if peer is not None else (target if isinstance(target, str) else "peer")
 
     def _call(self, method: str, fn: Callable[..., Any], request: Any, timeout_s: float) -> Any:
@@ -100,8 +162,16 @@ class _Client:
 class ConductorClient(_Client):
     """ConductorAPI over gRPC."""
 
-    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
-        super().__init__(target, peer)
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        peer: str | None = None,
+        *,
+        identity: TlsIdentity | None = None,
+        server_name: str | None = None,
+        caller: str | None = None,
+    ) -> None:
+        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
         self._stub = conductor_pb2_grpc.ConductorStub(self._channel)
 
     def get_roster(self) -> Roster:
@@ -146,8 +216,16 @@ class ConductorClient(_Client):
 class ConceptIndexorClient(_Client):
     """ConceptIndexorAPI over gRPC."""
 
-    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
-        super().__init__(target, peer)
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        peer: str | None = None,
+        *,
+        identity: TlsIdentity | None = None,
+        server_name: str | None = None,
+        caller: str | None = None,
+    ) -> None:
+        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
         self._stub = concept_indexor_pb2_grpc.ConceptIndexorStub(self._channel)
 
     def tokenize_subscriptions(self, header: BatchHeader, sealed_concepts: Sequence[bytes]) -> SignedItems:
@@ -177,8 +255,16 @@ class ConceptIndexorClient(_Client):
 class TargetFinderClient(_Client):
     """TargetFinderAPI over gRPC."""
 
-    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
-        super().__init__(target, peer)
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        peer: str | None = None,
+        *,
+        identity: TlsIdentity | None = None,
+        server_name: str | None = None,
+        caller: str | None = None,
+    ) -> None:
+        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
         self._stub = target_finder_pb2_grpc.TargetFinderStub(self._channel)
 
     def apply_subscriptions(
@@ -210,8 +296,16 @@ class TargetFinderClient(_Client):
 class TargetClient(_Client):
     """TargetAPI over gRPC."""
 
-    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
-        super().__init__(target, peer)
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        peer: str | None = None,
+        *,
+        identity: TlsIdentity | None = None,
+        server_name: str | None = None,
+        caller: str | None = None,
+    ) -> None:
+        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
         self._stub = target_pb2_grpc.TargetStub(self._channel)
 
     def pseudonymize(self, header: BatchHeader, sealed_addresses: Sequence[bytes]) -> SignedItems:
@@ -243,8 +337,16 @@ class TargetClient(_Client):
 class DataAggregatorClient(_Client):
     """DataAggregatorAPI over gRPC."""
 
-    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
-        super().__init__(target, peer)
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        peer: str | None = None,
+        *,
+        identity: TlsIdentity | None = None,
+        server_name: str | None = None,
+        caller: str | None = None,
+    ) -> None:
+        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
         self._stub = data_aggregator_pb2_grpc.DataAggregatorStub(self._channel)
 
     def prepare(self, envelope: QueryEnvelope, attestation: bytes = b"") -> None:
@@ -286,8 +388,16 @@ class DataAggregatorClient(_Client):
 class PersonalCloudClient(_Client):
     """PersonalCloudAPI and PersonalCloudAdminAPI over gRPC."""
 
-    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
-        super().__init__(target, peer)
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        peer: str | None = None,
+        *,
+        identity: TlsIdentity | None = None,
+        server_name: str | None = None,
+        caller: str | None = None,
+    ) -> None:
+        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
         self._stub = personal_cloud_pb2_grpc.PersonalCloudStub(self._channel)
 
     def contribute(self, request: ContributionRequest) -> ContributionBatch:
@@ -310,8 +420,16 @@ class PersonalCloudClient(_Client):
 class QuerierClient(_Client):
     """QuerierAPI over gRPC."""
 
-    def __init__(self, target: str | grpc.Channel, peer: str | None = None) -> None:
-        super().__init__(target, peer)
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        peer: str | None = None,
+        *,
+        identity: TlsIdentity | None = None,
+        server_name: str | None = None,
+        caller: str | None = None,
+    ) -> None:
+        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
         self._stub = querier_pb2_grpc.QuerierStub(self._channel)
 
     def submit(self, spec: QuerySpec) -> str:
@@ -331,27 +449,60 @@ class QuerierClient(_Client):
         return convert.outcome_from_proto(response)
 
 
-class GrpcPeers:
-    """Peers over gRPC: clients of the roster's actors, sharing one channel per endpoint."""
+ClientT = TypeVar("ClientT", bound=_Client)
 
-    def __init__(self, roster: Roster) -> None:
+
+def client_for(config: ClusterConfig, as_name: str, peer_name: str, client_type: type[ClientT]) -> ClientT:
+    """A client of actor `peer_name`, calling as actor `as_name` (its certificate, unless insecure).
+
+    The client owns its channel: close it (or use it as a context manager) when done.
+    """
+    return client_type(
+        config.roster.get(peer_name).endpoint,
+        peer_name,
+        identity=config.tls_identity(as_name),
+        server_name=peer_name,
+        caller=as_name,
+    )
+
+
+class GrpcPeers:
+    """Peers over gRPC: clients of the roster's actors, sharing one channel per endpoint.
+
+    With `identity` every channel is mutual TLS and checks that the server is the roster
+    actor it is named after; without it channels are plain and carry `caller` as metadata.
+    """
+
+    def __init__(
+        self, roster: Roster, identity: TlsIdentity | None = None, caller: str | None = None
+    ) -> None:
         self._roster = roster
+        self._identity = identity
+        self._caller = caller if caller is not None else (identity.name if identity else None)
         self._lock = threading.Lock()
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[tuple[str, str | None], grpc.Channel] = {}
         self._closed = False
 
-    def channel(self, endpoint: str) -> grpc.Channel:
-        """The shared channel to `endpoint`, opened on first use."""
+    @classmethod
+    def for_config(cls, config: ClusterConfig, name: str) -> GrpcPeers:
+        """Peers as actor `name` of `config` reaches them (its TLS identity unless insecure)."""
+        return cls(config.roster, identity=config.tls_identity(name), caller=name)
+
+    def channel(self, endpoint: str, server_name: str | None = None) -> grpc.Channel:
+        """The shared channel to `endpoint` (its certificate must name `server_name`), opened lazily."""
         with self._lock:
             if self._closed:
                 raise DispersError(ErrorCode.UNAVAILABLE, "the peer connections are closed")
-            channel = self._channels.get(endpoint)
+            key = (endpoint, server_name)
+            channel = self._channels.get(key)
             if channel is None:
-                channel = self._channels[endpoint] = open_channel(endpoint)
+                channel = self._channels[key] = open_channel(
+                    endpoint, identity=self._identity, server_name=server_name, caller=self._caller
+                )
             return channel
 
     def _endpoint(self, name: str) -> tuple[grpc.Channel, str]:
-        return self.channel(self._roster.get(name).endpoint), name
+        return self.channel(self._roster.get(name).endpoint, name), name
 
     def conductor(self) -> ConductorClient:
         """The Conductor."""

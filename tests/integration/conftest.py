@@ -63,24 +63,37 @@ def local_world(setup: Setup) -> World:
 
 def grpc_world(setup: Setup) -> World:
     from dispers.services.server import start_all_in_process
-    from dispers.transport.grpc_client import GrpcPeers, PersonalCloudClient, QuerierClient
+    from dispers.transport.grpc_client import GrpcPeers, PersonalCloudClient, QuerierClient, client_for
 
-    servers = start_all_in_process(setup.config)
-    roster = setup.config.roster
-    peers = GrpcPeers(roster)
+    config = setup.config
+    servers = start_all_in_process(config)
+    # Tests reach the other actors as the Conductor does (its certificate), the Querier as the
+    # researcher and the host as its own administrator.
+    opened: list[GrpcPeers] = []
+
+    def peers_as(name: str) -> GrpcPeers:
+        peers = GrpcPeers.for_config(config, name)
+        opened.append(peers)
+        return peers
+
+    querier = client_for(config, "researcher", "researcher", QuerierClient)
+    host = client_for(config, "pc-1", "pc-1", PersonalCloudClient)
     actors = {s.name: s.actor for s in servers}
 
     def close() -> None:
-        peers.close()
+        querier.close()
+        host.close()
+        for peers in opened:
+            peers.close()
         for s in servers:
             s.stop(0)
 
     return World(
         "grpc",
         setup,
-        QuerierClient(roster.get("researcher").endpoint),
-        PersonalCloudClient(roster.get("pc-1").endpoint),
-        peers,
+        querier,
+        host,
+        peers_as,
         actors,
         actors["researcher"],
         close,

@@ -30,6 +30,31 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     w.close()
 
 
+# Who legitimately calls each role: raw calls use that caller's certificate, so a refusal is
+# about the bytes sent, not about who sent them.
+_CALLER_OF = {
+    Role.CONDUCTOR: "researcher",
+    Role.CONCEPT_INDEXOR: "conductor",
+    Role.TARGET_FINDER: "conductor",
+    Role.TARGET: "conductor",
+    Role.DATA_AGGREGATOR: "t",
+    Role.PERSONAL_CLOUD: "t",
+    Role.QUERIER: "researcher",
+}
+
+
+def _channel(world: World, actor: str) -> grpc.Channel:
+    """A channel to `actor` as its usual caller would open it (mutual TLS unless insecure)."""
+    from dispers.transport.grpc_client import open_channel
+
+    config = world.setup.config
+    entry = config.roster.get(actor)
+    caller = _CALLER_OF[entry.role]
+    return open_channel(
+        entry.endpoint, identity=config.tls_identity(caller), server_name=actor, caller=caller
+    )
+
+
 def raw_call(world: World, actor: str, method: str, request: bytes) -> tuple[grpc.StatusCode, str]:
     """Call a method with raw bytes, as a hostile or broken client would."""
     entry = world.setup.config.roster.get(actor)
@@ -42,7 +67,7 @@ def raw_call(world: World, actor: str, method: str, request: bytes) -> tuple[grp
         Role.PERSONAL_CLOUD: "PersonalCloud",
         Role.QUERIER: "Querier",
     }[entry.role]
-    with grpc.insecure_channel(entry.endpoint) as channel:
+    with _channel(world, actor) as channel:
         call = channel.unary_unary(f"/dispers.proto.{service}/{method}")
         try:
             call(request, timeout=60)
@@ -279,8 +304,7 @@ def test_an_aggregator_that_is_down_fails_the_query_cleanly(tmp_path: Path) -> N
 
 
 def test_roster_served_by_the_conductor_carries_public_keys_only(world: World) -> None:
-    entry = world.setup.config.roster.get("conductor")
-    with grpc.insecure_channel(entry.endpoint) as channel:
+    with _channel(world, "conductor") as channel:
         raw = channel.unary_unary("/dispers.proto.Conductor/GetRoster")(b"", timeout=30)
     response = conductor_pb2.GetRosterResponse.FromString(raw)
     assert convert.roster_from_proto(response.roster) == world.setup.config.roster
@@ -334,8 +358,7 @@ def test_host_refuses_stale_requests_and_answers_each_instance_once(world: World
     assert code is grpc.StatusCode.FAILED_PRECONDITION
     assert details == "EXPIRED: the data request is stale or dated in the future"
     fresh = _contribution_request(world, issued_at=0, ids=ids)
-    entry = world.setup.config.roster.get("pc-1")
-    with grpc.insecure_channel(entry.endpoint) as channel:
+    with _channel(world, "pc-1") as channel:
         call = channel.unary_unary("/dispers.proto.PersonalCloud/Contribute")
         first = personal_cloud_pb2.ContributeResponse.FromString(call(fresh, timeout=30))
         again = personal_cloud_pb2.ContributeResponse.FromString(call(fresh, timeout=30))

@@ -22,7 +22,9 @@ from dispers.core.messages import (
     QueryEnvelope,
     SubscriptionItem,
     SubscriptionOp,
-    TokenizedSubscription,
+    BatchHeader,
+    SignedItems,
+    SubscriptionBatch,
 )
 from dispers.core.spec import STATS, GroupBy, GroupResult, QueryResult, QuerySpec
 from dispers.crypto.keys import SealingPublicKey, VerifyKey
@@ -111,15 +113,13 @@ def contribution_batches(draw: st.DrawFn) -> ContributionBatch:
     return ContributionBatch(
         aggregators=tuple(a for a, _ in pairs),
         ciphertexts=tuple(c for _, c in pairs),
-        declined=draw(counts),
     )
 
 
 collect_reports = st.builds(
     CollectReport,
     targets=counts,
-    contributed=counts,
-    declined=counts,
+    forwarded=counts,
     unreachable=counts,
     per_aggregator=st.lists(st.tuples(names, counts), max_size=5).map(tuple),
 )
@@ -172,7 +172,8 @@ query_results = st.builds(
         max_size=4,
     ).map(tuple),
     contributions=counts,
-    dropped=st.dictionaries(text, counts, max_size=3),
+    dropped=st.dictionaries(text, st.none() | counts, max_size=3),
+    declined=st.none() | counts,
 )
 
 
@@ -209,13 +210,52 @@ def test_subscription_item(item: SubscriptionItem) -> None:
     assert round_trip(item, to, back, pb.SubscriptionItem) == item
 
 
-@given(st.builds(TokenizedSubscription, sealed_tokens=blobs, sealed_pseudonym=blobs))
-def test_tokenized_subscription(item: TokenizedSubscription) -> None:
-    to, back = convert.tokenized_to_proto, convert.tokenized_from_proto
-    assert round_trip(item, to, back, pb.TokenizedSubscription) == item
+digests = st.binary(min_size=32, max_size=32)
 
 
-@given(st.builds(FoundTargets, count=counts, sealed_pseudonyms=blobs))
+@st.composite
+def batch_headers(draw: st.DrawFn) -> BatchHeader:
+    pairs = draw(st.lists(st.tuples(digests, digests), max_size=6))
+    return BatchHeader(
+        host=draw(names),
+        op=draw(ops),
+        issued_at=draw(finite),
+        concept_digests=tuple(c for c, _ in pairs),
+        address_digests=tuple(a for _, a in pairs),
+        signature=draw(blobs),
+    )
+
+
+@given(batch_headers())
+def test_batch_header(header: BatchHeader) -> None:
+    back = round_trip(header, convert.batch_header_to_proto, convert.batch_header_from_proto, pb.BatchHeader)
+    assert back == header
+    assert back.signing_bytes() == header.signing_bytes() and back.batch_id == header.batch_id
+
+
+@given(batch_headers(), st.lists(st.builds(SubscriptionItem, sealed_concepts=blobs, sealed_address=blobs)))
+def test_subscription_batch(header: BatchHeader, items: list[SubscriptionItem]) -> None:
+    batch = SubscriptionBatch(header, tuple(items))
+    to, back = convert.subscription_batch_to_proto, convert.subscription_batch_from_proto
+    assert round_trip(batch, to, back, pb.SubscriptionBatch) == batch
+
+
+@given(st.builds(SignedItems, items=st.lists(blobs, max_size=5).map(tuple), signature=blobs))
+def test_signed_items(items: SignedItems) -> None:
+    to, back = convert.signed_items_to_proto, convert.signed_items_from_proto
+    assert round_trip(items, to, back, pb.SignedItems) == items
+
+
+def test_batch_header_refuses_bad_digests() -> None:
+    with pytest.raises(DispersError, match="digest"):
+        convert.batch_header_from_proto(
+            pb.BatchHeader(host="pc-1", op=1, concept_digests=[b"x"], address_digests=[b"y"])
+        )
+    with pytest.raises(DispersError, match="differ in length"):
+        convert.batch_header_from_proto(pb.BatchHeader(host="pc-1", op=1, concept_digests=[bytes(32)]))
+
+
+@given(st.builds(FoundTargets, count=counts, sealed_pseudonyms=blobs, sealed_attestation=blobs))
 def test_found_targets(found: FoundTargets) -> None:
     to, back = convert.found_targets_to_proto, convert.found_targets_from_proto
     assert round_trip(found, to, back, pb.FoundTargets) == found

@@ -166,12 +166,16 @@ def test_servicer_maps_protocol_errors_and_keeps_serving(tmp_path: Path) -> None
     config = write_cluster(tmp_path, ClusterLayout(backend="memory"))
     running = start_server(config, "conductor", port_override=0)
     try:
-        with ConductorClient(running.endpoint, peer="conductor") as client:
+        identity = config.tls_identity("researcher")
+        with ConductorClient(running.endpoint, peer="conductor", identity=identity) as client:
             assert client.get_roster() == config.roster
             with pytest.raises(DispersError) as info:
                 client.status("ab" * 16)
             assert info.value.code is ErrorCode.NOT_FOUND
-            with open_channel(running.endpoint) as channel, pytest.raises(grpc.RpcError) as raw:
+            with (
+                open_channel(running.endpoint, identity=identity, server_name="conductor") as channel,
+                pytest.raises(grpc.RpcError) as raw,
+            ):
                 stub = conductor_pb2_grpc.ConductorStub(channel)
                 stub.Submit(conductor_pb2.ConductorSubmitRequest(), timeout=10)  # no envelope
             assert raw.value.code() is grpc.StatusCode.INVALID_ARGUMENT
