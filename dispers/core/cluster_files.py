@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dispers.core.config import ClusterConfig, load_config
+from dispers.core.vocabulary import DEFAULT_VOCABULARY
 from dispers.crypto.keyfiles import write_key_file
 from dispers.crypto.keys import ActorKeys
 from dispers.crypto.tls import issue_cert, make_ca, write_private_pem, write_public_pem
@@ -34,6 +35,7 @@ class ClusterLayout:
     host_as_of: dt.date | None = None
     endpoint_host: str = "127.0.0.1"
     extra_settings: dict[str, float] = field(default_factory=dict)
+    cohorts: Sequence[str] = ()  # declared cohorts added to the default vocabulary
     insecure: bool = False  # plain gRPC channels, no CA or certificates: loopback experiments only
 
 
@@ -67,6 +69,9 @@ def write_cluster(directory: Path, layout: ClusterLayout = ClusterLayout()) -> C
         f"batch_size = {layout.batch_size}",
     ]
     lines += [f"{k} = {v}" for k, v in layout.extra_settings.items()]
+    vocabulary = [*DEFAULT_VOCABULARY, *(c for c in layout.cohorts if c not in DEFAULT_VOCABULARY)]
+    lines.append("# the public concept vocabulary: what queries may name (`dispers concepts`)")
+    lines.append("vocabulary = [" + ", ".join(f'"{c}"' for c in vocabulary) + "]")
     ca: tuple[bytes, bytes] | None = None
     if layout.insecure:
         lines.append("insecure = true  # plain channels, unauthenticated callers: loopback only")

@@ -4,6 +4,8 @@ serving, and no state is left half-written."""
 from __future__ import annotations
 
 import dataclasses
+import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,10 +14,13 @@ import grpc
 import pytest
 
 from dispers.core.codec import dumps
+from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
-from dispers.core.messages import QueryEnvelope, SubscriptionItem, SubscriptionOp
-from dispers.crypto import seal
+from dispers.core.messages import QueryEnvelope, SubscriptionBatch, SubscriptionItem, SubscriptionOp
+from dispers.core.wire import ContributionLayout
+from dispers.crypto import Opener
 from dispers.proto import conductor_pb2, target_finder_pb2
+from dispers.protocol.common import seal_padded
 from dispers.protocol.querier import run_query
 from dispers.transport import convert
 from tests.integration.conftest import World, grpc_world
@@ -43,19 +48,21 @@ _CALLER_OF = {
 }
 
 
-def _channel(world: World, actor: str) -> grpc.Channel:
+def _channel(world: World, actor: str, caller: str | None = None) -> grpc.Channel:
     """A channel to `actor` as its usual caller would open it (mutual TLS unless insecure)."""
     from dispers.transport.grpc_client import open_channel
 
     config = world.setup.config
     entry = config.roster.get(actor)
-    caller = _CALLER_OF[entry.role]
+    caller = caller or _CALLER_OF[entry.role]
     return open_channel(
         entry.endpoint, identity=config.tls_identity(caller), server_name=actor, caller=caller
     )
 
 
-def raw_call(world: World, actor: str, method: str, request: bytes) -> tuple[grpc.StatusCode, str]:
+def raw_call(
+    world: World, actor: str, method: str, request: bytes, caller: str | None = None
+) -> tuple[grpc.StatusCode, str]:
     """Call a method with raw bytes, as a hostile or broken client would."""
     entry = world.setup.config.roster.get(actor)
     service = {
@@ -67,7 +74,9 @@ def raw_call(world: World, actor: str, method: str, request: bytes) -> tuple[grp
         Role.PERSONAL_CLOUD: "PersonalCloud",
         Role.QUERIER: "Querier",
     }[entry.role]
-    with _channel(world, actor) as channel:
+    if caller is None and (actor, method) == ("conductor", "Subscribe"):
+        caller = "pc-1"  # only a host subscribes
+    with _channel(world, actor, caller) as channel:
         call = channel.unary_unary(f"/dispers.proto.{service}/{method}")
         try:
             call(request, timeout=60)
@@ -91,7 +100,7 @@ def state(world: World) -> dict[str, Any]:
 
 def tokens(world: World) -> list[bytes]:
     ci = world.actors["ci"]
-    return [ci.token(c) for c in ("age:12-25", "age:25-50", "age:50-100", "sex:F", "cohort:fresh")]
+    return [ci.token(c) for c in ("age:12-25", "age:25-50", "age:50-100", "sex:F", "sex:M")]
 
 
 def still_serving(world: World) -> None:
@@ -104,7 +113,14 @@ def still_serving(world: World) -> None:
 def items(world: World, n: int = 5) -> list[SubscriptionItem]:
     """Genuine subscription items of the host's first n instances (already subscribed)."""
     host = world.actors["pc-1"]
-    return host.subscription_items(host._store.instance_ids()[:n])
+    return list(host.subscription_batch(SubscriptionOp.SUBSCRIBE, host._store.instance_ids()[:n]).items)
+
+
+def signed_batch(world: World, batch: list[SubscriptionItem], host: str = "pc-1") -> SubscriptionBatch:
+    """A batch of these items signed by the host, as the host would send it."""
+    unsigned = SubscriptionBatch.build(host, SubscriptionOp.SUBSCRIBE, time.time(), tuple(batch))
+    signature = world.setup.keys(host).signing.sign(unsigned.header.signing_bytes())
+    return SubscriptionBatch(dataclasses.replace(unsigned.header, signature=signature), unsigned.items)
 
 
 @pytest.mark.parametrize(
@@ -144,20 +160,24 @@ def test_well_formed_message_with_bad_fields_is_invalid_argument(world: World) -
 
 def _subscribe_raw(world: World, batch: list[SubscriptionItem]) -> tuple[grpc.StatusCode, str]:
     request = conductor_pb2.SubscribeRequest(
-        op=convert.op_to_proto(SubscriptionOp.SUBSCRIBE),
-        items=[convert.subscription_item_to_proto(i) for i in batch],
+        batch=convert.subscription_batch_to_proto(signed_batch(world, batch))
     )
     return raw_call(world, "conductor", "Subscribe", request.SerializeToString())
 
 
-def _fresh_item(
-    world: World, concept: str = "cohort:fresh", address: str = "pc-1/brand-new"
-) -> SubscriptionItem:
-    roster = world.setup.config.roster
+def _fresh_item(world: World, concept: str = "sex:F", address: str = "pc-1/brand-new") -> SubscriptionItem:
+    roster, settings = world.setup.config.roster, world.setup.config.settings
+    nonce = secrets.token_hex(16)
     return SubscriptionItem(
-        sealed_concepts=seal(roster.one(Role.CONCEPT_INDEXOR).sealing_key, dumps([concept])),
-        sealed_address=seal(roster.one(Role.TARGET).sealing_key, address.encode()),
-    )
+        sealed_concepts=seal_padded(
+            roster.one(Role.CONCEPT_INDEXOR).sealing_key, {"concepts": [concept], "nonce": nonce},
+            settings.concepts_bytes, "concepts",
+        ),
+        sealed_address=seal_padded(
+            roster.one(Role.TARGET).sealing_key, {"address": address, "nonce": nonce},
+            settings.address_bytes, "address",
+        ),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("field", ["sealed_concepts", "sealed_address"])
@@ -177,10 +197,9 @@ def test_tampered_ciphertext_refuses_the_whole_batch(world: World, field: str) -
 
 
 def test_ciphertext_sealed_to_another_actor(world: World) -> None:
-    roster = world.setup.config.roster
     wrong = dataclasses.replace(
         _fresh_item(world, address="pc-1/other-new"),
-        sealed_address=seal(roster.one(Role.CONCEPT_INDEXOR).sealing_key, b"pc-1/other-new"),
+        sealed_address=_fresh_item(world, address="pc-1/other-new").sealed_concepts,  # sealed to CI
     )
     before = state(world)
     code, details = _subscribe_raw(world, [_fresh_item(world), wrong])
@@ -201,26 +220,31 @@ def test_truncated_ciphertext(world: World) -> None:
     assert state(world) == before
 
 
-def test_unknown_concept(world: World) -> None:
+def test_unknown_concept_is_refused_before_anything_is_sealed(world: World) -> None:
     before = state(world)
     spec = heart_rate_spec(query__target="age:25-50 AND cohort:nobody-has-this")
-    outcome = run_query(world.querier, spec, timeout_s=60)
-    assert outcome.record.state == "failed"
-    assert outcome.record.error_code == "UNKNOWN_CONCEPT"
-    assert outcome.record.error_message == (
-        "the concept(s) at position(s) 1 of the query are unknown to the Concept Indexor"
-    )
-    after = state(world)
-    assert after["queries"] == [*before["queries"], outcome.record.query_id]
-    assert {k: v for k, v in after.items() if k != "queries"} == {
-        k: v for k, v in before.items() if k != "queries"
-    }
-    # Directly at CI, the status is INVALID_ARGUMENT with the same message.
-    envelope = world.querier_object.build(spec)
-    with pytest.raises(Exception) as info:
-        world.peers.concept_indexor().tokenize_query(envelope)
-    assert "UNKNOWN_CONCEPT" in str(info.value) and "nobody" not in str(info.value)
+    with pytest.raises(DispersError) as info:
+        world.querier.submit(spec)
+    assert info.value.code is ErrorCode.UNKNOWN_CONCEPT
+    assert "not in the cluster's vocabulary" in info.value.message
+    assert state(world) == before  # nothing reached the Conductor
+    # A hand-sealed query naming it anyway: CI refuses it by position, never by name.
+    envelope = world.querier_object.build(heart_rate_spec())
+    ci_key = world.setup.config.roster.one(Role.CONCEPT_INDEXOR).sealing_key
+    sealed = seal_padded(
+        ci_key, {"query_id": envelope.query_id, "concepts": ["cohort:nobody-has-this"]},
+        world.setup.config.settings.concepts_bytes, "concepts",
+    )  # fmt: skip
+    with pytest.raises(DispersError) as info:
+        world.peers.concept_indexor().tokenize_query(_resigned(world, envelope, sealed_concepts=sealed))
+    assert info.value.code is ErrorCode.UNKNOWN_CONCEPT and "nobody" not in info.value.message
     still_serving(world)
+
+
+def test_vocabulary_concepts_nobody_holds_are_tokenized_like_any_other(world: World) -> None:
+    """No error tells anyone whether a concept is populated: an empty one gives an empty target."""
+    outcome = run_query(world.querier, heart_rate_spec(query__target="age:100-150"), timeout_s=60)
+    assert outcome.record.state == "refused" and outcome.record.error_code == "TOO_FEW_TARGETS"
 
 
 def _resigned(world: World, envelope: QueryEnvelope, **changes: Any) -> QueryEnvelope:
@@ -232,14 +256,17 @@ def _resigned(world: World, envelope: QueryEnvelope, **changes: Any) -> QueryEnv
 def _bad_expression_envelope(world: World) -> QueryEnvelope:
     envelope = world.querier_object.build(heart_rate_spec())
     tf_key = world.setup.config.roster.one(Role.TARGET_FINDER).sealing_key
-    sealed = seal(tf_key, dumps({"query_id": envelope.query_id, "expression": "(#0 | #1"}))
+    sealed = seal_padded(
+        tf_key, {"query_id": envelope.query_id, "expression": "(#0 | #1"},
+        world.setup.config.settings.expression_bytes, "expression",
+    )  # fmt: skip
     return _resigned(world, envelope, sealed_expression=sealed)
 
 
 def test_expression_that_does_not_parse(world: World) -> None:
     before = state(world)
-    query_id = world.peers.conductor().submit(_bad_expression_envelope(world))
-    record = world.peers.conductor().status(query_id, wait_s=60)
+    query_id = world.peers_as("researcher").conductor().submit(_bad_expression_envelope(world))
+    record = world.peers_as("researcher").conductor().status(query_id, wait_s=60)
     assert record.state == "failed"
     assert record.error_code == "INVALID_EXPRESSION"
     assert record.error_message == "the target expression does not parse (unclosed parenthesis at 0)"
@@ -263,7 +290,7 @@ def test_tampered_signature_and_replay(world: World) -> None:
     code, details = raw_call(world, "conductor", "Submit", msg.SerializeToString())
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert details == "BAD_SIGNATURE: query: signature does not verify"
-    conductor = world.peers.conductor()
+    conductor = world.peers_as("researcher").conductor()
     query_id = conductor.submit(envelope)
     assert conductor.status(query_id, wait_s=60).state == "done"
     msg = conductor_pb2.ConductorSubmitRequest(envelope=convert.envelope_to_proto(envelope))
@@ -280,8 +307,10 @@ def test_contribution_outside_bounds_is_dropped_and_reported(world: World) -> No
     truth_in = sum(1 for g in outcome.result.groups for _ in [g] if not g.suppressed)
     assert truth_in > 0
     dropped = dict(outcome.result.dropped)
-    assert set(dropped) == {"out_of_bounds"} and dropped["out_of_bounds"] > 0
-    assert outcome.record.counts["contributed"] == outcome.result.contributions + dropped["out_of_bounds"]
+    assert dropped["out_of_bounds"] is not None and dropped["out_of_bounds"] >= outcome.result.k
+    record = world.actors["conductor"].record(outcome.record.query_id)
+    declined = outcome.result.declined or 0
+    assert record.counts["targets"] == outcome.result.contributions + dropped["out_of_bounds"] + declined
     for g in outcome.result.groups:
         assert g.values["max"] is not None and g.values["max"] <= 70
     still_serving(world)
@@ -298,7 +327,7 @@ def test_an_aggregator_that_is_down_fails_the_query_cleanly(tmp_path: Path) -> N
         assert "da-2" in str(outcome.record.error_message)
         # The aggregators still up forgot the query; the Conductor serves the next request.
         assert all(da.active_queries == 0 for name, da in w.das.items() if name != "da-2")
-        assert w.peers.conductor().get_roster() == w.setup.config.roster
+        assert w.peers_as("researcher").conductor().get_roster() == w.setup.config.roster
     finally:
         w.close()
 
@@ -362,6 +391,14 @@ def test_host_refuses_stale_requests_and_answers_each_instance_once(world: World
         call = channel.unary_unary("/dispers.proto.PersonalCloud/Contribute")
         first = personal_cloud_pb2.ContributeResponse.FromString(call(fresh, timeout=30))
         again = personal_cloud_pb2.ContributeResponse.FromString(call(fresh, timeout=30))
-    answered = len(first.batch.ciphertexts)
-    assert 0 < answered <= 40 and first.batch.declined == 40 - answered
-    assert len(again.batch.ciphertexts) == 0 and again.batch.declined == 40  # T cannot replay it
+    # Exactly one item per instance asked, each time; only DA-1 (the test opens as it) can tell.
+    assert len(first.batch.ciphertexts) == len(again.batch.ciphertexts) == 40
+    assert len({len(c) for c in [*first.batch.ciphertexts, *again.batch.ciphertexts]}) == 1
+    opener = Opener("da-1", world.setup.keys("da-1").sealing)
+    layout = ContributionLayout(1)
+
+    def contributions(batch: Any) -> int:
+        return sum(not layout.decode(opener.open(c, "item")).declined for c in batch.ciphertexts)
+
+    assert 0 < contributions(first.batch) <= 40
+    assert contributions(again.batch) == 0  # T cannot replay a request to have values sealed twice

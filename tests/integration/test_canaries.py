@@ -99,8 +99,13 @@ def test_each_actor_sees_only_what_it_may(
         assert not [c for c in [concept, value, *addresses] if any(c in t for t in relay.traffic)]
     logs = "\n".join(r.getMessage() for r in caplog.records)
     assert not [c for c in [concept, value, *addresses] if c in logs]
-    record = outcome.record
-    assert concept not in repr(record.counts) + repr(record.phases) + str(record.error_message)
+    # The Conductor's own record (its store), and what the Querier is shown of it.
+    full = world.actors["conductor"].record(outcome.record.query_id)
+    for record in (outcome.record, full):
+        text = repr(record.counts) + repr(record.phases) + str(record.error_message) + record.querier
+        assert not [c for c in [concept, value, *addresses] if c in text]
+    assert set(full.counts) <= {"targets", "forwarded", "unreachable", "to:da-1", "to:da-2"}
+    assert outcome.record.counts == {}
 
 
 @pytest.mark.parametrize("transport", ["local"])
@@ -108,20 +113,22 @@ def test_conductor_shuffles_subscriptions_before_ci_and_t(world_factory: Callabl
     world = world_factory(n=120)
     host, ci, t = world.actors["pc-1"], world.actors["ci"], world.actors["t"]
     ids = host._store.instance_ids()
-    items = host.subscription_items(ids)
+    from dispers.core.messages import SubscriptionOp
+
+    batch = host.subscription_batch(SubscriptionOp.SUBSCRIBE, ids)
+    items = batch.items
     sent = [i.sealed_concepts for i in items]
     seen: dict[str, list[bytes]] = {}
     for name, actor, method in (("ci", ci, "tokenize_subscriptions"), ("t", t, "pseudonymize")):
         original = getattr(actor, method)
 
-        def spy(op: Any, batch: list[bytes], batch_id: str, _o: Any = original, _n: str = name) -> Any:
-            seen[_n] = list(batch)
-            return _o(op, batch, batch_id)
+        def spy(caller: str, header: Any, cts: list[bytes], _o: Any = original, _n: str = name) -> Any:
+            seen[_n] = list(cts)
+            return _o(caller, header, cts)
 
         setattr(actor, method, spy)
-    from dispers.core.messages import SubscriptionOp
 
-    assert world.actors["conductor"].subscribe(SubscriptionOp.SUBSCRIBE, items) == len(items)
+    assert world.actors["conductor"].subscribe("pc-1", batch) == len(items)
     assert sorted(seen["ci"]) == sorted(sent) and seen["ci"] != sent  # same items, another order
     # CI and T get the same permutation (TF must pair them), not the host's order.
     position = {ct: k for k, ct in enumerate(sent)}

@@ -113,8 +113,12 @@ def make_setup(
 ) -> Setup:
     """Write keys, cluster.toml and a host store holding a seeded population (plus canaries)."""
     config = write_cluster(
-        directory, ClusterLayout(k_min=k_min, backend=backend, host_as_of=AS_OF, batch_size=128)
-    )
+        directory,
+        ClusterLayout(
+            k_min=k_min, backend=backend, host_as_of=AS_OF, batch_size=128,
+            cohorts=(canaries.concept,) if canaries is not None else (),
+        ),
+    )  # fmt: skip
     pop = generate(PopulationSpec(n_instances=n, seed=seed, as_of=AS_OF))
     if canaries is not None:
         pop = concat(pop, canaries.population())

@@ -15,16 +15,16 @@ from dispers.core.config import DAPlan, Roster, RosterEntry
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
 from dispers.core.messages import (
+    BatchHeader,
     CollectReport,
     ContributionBatch,
     ContributionRequest,
     FoundTargets,
     QueryEnvelope,
-    SubscriptionItem,
-    SubscriptionOp,
-    BatchHeader,
     SignedItems,
     SubscriptionBatch,
+    SubscriptionItem,
+    SubscriptionOp,
 )
 from dispers.core.spec import STATS, GroupBy, GroupResult, QueryResult, QuerySpec
 from dispers.crypto.keys import SealingPublicKey, VerifyKey
