@@ -1,4 +1,4 @@
-"""The `dispers` command: keygen, init, populate, serve, subscribe, query, status, demo."""
+"""The `dispers` command: keygen, init, populate, serve, subscribe, concepts, query, status, demo."""
 
 from __future__ import annotations
 
@@ -122,6 +122,27 @@ def _subscribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _concepts(args: argparse.Namespace) -> int:
+    from dispers.core.config import load_config
+    from dispers.core.ids import Role
+    from dispers.transport.grpc_client import ConductorClient, client_for
+
+    config = load_config(args.config)
+    if args.offline:
+        concepts = config.settings.vocabulary
+    else:
+        me = args.as_ or config.roster.by_role(Role.QUERIER)[0].name
+        conductor = config.roster.one(Role.CONDUCTOR).name
+        with client_for(config, me, conductor, ConductorClient) as client:
+            concepts = client.get_vocabulary()
+    if args.json:
+        print(json.dumps(list(concepts)))
+    else:
+        for concept in concepts:
+            print(concept)
+    return 0
+
+
 def _querier_client(args: argparse.Namespace) -> QuerierClient:
     """A client of the chosen Querier service, calling as that querier (its certificate)."""
     from dispers.core.config import load_config
@@ -234,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="pc-1")
     s.add_argument("--unsubscribe", action="store_true")
     s.set_defaults(fn=_subscribe)
+
+    s = sub.add_parser(
+        "concepts", help="list the cluster's public concept vocabulary (what queries may name)"
+    )
+    s.add_argument("--config", required=True)
+    s.add_argument(
+        "--as", dest="as_", metavar="NAME", help="ask the Conductor as this actor (default: a querier)"
+    )
+    s.add_argument("--offline", action="store_true", help="read the vocabulary from the config, ask no one")
+    s.add_argument("--json", action="store_true", help="print a JSON list")
+    s.set_defaults(fn=_concepts)
 
     for name, fn, helptext in (("query", _query, "submit a query spec to the Querier and print the result"),
                                ("status", _status, "show a query's state and result")):  # fmt: skip

@@ -54,11 +54,18 @@ def result_table(result: QueryResult, truth: Mapping[str, GroupTruth] | None = N
                 row += [str(t.count), _fmt(t.mean), _fmt(t.std), delta]
         rows.append(row)
     out = table(headers, rows)
-    extras = [f"{result.contributions} contributions aggregated, k = {result.k}"]
+    extras = [f"{result.contributions} contributions in the released groups, k = {result.k}"]
+
+    def count(n: int | None) -> str:
+        return f"< {result.k}" if n is None else str(n)
+
+    extras.append(f"declined: {count(result.declined)}")
     if result.dropped:
         extras.append(
             "dropped by the aggregators: "
-            + ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(result.dropped.items()))
+            + ", ".join(
+                f"{reason.replace('_', ' ')} {count(n)}" for reason, n in sorted(result.dropped.items())
+            )
         )
     return out + "\n" + "\n".join(extras)
 
@@ -77,7 +84,7 @@ def phase_table(record: QueryRecord, extra: Mapping[str, float] | None = None) -
 
 
 def counts_line(record: QueryRecord) -> str:
-    """The sizes the Conductor knows."""
-    c = record.counts
-    parts = [f"{k}={v}" for k, v in sorted(c.items())]
-    return "query " + record.query_id + ": " + record.state + " (" + ", ".join(parts) + ")"
+    """The query's state, and whatever sizes of the Conductor's the viewer may see (a querier
+    sees none: the number of targets would give a suppressed group's size away)."""
+    parts = [f"{k}={v}" for k, v in sorted(record.counts.items())]
+    return f"query {record.query_id}: {record.state}" + (f" ({', '.join(parts)})" if parts else "")
