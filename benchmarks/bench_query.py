@@ -130,7 +130,8 @@ def main() -> int:
     figures["sealed_bytes_per_item"] = sealed_size(record)
 
     print(
-        f"instances: {n}, targets: {targets}, contributions: {contributed}, DAs: {n_das} ({leaves} leaves + root)"
+        f"instances: {n}, targets: {targets}, contributions: {contributed}, "
+        f"DAs: {n_das} ({leaves} leaves + root)"
     )
     print(
         f"every target answers one sealed item of {sealed_size(record)} bytes, contribution or decline alike"
