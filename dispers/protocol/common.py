@@ -14,8 +14,9 @@ from dispers.core.config import ClusterSettings, Roster, RosterEntry
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.ids import Role, check_batch_id, check_query_id
 from dispers.core.messages import BatchHeader, QueryEnvelope, digest
-from dispers.core.wire import pad, unpad
+from dispers.core.wire import pad, padded_size, unpad
 from dispers.crypto import Opener, seal
+from dispers.crypto.box import sealed_size
 from dispers.crypto.keys import SealingPublicKey, SigningKeyPair, VerifyKey
 
 CLOCK_SKEW_S = 60.0
@@ -116,7 +117,29 @@ def verify_envelope(
         raise malformed(f"the query's k is below the cluster minimum k={settings.k_min}")
     if envelope.plan != roster.da_plan():
         raise malformed("the query's aggregator plan does not match the cluster's")
+    check_envelope_sizes(envelope, settings)
     return querier
+
+
+def frame_size(size: int) -> int:
+    """The length of a box sealing a payload padded to `size` bytes."""
+    return sealed_size(padded_size(size))
+
+
+def check_envelope_sizes(envelope: QueryEnvelope, settings: ClusterSettings) -> None:
+    """Every sealed part of a query has the cluster's fixed length: checked before opening any,
+    so an oversized part costs nothing, and a length can never vary with what is inside."""
+    parts = [
+        ("concepts", envelope.sealed_concepts, settings.concepts_bytes),
+        ("expression", envelope.sealed_expression, settings.expression_bytes),
+        ("data request", envelope.sealed_request, settings.request_bytes),
+        *((f"aggregate spec for {name}", ct, settings.spec_bytes) for name, ct in envelope.sealed_specs),
+    ]
+    for what, ciphertext, size in parts:
+        if len(ciphertext) != frame_size(size):
+            raise malformed(f"the query's sealed {what} does not have the cluster's fixed length")
+    if sorted(name for name, _ in envelope.sealed_specs) != sorted(envelope.plan.members):
+        raise malformed("the query must carry exactly one aggregate spec per aggregator of its plan")
 
 
 def sign_payload(signing: SigningKeyPair, signer: str, body: dict[str, Any]) -> bytes:
@@ -199,6 +222,7 @@ def check_batch(
     ciphertexts: Sequence[bytes],
     signed: Sequence[bytes],
     *,
+    item_size: int,
     now: float | None = None,
 ) -> RosterEntry:
     """CI's and T's checks on a subscription batch: signed by a host of the roster, fresh, and
@@ -214,6 +238,8 @@ def check_batch(
         raise DispersError(ErrorCode.EXPIRED, "the subscription batch is stale or dated in the future")
     if len(ciphertexts) != len(signed):
         raise malformed("the subscription batch has items its host did not sign")
+    if any(len(c) != item_size for c in ciphertexts):
+        raise malformed("a subscription item does not have the cluster's fixed length")
     if sorted(digest(c) for c in ciphertexts) != sorted(signed):
         raise malformed("the subscription batch has items its host did not sign")
     return host

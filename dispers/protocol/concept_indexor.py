@@ -24,6 +24,7 @@ from dispers.protocol.common import (
     ReplayGuard,
     Staging,
     check_batch,
+    frame_size,
     open_padded,
     seal_padded,
     tokens_bytes,
@@ -89,7 +90,10 @@ class ConceptIndexor:
         reach the catalogue only when the Conductor settles it with commit=True.
         """
         authorize(self._roster, caller, "concept_indexor.tokenize_subscriptions", callee=self.name)
-        check_batch(header, self._roster, self._settings, sealed_concepts, header.concept_digests)
+        check_batch(
+            header, self._roster, self._settings, sealed_concepts, header.concept_digests,
+            item_size=frame_size(self._settings.concepts_bytes),
+        )  # fmt: skip
         size, out_size = self._settings.concepts_bytes, tokens_bytes(self._settings)
         per_item: list[list[str]] = []
         sealed: list[bytes] = []

@@ -16,7 +16,7 @@ from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.messages import QueryEnvelope, SubscriptionBatch
 from dispers.protocol.api import Peers
 from dispers.protocol.authz import authorize
-from dispers.protocol.common import verify_envelope
+from dispers.protocol.common import frame_size, verify_envelope
 from dispers.state.queries import QueryRecord, QueryStore
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,9 @@ class Conductor:
         if len(batch.items) > self._settings.batch_size:
             raise malformed(f"a subscription batch holds at most {self._settings.batch_size} items")
         batch.check_digests()
+        sizes = (frame_size(self._settings.concepts_bytes), frame_size(self._settings.address_bytes))
+        if any((len(i.sealed_concepts), len(i.sealed_address)) != sizes for i in batch.items):
+            raise malformed("a subscription item does not have the cluster's fixed length")
         self._roster.get(caller).verify_key.verify(
             header.signing_bytes(), header.signature, "subscription batch"
         )

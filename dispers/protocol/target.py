@@ -34,6 +34,7 @@ from dispers.protocol.common import (
     ReplayGuard,
     Staging,
     check_batch,
+    frame_size,
     open_padded,
     same_query,
     seal_padded,
@@ -95,7 +96,10 @@ class Target:
         the batch with commit=True.
         """
         authorize(self._roster, caller, "target.pseudonymize", callee=self.name)
-        check_batch(header, self._roster, self._settings, sealed_addresses, header.address_digests)
+        check_batch(
+            header, self._roster, self._settings, sealed_addresses, header.address_digests,
+            item_size=frame_size(self._settings.address_bytes),
+        )  # fmt: skip
         entries: list[tuple[bytes, str]] = []
         sealed: list[bytes] = []
         for i, ciphertext in enumerate(sealed_addresses):

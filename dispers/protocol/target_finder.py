@@ -22,6 +22,7 @@ from dispers.crypto import ActorKeys, Opener, seal
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import (
     ReplayGuard,
+    frame_size,
     open_padded,
     pack,
     same_query,
@@ -83,6 +84,10 @@ class TargetFinder:
             signed_items_bytes(t.name, batch_id, op, pseudonyms.items), pseudonyms.signature, "pseudonyms"
         )
         size = tokens_bytes(self._settings)
+        if any(len(x) != frame_size(size) for x in tokens.items) or any(
+            len(x) != frame_size(PSEUDONYM_FRAME) for x in pseudonyms.items
+        ):
+            raise malformed("a subscription item does not have the cluster's fixed length")
         pairs: list[tuple[list[bytes], bytes]] = []
         for i, (sealed_tokens, sealed_pseudonym) in enumerate(
             zip(tokens.items, pseudonyms.items, strict=True)

@@ -14,9 +14,11 @@ from typing import Any
 
 import grpc
 
-from dispers.core.config import ClusterConfig
+from dispers.core.config import ClusterConfig, ClusterSettings
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
+from dispers.core.wire import MAX_FIELDS, ContributionLayout
+from dispers.crypto.box import sealed_size
 from dispers.proto import (
     concept_indexor_pb2_grpc,
     conductor_pb2_grpc,
@@ -27,12 +29,13 @@ from dispers.proto import (
     target_pb2_grpc,
 )
 from dispers.protocol.assemble import Actor, Closer, assemble_actor
+from dispers.protocol.common import frame_size, tokens_bytes
 from dispers.protocol.concept_indexor import ConceptIndexor
 from dispers.protocol.conductor import Conductor, run_in_thread
 from dispers.protocol.data_aggregator import DataAggregator
 from dispers.protocol.querier import Querier
 from dispers.protocol.target import Target
-from dispers.protocol.target_finder import TargetFinder
+from dispers.protocol.target_finder import PSEUDONYM_FRAME, TargetFinder
 from dispers.services.base import CallerOf
 from dispers.services.concept_indexor import ConceptIndexorServicer
 from dispers.services.conductor import ConductorServicer
@@ -41,7 +44,7 @@ from dispers.services.personal_cloud import PersonalCloudServicer
 from dispers.services.querier import QuerierServicer
 from dispers.services.target import TargetServicer
 from dispers.services.target_finder import TargetFinderServicer
-from dispers.transport.grpc_client import CHANNEL_OPTIONS, GrpcPeers
+from dispers.transport.grpc_client import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, GrpcPeers
 from dispers.transport.grpc_errors import DecodeGuard
 from dispers.transport.identity import caller_name, server_credentials
 
@@ -149,6 +152,35 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+MiB = 1024 * 1024
+
+
+def max_request_bytes(role: Role, settings: ClusterSettings) -> int:
+    """The largest request an actor of `role` accepts: what its largest legitimate message
+    can be under the cluster's settings, with room for framing; larger ones are refused by
+    gRPC before they are read (RESOURCE_EXHAUSTED)."""
+    items = settings.batch_size
+    subscription = items * (
+        frame_size(settings.concepts_bytes) + frame_size(settings.address_bytes) + 2 * 32 + 64
+    )
+    envelope = (
+        frame_size(settings.concepts_bytes) + frame_size(settings.expression_bytes)
+        + frame_size(settings.request_bytes) + 64 * frame_size(settings.spec_bytes)
+    )  # fmt: skip
+    if role is Role.TARGET:  # Collect carries the target list: 44 bytes per target, unbounded here
+        return MAX_MESSAGE_BYTES
+    by_role = {
+        Role.CONDUCTOR: subscription,
+        Role.CONCEPT_INDEXOR: subscription,
+        Role.TARGET_FINDER: items * (frame_size(tokens_bytes(settings)) + frame_size(PSEUDONYM_FRAME) + 64),
+        Role.DATA_AGGREGATOR: items * (sealed_size(ContributionLayout(MAX_FIELDS).size) + 8)
+        + frame_size(settings.partial_bytes),
+        Role.PERSONAL_CLOUD: items * 600 + settings.request_bytes,
+        Role.QUERIER: 0,
+    }
+    return min(MAX_MESSAGE_BYTES, by_role[role] + envelope + MiB)
+
+
 def start_server(config: ClusterConfig, name: str, *, port_override: int | None = None) -> RunningServer:
     """Build actor `name` and serve it on its roster endpoint (or on `port_override`; 0 = any)."""
     entry = config.roster.get(name)
@@ -170,7 +202,11 @@ def start_server(config: ClusterConfig, name: str, *, port_override: int | None 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix=f"dispers-{name}"),
         # No SO_REUSEPORT: a second server on a taken port must fail, not share its traffic.
-        options=(*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)),
+        options=(
+            *(o for o in CHANNEL_OPTIONS if o[0] != "grpc.max_receive_message_length"),
+            ("grpc.max_receive_message_length", max_request_bytes(entry.role, config.settings)),
+            ("grpc.so_reuseport", 0),
+        ),
         interceptors=(DecodeGuard(),),
     )
     try:

@@ -19,7 +19,7 @@ from dispers.core.ids import Role
 from dispers.core.messages import QueryEnvelope, SubscriptionBatch, SubscriptionItem, SubscriptionOp
 from dispers.core.wire import ContributionLayout
 from dispers.crypto import Opener
-from dispers.proto import conductor_pb2, target_finder_pb2
+from dispers.proto import conductor_pb2, data_aggregator_pb2, target_finder_pb2
 from dispers.protocol.common import seal_padded
 from dispers.protocol.querier import run_query
 from dispers.transport import convert
@@ -197,9 +197,12 @@ def test_tampered_ciphertext_refuses_the_whole_batch(world: World, field: str) -
 
 
 def test_ciphertext_sealed_to_another_actor(world: World) -> None:
-    wrong = dataclasses.replace(
+    settings = world.setup.config.settings
+    ci_key = world.setup.config.roster.one(Role.CONCEPT_INDEXOR).sealing_key
+    body = {"address": "pc-1/other-new", "nonce": secrets.token_hex(16)}
+    wrong = dataclasses.replace(  # the right length, sealed to CI instead of T
         _fresh_item(world, address="pc-1/other-new"),
-        sealed_address=_fresh_item(world, address="pc-1/other-new").sealed_concepts,  # sealed to CI
+        sealed_address=seal_padded(ci_key, body, settings.address_bytes, "address"),
     )
     before = state(world)
     code, details = _subscribe_raw(world, [_fresh_item(world), wrong])
@@ -215,8 +218,9 @@ def test_truncated_ciphertext(world: World) -> None:
     code, details = _subscribe_raw(
         world, [dataclasses.replace(item, sealed_concepts=item.sealed_concepts[:20])]
     )
+    # Refused by the Conductor on its public length alone, before anyone tries to open it.
     assert code is grpc.StatusCode.INVALID_ARGUMENT
-    assert "truncated" in details
+    assert details == "MALFORMED: a subscription item does not have the cluster's fixed length"
     assert state(world) == before
 
 
@@ -402,3 +406,25 @@ def test_host_refuses_stale_requests_and_answers_each_instance_once(world: World
 
     assert 0 < contributions(first.batch) <= 40
     assert contributions(again.batch) == 0  # T cannot replay a request to have values sealed twice
+
+
+def test_an_oversized_request_is_refused_before_it_is_read(world: World) -> None:
+    """Every RPC caps what it accepts: a DA's cap follows the cluster's batch size."""
+    from dispers.services.server import max_request_bytes
+
+    cap = max_request_bytes(Role.DATA_AGGREGATOR, world.setup.config.settings)
+    request = data_aggregator_pb2.IngestRequest(query_id="0" * 32, ciphertexts=[bytes(cap)])
+    before = state(world)
+    code, _ = raw_call(world, "da-1", "Ingest", request.SerializeToString())
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert state(world) == before
+    still_serving(world)
+
+
+def test_query_parts_of_the_wrong_length_are_refused_unopened(world: World) -> None:
+    """A sealed part longer than the cluster's fixed frame is refused before anyone opens it."""
+    envelope = world.querier_object.build(heart_rate_spec())
+    longer = _resigned(world, envelope, sealed_expression=envelope.sealed_expression + b"\x00")
+    with pytest.raises(DispersError) as info:
+        world.peers_as("researcher").conductor().submit(longer)
+    assert info.value.code is ErrorCode.MALFORMED and "fixed length" in info.value.message
