@@ -161,3 +161,21 @@ def test_querier_refuses_a_roster_the_conductor_swapped(world_factory: Callable[
     with pytest.raises(DispersError) as info:
         world.querier.submit(heart_rate_spec())
     assert info.value.code.value == "CONFIG" and "differs" in info.value.message
+
+
+@pytest.mark.parametrize("transport", ["local"])
+def test_aggregator_forgets_an_abandoned_query_on_a_timer(world_factory: Callable[..., World]) -> None:
+    """Invariant 3: a DA holds a query's state only for query_timeout_s, even if no call comes."""
+    import dataclasses
+    import time
+
+    world = world_factory(n=50)
+    da = world.das["da-1"]
+    da._settings = dataclasses.replace(da._settings, query_timeout_s=0.2)
+    envelope = world.querier_object.build(heart_rate_spec())
+    da.prepare("conductor", envelope)  # the Conductor then vanishes: no finalize, no abort
+    assert da.active_queries == 1
+    deadline = time.monotonic() + 30
+    while da.active_queries and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert da.active_queries == 0
