@@ -153,7 +153,7 @@ class Conductor:
         authorize(self._roster, caller, "conductor.status", callee=self.name)
         record = self._store.get(query_id)
         if record.querier != caller:
-            raise DispersError(ErrorCode.NOT_FOUND, "no such query for this querier")
+            raise DispersError(ErrorCode.NOT_FOUND, "no query with this id")  # as for an unknown id
         wait = max(0.0, min(wait_s, self._settings.max_wait_s, self._settings.query_timeout_s))
         if wait > 0 and record.state not in FINAL_STATES and self._long_polls.acquire(blocking=False):
             try:
