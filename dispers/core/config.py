@@ -12,7 +12,12 @@ from typing import Any
 
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role, check_name
-from dispers.core.vocabulary import DEFAULT_VOCABULARY, validate_concept
+from dispers.core.vocabulary import (
+    DEFAULT_VOCABULARY,
+    MAX_ADDRESS_LENGTH,
+    MAX_CONCEPT_LENGTH,
+    validate_concept,
+)
 from dispers.crypto.keys import SealingPublicKey, VerifyKey
 from dispers.crypto.tls import TlsIdentity
 
@@ -199,8 +204,8 @@ class ClusterSettings:
     query_timeout_s: float = 300.0
     vocabulary: tuple[str, ...] = DEFAULT_VOCABULARY
     max_concepts: int = 16  # per subscription and per query
-    concepts_bytes: int = 1024  # a subscription's or a query's concept list (JSON)
-    address_bytes: int = 256  # an instance address
+    concepts_bytes: int = 2048  # a subscription's or a query's concept list (JSON)
+    address_bytes: int = 512  # an instance address and its nonce (JSON)
     expression_bytes: int = 1024  # a query's target expression
     request_bytes: int = 4096  # the data request sealed to T
     spec_bytes: int = 4096  # the aggregate spec sealed to each DA
@@ -322,6 +327,19 @@ def _settings(raw: Any, base: Path | None = None) -> ClusterSettings:
         value = getattr(s, key)
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
             raise _config_error(f"cluster.{key} must be a positive number")
+    # Whether a payload fits its frame must never depend on a person's data: the frames must
+    # hold the worst case the other settings allow.
+    need = s.max_concepts * (MAX_CONCEPT_LENGTH + 3) + 64
+    if s.concepts_bytes < need:
+        raise _config_error(
+            f"cluster.concepts_bytes must be at least {need} to hold max_concepts = {s.max_concepts} "
+            f"concepts of up to {MAX_CONCEPT_LENGTH} characters"
+        )
+    if s.address_bytes < MAX_ADDRESS_LENGTH + 80:
+        raise _config_error(
+            f"cluster.address_bytes must be at least {MAX_ADDRESS_LENGTH + 80} to hold an address "
+            f"of up to {MAX_ADDRESS_LENGTH} characters"
+        )
     return s
 
 

@@ -17,6 +17,8 @@ from dispers.core.ids import check_query_id
 from dispers.core.wire import ContributionLayout
 
 STATS = ("count", "sum", "mean", "var", "std", "min", "max")
+MAX_BOUND = 1e15
+"""Largest |bound| a query may declare: squares and sums of a million values stay finite."""
 
 
 def _spec_error(message: str) -> DispersError:
@@ -132,6 +134,8 @@ class AggregateSpec:
         lo, hi = self.bounds
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise malformed("aggregate spec: bounds must be finite with lower < upper")
+        if max(abs(lo), abs(hi)) > MAX_BOUND:
+            raise malformed(f"aggregate spec: bounds must lie within ±{MAX_BOUND:g}")
         bad = [s for s in self.stats if s not in STATS]
         if bad or not self.stats:
             raise malformed(f"aggregate spec: stats must be a non-empty subset of {', '.join(STATS)}")
@@ -259,6 +263,8 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
         or not bounds[0] < bounds[1]
     ):
         raise _spec_error("aggregate.bounds must be [lower, upper], finite, with lower < upper")
+    if max(abs(bounds[0]), abs(bounds[1])) > MAX_BOUND:
+        raise _spec_error(f"aggregate.bounds must lie within ±{MAX_BOUND:g}")
     stats = agg.get("stats", ["count", "mean", "std"])
     if not isinstance(stats, list) or not stats or any(s not in STATS for s in stats):
         raise _spec_error(f"aggregate.stats must be a non-empty list from {', '.join(STATS)}")

@@ -12,6 +12,8 @@ import re
 from dispers.core.errors import DispersError, ErrorCode
 
 MAX_CONCEPT_LENGTH = 64
+MAX_ADDRESS_LENGTH = 256
+"""An instance address '<host>/<instance id>' (T refuses longer ones; frames must hold it)."""
 # namespace:value; the lookahead caps the whole string's length.
 CONCEPT_PATTERN = re.compile(rf"(?=.{{1,{MAX_CONCEPT_LENGTH}}}\Z)[a-z_]+:[A-Za-z0-9_.-]+\Z")
 

@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dispers.core.errors import malformed
+from dispers.core.ids import check_query_id
 
 PAD_VERSION = 1
 _PAD_HEADER = struct.Struct(">BI")  # version, payload length
@@ -86,6 +87,7 @@ class ContributionLayout:
 
     def encode(self, query_id: str, group: int, values: npt.ArrayLike) -> bytes:
         """A contribution: its group index and exactly n_fields float64 values."""
+        check_query_id(query_id)
         v = np.asarray(values, dtype=">f8").reshape(-1)
         if v.shape != (self.n_fields,):
             raise malformed(f"a contribution of this query carries exactly {self.n_fields} field(s)")
@@ -97,6 +99,7 @@ class ContributionLayout:
 
     def decline(self, query_id: str) -> bytes:
         """A decline: the same length as a contribution, all values zero."""
+        check_query_id(query_id)
         return _RECORD_HEADER.pack(RECORD_VERSION, KIND_DECLINE, bytes.fromhex(query_id), 0) + bytes(
             8 * self.n_fields
         )

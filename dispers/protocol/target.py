@@ -26,6 +26,7 @@ from dispers.core.messages import (
     signed_items_bytes,
 )
 from dispers.core.spec import DataRequest
+from dispers.core.vocabulary import MAX_ADDRESS_LENGTH
 from dispers.crypto import ActorKeys, Opener, keyed_hash
 from dispers.crypto.box import sealed_size
 from dispers.protocol.api import Peers
@@ -45,7 +46,7 @@ from dispers.protocol.target_finder import PSEUDONYM_FRAME
 from dispers.state.directory import AddressDirectory
 
 log = logging.getLogger(__name__)
-MAX_ADDRESS = 256
+MAX_ADDRESS = MAX_ADDRESS_LENGTH
 
 
 def split_address(address: str) -> tuple[str, str]:

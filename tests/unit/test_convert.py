@@ -26,7 +26,7 @@ from dispers.core.messages import (
     SubscriptionItem,
     SubscriptionOp,
 )
-from dispers.core.spec import STATS, GroupBy, GroupResult, QueryResult, QuerySpec
+from dispers.core.spec import MAX_BOUND, STATS, GroupBy, GroupResult, QueryResult, QuerySpec
 from dispers.crypto.keys import SealingPublicKey, VerifyKey
 from dispers.proto import common_pb2 as pb
 from dispers.protocol.api import QueryOutcome
@@ -154,7 +154,9 @@ query_specs = st.builds(
     params=st.dictionaries(text, json_values, max_size=4),
     as_of=st.dates(min_value=dt.date(1900, 1, 1)),
     group_by=st.none() | group_bys,
-    bounds=st.lists(finite, min_size=2, max_size=2, unique=True).map(lambda b: (min(b), max(b))),
+    bounds=st.lists(
+        st.floats(min_value=-MAX_BOUND, max_value=MAX_BOUND), min_size=2, max_size=2, unique=True
+    ).map(lambda b: (min(b), max(b))),
     stats=st.lists(st.sampled_from(STATS), min_size=1, max_size=4).map(tuple),
     k=st.integers(min_value=2, max_value=10**6),
 )
