@@ -110,6 +110,20 @@ class SignedItems:
     signature: bytes
 
 
+@dataclass(frozen=True)
+class Receipt:
+    """TF's word that it applied a batch: how many subscriptions, and its signature over the
+    batch id and op. CI and T commit what they staged for a batch only against it."""
+
+    applied: int
+    signature: bytes
+
+
+def receipt_bytes(batch_id: str, op: SubscriptionOp) -> bytes:
+    """What TF signs when it has applied a batch."""
+    return b"dispers-subscription-applied-v1\x00" + dumps({"batch_id": batch_id, "op": op.value})
+
+
 def signed_items_bytes(signer: str, batch_id: str, op: SubscriptionOp, items: tuple[bytes, ...]) -> bytes:
     """What CI or T signs over the items it seals to TF for one batch."""
     head = dumps({"signer": signer, "batch_id": batch_id, "op": op.value})

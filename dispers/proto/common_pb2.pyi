@@ -659,17 +659,21 @@ class SettleRequest(_message.Message):
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     COMMIT_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     commit: _builtins.bool
+    receipt: _builtins.bytes
+    """with commit: TF's signature that it applied this batch id and op"""
     def __init__(
         self,
         *,
         batch_id: _builtins.str = ...,
         commit: _builtins.bool = ...,
+        receipt: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "commit", b"commit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "commit", b"commit", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dispers.proto import common_pb2 as dispers_dot_proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!dispers/proto/target_finder.proto\x12\rdispers.proto\x1a\x1a\x64ispers/proto/common.proto\"\xb4\x01\n\x19\x41pplySubscriptionsRequest\x12)\n\x02op\x18\x01 \x01(\x0e\x32\x1d.dispers.proto.SubscriptionOp\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12*\n\x06tokens\x18\x03 \x01(\x0b\x32\x1a.dispers.proto.SignedItems\x12.\n\npseudonyms\x18\x04 \x01(\x0b\x32\x1a.dispers.proto.SignedItems\"-\n\x1a\x41pplySubscriptionsResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x03\"[\n\x12\x46indTargetsRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.QueryEnvelope\x12\x15\n\rsealed_tokens\x18\x02 \x01(\x0c\"A\n\x13\x46indTargetsResponse\x12*\n\x05\x66ound\x18\x01 \x01(\x0b\x32\x1b.dispers.proto.FoundTargets2\xcf\x01\n\x0cTargetFinder\x12i\n\x12\x41pplySubscriptions\x12(.dispers.proto.ApplySubscriptionsRequest\x1a).dispers.proto.ApplySubscriptionsResponse\x12T\n\x0b\x46indTargets\x12!.dispers.proto.FindTargetsRequest\x1a\".dispers.proto.FindTargetsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!dispers/proto/target_finder.proto\x12\rdispers.proto\x1a\x1a\x64ispers/proto/common.proto\"\xb4\x01\n\x19\x41pplySubscriptionsRequest\x12)\n\x02op\x18\x01 \x01(\x0e\x32\x1d.dispers.proto.SubscriptionOp\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12*\n\x06tokens\x18\x03 \x01(\x0b\x32\x1a.dispers.proto.SignedItems\x12.\n\npseudonyms\x18\x04 \x01(\x0b\x32\x1a.dispers.proto.SignedItems\">\n\x1a\x41pplySubscriptionsResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x03\x12\x0f\n\x07receipt\x18\x02 \x01(\x0c\"[\n\x12\x46indTargetsRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.QueryEnvelope\x12\x15\n\rsealed_tokens\x18\x02 \x01(\x0c\"A\n\x13\x46indTargetsResponse\x12*\n\x05\x66ound\x18\x01 \x01(\x0b\x32\x1b.dispers.proto.FoundTargets2\xcf\x01\n\x0cTargetFinder\x12i\n\x12\x41pplySubscriptions\x12(.dispers.proto.ApplySubscriptionsRequest\x1a).dispers.proto.ApplySubscriptionsResponse\x12T\n\x0b\x46indTargets\x12!.dispers.proto.FindTargetsRequest\x1a\".dispers.proto.FindTargetsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPLYSUBSCRIPTIONSREQUEST']._serialized_start=81
   _globals['_APPLYSUBSCRIPTIONSREQUEST']._serialized_end=261
   _globals['_APPLYSUBSCRIPTIONSRESPONSE']._serialized_start=263
-  _globals['_APPLYSUBSCRIPTIONSRESPONSE']._serialized_end=308
-  _globals['_FINDTARGETSREQUEST']._serialized_start=310
-  _globals['_FINDTARGETSREQUEST']._serialized_end=401
-  _globals['_FINDTARGETSRESPONSE']._serialized_start=403
-  _globals['_FINDTARGETSRESPONSE']._serialized_end=468
-  _globals['_TARGETFINDER']._serialized_start=471
-  _globals['_TARGETFINDER']._serialized_end=678
+  _globals['_APPLYSUBSCRIPTIONSRESPONSE']._serialized_end=325
+  _globals['_FINDTARGETSREQUEST']._serialized_start=327
+  _globals['_FINDTARGETSREQUEST']._serialized_end=418
+  _globals['_FINDTARGETSRESPONSE']._serialized_start=420
+  _globals['_FINDTARGETSRESPONSE']._serialized_end=485
+  _globals['_TARGETFINDER']._serialized_start=488
+  _globals['_TARGETFINDER']._serialized_end=695
 # @@protoc_insertion_point(module_scope)

@@ -13,7 +13,7 @@ from dispers.core.codec import dumps, hex_bytes, loads_object
 from dispers.core.config import ClusterSettings, Roster, RosterEntry
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.ids import Role, check_batch_id, check_query_id
-from dispers.core.messages import BatchHeader, QueryEnvelope, digest
+from dispers.core.messages import BatchHeader, QueryEnvelope, SubscriptionOp, digest, receipt_bytes
 from dispers.core.wire import pad, padded_size, unpad
 from dispers.crypto import Opener, seal
 from dispers.crypto.box import sealed_size
@@ -243,6 +243,12 @@ def check_batch(
     if sorted(digest(c) for c in ciphertexts) != sorted(signed):
         raise malformed("the subscription batch has items its host did not sign")
     return host
+
+
+def check_receipt(roster: Roster, batch_id: str, op: SubscriptionOp, receipt: bytes) -> None:
+    """TF's signature that it applied `batch_id` with `op` (BAD_SIGNATURE otherwise)."""
+    tf = roster.one(Role.TARGET_FINDER)
+    tf.verify_key.verify(receipt_bytes(batch_id, op), receipt, "subscription receipt")
 
 
 def tokens_bytes(settings: ClusterSettings) -> int:

@@ -24,6 +24,7 @@ from dispers.protocol.common import (
     ReplayGuard,
     Staging,
     check_batch,
+    check_receipt,
     frame_size,
     open_padded,
     seal_padded,
@@ -51,7 +52,7 @@ class ConceptIndexor:
         self._catalog = catalog
         self._tf_key = roster.one(Role.TARGET_FINDER).sealing_key
         self._replays = ReplayGuard(settings.max_query_age_s * 2)
-        self._staged: Staging[list[str]] = Staging(settings.query_timeout_s)
+        self._staged: Staging[tuple[SubscriptionOp, list[str]]] = Staging(settings.query_timeout_s)
 
     def token(self, concept: str) -> bytes:
         """Keyed BLAKE2b of a concept under CI's secret."""
@@ -108,16 +109,19 @@ class ConceptIndexor:
             sealed.append(seal_padded(self._tf_key, body, out_size, "token list"))
         items = tuple(sealed)
         batch_id = header.batch_id
-        if header.op is SubscriptionOp.SUBSCRIBE:
-            self._staged.put(batch_id, sorted({c for concepts in per_item for c in concepts}))
+        self._staged.put(batch_id, (header.op, sorted({c for concepts in per_item for c in concepts})))
         signature = self._keys.signing.sign(signed_items_bytes(self.name, batch_id, header.op, items))
         return SignedItems(items, signature)
 
-    def settle(self, caller: str, batch_id: str, commit: bool) -> None:
-        """Commit (or drop) the concepts a subscription batch staged."""
+    def settle(self, caller: str, batch_id: str, commit: bool, receipt: bytes = b"") -> None:
+        """Commit (or drop) the concepts a subscription batch staged (a commit needs TF's receipt)."""
         authorize(self._roster, caller, "concept_indexor.settle", callee=self.name)
-        concepts = self._staged.take(batch_id)
-        if commit and concepts:
+        staged = self._staged.take(batch_id)
+        if not commit or staged is None:
+            return
+        op, concepts = staged
+        check_receipt(self._roster, batch_id, op, receipt)
+        if concepts:
             new = self._catalog.add(concepts)
             log.debug("batch settled: %d new concepts", new)
 

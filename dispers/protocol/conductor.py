@@ -110,7 +110,7 @@ class Conductor:
         try:
             tokens = ci.tokenize_subscriptions(header, [s.sealed_concepts for s in shuffled])
             pseudonyms = t.pseudonymize(header, [s.sealed_address for s in shuffled])
-            applied = self._peers.target_finder().apply_subscriptions(header.op, batch_id, tokens, pseudonyms)
+            receipt = self._peers.target_finder().apply_subscriptions(header.op, batch_id, tokens, pseudonyms)
         except DispersError as exc:
             for actor in (ci, t):
                 try:
@@ -118,10 +118,10 @@ class Conductor:
                 except DispersError:  # staged entries also expire on their own
                     log.warning("could not drop a refused subscription batch")
             raise _in_caller_order(exc, order) from None
-        ci.settle(batch_id, True)
-        t.settle(batch_id, True)
-        log.info("%s: a batch of %d subscriptions applied", header.op.value, applied)
-        return applied
+        ci.settle(batch_id, True, receipt.signature)
+        t.settle(batch_id, True, receipt.signature)
+        log.info("%s: a batch of %d subscriptions applied", header.op.value, receipt.applied)
+        return receipt.applied
 
     def submit(self, caller: str, envelope: QueryEnvelope) -> str:
         """Check who asks and record the query; it then runs on the executor."""

@@ -35,6 +35,7 @@ from dispers.protocol.common import (
     ReplayGuard,
     Staging,
     check_batch,
+    check_receipt,
     frame_size,
     open_padded,
     same_query,
@@ -97,6 +98,8 @@ class Target:
         the batch with commit=True.
         """
         authorize(self._roster, caller, "target.pseudonymize", callee=self.name)
+        if self._directory.batch_committed(header.batch_id):
+            raise DispersError(ErrorCode.REPLAY, "this subscription batch was committed before (replay)")
         check_batch(
             header, self._roster, self._settings, sealed_addresses, header.address_digests,
             item_size=frame_size(self._settings.address_bytes),
@@ -122,17 +125,22 @@ class Target:
         signature = self._keys.signing.sign(signed_items_bytes(self.name, header.batch_id, header.op, items))
         return SignedItems(items, signature)
 
-    def settle(self, caller: str, batch_id: str, commit: bool) -> None:
-        """Commit (or drop) the directory changes a subscription batch staged."""
+    def settle(self, caller: str, batch_id: str, commit: bool, receipt: bytes = b"") -> None:
+        """Commit (or drop) the directory changes a subscription batch staged.
+
+        A commit needs TF's signed receipt for this batch id and op: the Conductor cannot make
+        T commit a batch TF refused. A batch id is committed at most once (persisted).
+        """
         authorize(self._roster, caller, "target.settle", callee=self.name)
         staged = self._staged.take(batch_id)
         if not commit or staged is None:
             return
         op, entries = staged
+        check_receipt(self._roster, batch_id, op, receipt)
         if op is SubscriptionOp.SUBSCRIBE:
-            self._directory.put_many(entries)
+            self._directory.commit_batch(batch_id, entries, [])
         else:
-            self._directory.delete_many([p for p, _ in entries])
+            self._directory.commit_batch(batch_id, [], [p for p, _ in entries])
 
     def _open_request(self, envelope: QueryEnvelope) -> tuple[DataRequest, bytes, bytes]:
         what = "data request"

@@ -14,8 +14,10 @@ from dispers.core.messages import (
     NONCE_BYTES,
     FoundTargets,
     QueryEnvelope,
+    Receipt,
     SignedItems,
     SubscriptionOp,
+    receipt_bytes,
     signed_items_bytes,
 )
 from dispers.crypto import ActorKeys, Opener, seal
@@ -63,8 +65,9 @@ class TargetFinder:
 
     def apply_subscriptions(
         self, caller: str, op: SubscriptionOp, batch_id: str, tokens: SignedItems, pseudonyms: SignedItems
-    ) -> int:
-        """Apply one batch, all or nothing, once; returns how many subscriptions it held.
+    ) -> Receipt:
+        """Apply one batch, all or nothing, once; returns how many it held, with TF's signed
+        receipt (CI and T commit their side of the batch only against it).
 
         Both halves must be signed for this batch id and op (by CI and by T), pair up item by
         item with the same nonce (so the Conductor cannot re-pair them), and the batch id must
@@ -111,7 +114,7 @@ class TargetFinder:
             self._sets.unsubscribe_batch(batch_id, [p for _, p in pairs])
         # Only the number of subscriptions goes back: C already knows it, whereas the number
         # of memberships would tell C how many concepts the instances of a batch hold.
-        return len(pairs)
+        return Receipt(len(pairs), self._keys.signing.sign(receipt_bytes(batch_id, op)))
 
     def find_targets(self, caller: str, envelope: QueryEnvelope, sealed_tokens: bytes) -> FoundTargets:
         """Evaluate the query's expression; refuse below k; seal shuffled pseudonyms to T."""

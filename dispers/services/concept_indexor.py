@@ -32,7 +32,7 @@ class ConceptIndexorServicer(concept_indexor_pb2_grpc.ConceptIndexorServicer):
     @rpc
     def Settle(self, request: common_pb2.SettleRequest, context: Any) -> common_pb2.SettleResponse:
         """Commit or drop a staged subscription batch."""
-        self._indexor.settle(self._caller_of(context), request.batch_id, request.commit)
+        self._indexor.settle(self._caller_of(context), request.batch_id, request.commit, request.receipt)
         return common_pb2.SettleResponse()
 
     @rpc

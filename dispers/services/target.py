@@ -30,7 +30,7 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
     @rpc
     def Settle(self, request: common_pb2.SettleRequest, context: Any) -> common_pb2.SettleResponse:
         """Commit or drop a staged subscription batch."""
-        self._target.settle(self._caller_of(context), request.batch_id, request.commit)
+        self._target.settle(self._caller_of(context), request.batch_id, request.commit, request.receipt)
         return common_pb2.SettleResponse()
 
     @rpc

@@ -25,14 +25,14 @@ class TargetFinderServicer(target_finder_pb2_grpc.TargetFinderServicer):
     ) -> pb.ApplySubscriptionsResponse:
         """Apply one signed, nonce-paired subscription batch."""
         caller = self._caller_of(context)
-        changed = self._finder.apply_subscriptions(
+        receipt = self._finder.apply_subscriptions(
             caller,
             convert.op_from_proto(request.op),
             request.batch_id,
             convert.signed_items_from_proto(request.tokens),
             convert.signed_items_from_proto(request.pseudonyms),
         )
-        return pb.ApplySubscriptionsResponse(changed=changed)
+        return pb.ApplySubscriptionsResponse(changed=receipt.applied, receipt=receipt.signature)
 
     @rpc
     def FindTargets(self, request: pb.FindTargetsRequest, context: Any) -> pb.FindTargetsResponse:

@@ -55,6 +55,10 @@ def _not_found(missing: int, total: int) -> DispersError:
     return DispersError(ErrorCode.NOT_FOUND, f"{missing} of {total} pseudonyms are not in the directory")
 
 
+def _replay() -> DispersError:
+    return DispersError(ErrorCode.REPLAY, "this subscription batch was committed before (replay)")
+
+
 class AddressDirectory(ABC):
     """Maps each subscribed instance's pseudonym to its address; only the Target holds it."""
 
@@ -69,6 +73,15 @@ class AddressDirectory(ABC):
     @abstractmethod
     def lookup(self, pseudonyms: Sequence[bytes]) -> list[str | None]:
         """Return the address of each pseudonym, in order, None where it is unknown."""
+
+    @abstractmethod
+    def commit_batch(self, batch_id: str, put: Sequence[tuple[bytes, str]], delete: Sequence[bytes]) -> None:
+        """Apply one subscription batch's changes once, all or none: REPLAY if `batch_id` was
+        committed before; otherwise record it, put the new entries and delete the others."""
+
+    @abstractmethod
+    def batch_committed(self, batch_id: str) -> bool:
+        """Whether a subscription batch of this id was committed."""
 
     @abstractmethod
     def delete_many(self, pseudonyms: Sequence[bytes]) -> int:
@@ -96,6 +109,25 @@ class MemoryAddressDirectory(AddressDirectory):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._addresses: dict[bytes, str] = {}
+        self._batches: set[str] = set()
+
+    def commit_batch(self, batch_id: str, put: Sequence[tuple[bytes, str]], delete: Sequence[bytes]) -> None:
+        """Apply one subscription batch's changes once (see AddressDirectory)."""
+        batch = _check_entries(put)
+        _check_pseudonyms(delete)
+        with self._lock:
+            if batch_id in self._batches:
+                raise _replay()
+            _check_conflicts(put, batch, self._addresses)
+            self._batches.add(batch_id)
+            self._addresses.update(batch)
+            for p in delete:
+                self._addresses.pop(p, None)
+
+    def batch_committed(self, batch_id: str) -> bool:
+        """Whether a subscription batch of this id was committed."""
+        with self._lock:
+            return batch_id in self._batches
 
     def put_many(self, entries: Sequence[tuple[bytes, str]]) -> int:
         """Record (pseudonym, address) entries, all or none; return how many were new.
@@ -138,6 +170,28 @@ class SQLiteAddressDirectory(AddressDirectory, SQLiteStore):
                 "CREATE TABLE IF NOT EXISTS directory ("
                 " pseudonym BLOB PRIMARY KEY, address TEXT NOT NULL) WITHOUT ROWID"
             )
+            conn.execute("CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY) WITHOUT ROWID")
+
+    def commit_batch(self, batch_id: str, put: Sequence[tuple[bytes, str]], delete: Sequence[bytes]) -> None:
+        """Apply one subscription batch's changes once (see AddressDirectory)."""
+        batch = _check_entries(put)
+        _check_pseudonyms(delete)
+        with self._transaction() as conn:
+            try:
+                conn.execute("INSERT INTO batches (batch_id) VALUES (?)", (batch_id,))
+            except sqlite3.IntegrityError:
+                raise _replay() from None
+            _check_conflicts(put, batch, self._lookup(conn, list(batch)))
+            conn.executemany(
+                "INSERT OR IGNORE INTO directory (pseudonym, address) VALUES (?, ?)", batch.items()
+            )
+            conn.executemany("DELETE FROM directory WHERE pseudonym = ?", [(p,) for p in set(delete)])
+
+    def batch_committed(self, batch_id: str) -> bool:
+        """Whether a subscription batch of this id was committed."""
+        with self._lock:
+            row = self._conn.execute("SELECT 1 FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        return row is not None
 
     @staticmethod
     def _lookup(conn: sqlite3.Connection, pseudonyms: Sequence[bytes]) -> dict[bytes, str]:

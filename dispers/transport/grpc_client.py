@@ -26,6 +26,7 @@ from dispers.core.messages import (
     ContributionRequest,
     FoundTargets,
     QueryEnvelope,
+    Receipt,
     SignedItems,
     SubscriptionBatch,
     SubscriptionOp,
@@ -238,9 +239,9 @@ class ConceptIndexorClient(_Client):
         )
         return convert.signed_items_from_proto(response.tokens)
 
-    def settle(self, batch_id: str, commit: bool) -> None:
-        """Commit or drop a staged subscription batch."""
-        request = common_pb2.SettleRequest(batch_id=batch_id, commit=commit)
+    def settle(self, batch_id: str, commit: bool, receipt: bytes = b"") -> None:
+        """Commit (against TF's receipt) or drop a staged subscription batch."""
+        request = common_pb2.SettleRequest(batch_id=batch_id, commit=commit, receipt=receipt)
         self._call("Settle", self._stub.Settle, request, SHORT_DEADLINE_S)
 
     def tokenize_query(self, envelope: QueryEnvelope) -> bytes:
@@ -269,8 +270,8 @@ class TargetFinderClient(_Client):
 
     def apply_subscriptions(
         self, op: SubscriptionOp, batch_id: str, tokens: SignedItems, pseudonyms: SignedItems
-    ) -> int:
-        """Apply one signed, nonce-paired batch; returns how many subscriptions it held."""
+    ) -> Receipt:
+        """Apply one signed, nonce-paired batch; returns how many it held and TF's receipt."""
         request = target_finder_pb2.ApplySubscriptionsRequest(
             op=convert.op_to_proto(op),
             batch_id=batch_id,
@@ -280,7 +281,7 @@ class TargetFinderClient(_Client):
         response: target_finder_pb2.ApplySubscriptionsResponse = self._call(
             "ApplySubscriptions", self._stub.ApplySubscriptions, request, SHORT_DEADLINE_S
         )
-        return response.changed
+        return Receipt(max(0, response.changed), response.receipt)
 
     def find_targets(self, envelope: QueryEnvelope, sealed_tokens: bytes) -> FoundTargets:
         """Evaluate a query's expression."""
@@ -318,9 +319,9 @@ class TargetClient(_Client):
         )
         return convert.signed_items_from_proto(response.pseudonyms)
 
-    def settle(self, batch_id: str, commit: bool) -> None:
-        """Commit or drop a staged subscription batch."""
-        request = common_pb2.SettleRequest(batch_id=batch_id, commit=commit)
+    def settle(self, batch_id: str, commit: bool, receipt: bytes = b"") -> None:
+        """Commit (against TF's receipt) or drop a staged subscription batch."""
+        request = common_pb2.SettleRequest(batch_id=batch_id, commit=commit, receipt=receipt)
         self._call("Settle", self._stub.Settle, request, SHORT_DEADLINE_S)
 
     def collect(self, envelope: QueryEnvelope, sealed_pseudonyms: bytes) -> CollectReport:

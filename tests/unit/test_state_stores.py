@@ -166,6 +166,19 @@ class PseudonymSetsContract(_Contract):
         assert sets.universe() == frozenset({b"p1", b"p2"})
         assert sets.token_count() == 2
 
+    def test_a_batch_applies_once_and_unsubscribe_leaves_every_set(self) -> None:
+        sets = self.make()
+        assert sets.subscribe_batch("a" * 32, [([b"t1", b"t2"], b"p1"), ([b"t2"], b"p2")]) == 3
+        with pytest.raises(DispersError) as excinfo:
+            sets.subscribe_batch("a" * 32, [([b"t3"], b"p3")])
+        assert excinfo.value.code is ErrorCode.REPLAY and sets.members(b"t3") == frozenset()
+        # Unsubscribing names no token: the pseudonym leaves every set it is in.
+        assert sets.unsubscribe_batch("b" * 32, [b"p1"]) == 2
+        assert sets.universe() == frozenset({b"p2"}) and sets.members(b"t1") == frozenset()
+        with pytest.raises(DispersError) as excinfo:
+            sets.unsubscribe_batch("b" * 32, [b"p2"])
+        assert excinfo.value.code is ErrorCode.REPLAY and sets.universe() == frozenset({b"p2"})
+
     def test_add_is_idempotent(self) -> None:
         sets = self.make()
         assert sets.add([([b"t1", b"t1", b"t2"], b"p"), ([b"t1"], b"p")]) == 2
@@ -316,6 +329,20 @@ class AddressDirectoryContract(_Contract):
         assert len(directory) == 2
         assert directory.resolve([b"p2", b"p1", b"p2"]) == ["https://b", "https://a", "https://b"]
         assert directory.resolve([]) == []
+
+    def test_a_batch_commits_once(self) -> None:
+        directory = self.make()
+        assert not directory.batch_committed("a" * 32)
+        directory.commit_batch("a" * 32, [(b"p1", "h/1"), (b"p2", "h/2")], [])
+        assert directory.batch_committed("a" * 32) and len(directory) == 2
+        with pytest.raises(DispersError) as excinfo:
+            directory.commit_batch("a" * 32, [(b"p3", "h/3")], [])
+        assert excinfo.value.code is ErrorCode.REPLAY and len(directory) == 2
+        directory.commit_batch("b" * 32, [], [b"p1", b"unknown"])
+        assert directory.lookup([b"p1", b"p2"]) == [None, "h/2"]
+        with pytest.raises(DispersError):  # a conflicting address writes nothing, not even the id
+            directory.commit_batch("c" * 32, [(b"p2", "h/other")], [])
+        assert not directory.batch_committed("c" * 32)
 
     def test_re_putting_a_pair_is_a_no_op(self) -> None:
         directory = self.make()
