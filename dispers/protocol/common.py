@@ -75,18 +75,6 @@ class ReplayGuard:
                 break
             self._seen.pop(key)
 
-    def check(self, key: str, what: str) -> None:
-        """Raise REPLAY if `key` was recorded."""
-        with self._lock:
-            self._expire(time.time())
-            if key in self._seen:
-                raise DispersError(ErrorCode.REPLAY, f"{what} was already processed (replay)")
-
-    def record(self, key: str) -> None:
-        """Record `key` as used (call once the work has succeeded)."""
-        with self._lock:
-            self._seen[key] = time.time()
-
     def claim(self, key: str, what: str) -> None:
         """Check and record `key` in one step: of two concurrent uses, exactly one succeeds."""
         with self._lock:

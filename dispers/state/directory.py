@@ -83,10 +83,6 @@ class AddressDirectory(ABC):
     def batch_committed(self, batch_id: str) -> bool:
         """Whether a subscription batch of this id was committed."""
 
-    @abstractmethod
-    def delete_many(self, pseudonyms: Sequence[bytes]) -> int:
-        """Forget the addresses of these pseudonyms (unknown ones are ignored); how many went."""
-
     def resolve(self, pseudonyms: Sequence[bytes]) -> list[str]:
         """Return the address of each pseudonym, in order; NOT_FOUND if any is unknown."""
         found = self.lookup(pseudonyms)
@@ -147,12 +143,6 @@ class MemoryAddressDirectory(AddressDirectory):
         _check_pseudonyms(pseudonyms)
         with self._lock:
             return [self._addresses.get(p) for p in pseudonyms]
-
-    def delete_many(self, pseudonyms: Sequence[bytes]) -> int:
-        """Forget the addresses of these pseudonyms (unknown ones are ignored); how many went."""
-        _check_pseudonyms(pseudonyms)
-        with self._lock:
-            return sum(self._addresses.pop(p, None) is not None for p in set(pseudonyms))
 
     def __len__(self) -> int:
         """Return the number of pseudonyms in the directory."""
@@ -227,15 +217,6 @@ class SQLiteAddressDirectory(AddressDirectory, SQLiteStore):
         with self._transaction(write=False) as conn:
             known = self._lookup(conn, list(dict.fromkeys(pseudonyms)))
         return [known.get(p) for p in pseudonyms]
-
-    def delete_many(self, pseudonyms: Sequence[bytes]) -> int:
-        """Forget the addresses of these pseudonyms (unknown ones are ignored); how many went."""
-        _check_pseudonyms(pseudonyms)
-        with self._transaction() as conn:
-            cursor = conn.executemany(
-                "DELETE FROM directory WHERE pseudonym = ?", [(p,) for p in set(pseudonyms)]
-            )
-            return max(cursor.rowcount, 0)
 
     def __len__(self) -> int:
         """Return the number of pseudonyms in the directory."""
