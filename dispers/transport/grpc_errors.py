@@ -55,7 +55,7 @@ _CODE_BY_BARE_STATUS: Mapping[grpc.StatusCode, ErrorCode] = MappingProxyType(
 )
 
 _NETWORK = {
-    grpc.StatusCode.UNAVAILABLE: "is unreachable",
+    grpc.StatusCode.UNAVAILABLE: "is unreachable (not running, or not of this cluster's CA)",
     grpc.StatusCode.DEADLINE_EXCEEDED: "did not answer before the deadline",
     grpc.StatusCode.CANCELLED: "cancelled the call",
 }
