@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dispers.proto import common_pb2 as dispers_dot_proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#dispers/proto/concept_indexor.proto\x12\rdispers.proto\x1a\x1a\x64ispers/proto/common.proto\"c\n\x1cTokenizeSubscriptionsRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.dispers.proto.BatchHeader\x12\x17\n\x0fsealed_concepts\x18\x02 \x03(\x0c\"K\n\x1dTokenizeSubscriptionsResponse\x12*\n\x06tokens\x18\x01 \x01(\x0b\x32\x1a.dispers.proto.SignedItems\"F\n\x14TokenizeQueryRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.QueryEnvelope\".\n\x15TokenizeQueryResponse\x12\x15\n\rsealed_tokens\x18\x01 \x01(\x0c\x32\xa7\x02\n\x0e\x43onceptIndexor\x12r\n\x15TokenizeSubscriptions\x12+.dispers.proto.TokenizeSubscriptionsRequest\x1a,.dispers.proto.TokenizeSubscriptionsResponse\x12Z\n\rTokenizeQuery\x12#.dispers.proto.TokenizeQueryRequest\x1a$.dispers.proto.TokenizeQueryResponse\x12\x45\n\x06Settle\x12\x1c.dispers.proto.SettleRequest\x1a\x1d.dispers.proto.SettleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#dispers/proto/concept_indexor.proto\x12\rdispers.proto\x1a\x1a\x64ispers/proto/common.proto\"z\n\x1cTokenizeSubscriptionsRequest\x12\x17\n\x0fsealed_concepts\x18\x02 \x03(\x0c\x12\x10\n\x08\x62\x61tch_id\x18\x03 \x01(\t\x12)\n\x02op\x18\x04 \x01(\x0e\x32\x1d.dispers.proto.SubscriptionOpJ\x04\x08\x01\x10\x02\"K\n\x1dTokenizeSubscriptionsResponse\x12*\n\x06tokens\x18\x01 \x01(\x0b\x32\x1a.dispers.proto.SignedItems\"F\n\x14TokenizeQueryRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.QueryEnvelope\".\n\x15TokenizeQueryResponse\x12\x15\n\rsealed_tokens\x18\x01 \x01(\x0c\x32\xa7\x02\n\x0e\x43onceptIndexor\x12r\n\x15TokenizeSubscriptions\x12+.dispers.proto.TokenizeSubscriptionsRequest\x1a,.dispers.proto.TokenizeSubscriptionsResponse\x12Z\n\rTokenizeQuery\x12#.dispers.proto.TokenizeQueryRequest\x1a$.dispers.proto.TokenizeQueryResponse\x12\x45\n\x06Settle\x12\x1c.dispers.proto.SettleRequest\x1a\x1d.dispers.proto.SettleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispers.proto.concept_index
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENIZESUBSCRIPTIONSREQUEST']._serialized_start=82
-  _globals['_TOKENIZESUBSCRIPTIONSREQUEST']._serialized_end=181
-  _globals['_TOKENIZESUBSCRIPTIONSRESPONSE']._serialized_start=183
-  _globals['_TOKENIZESUBSCRIPTIONSRESPONSE']._serialized_end=258
-  _globals['_TOKENIZEQUERYREQUEST']._serialized_start=260
-  _globals['_TOKENIZEQUERYREQUEST']._serialized_end=330
-  _globals['_TOKENIZEQUERYRESPONSE']._serialized_start=332
-  _globals['_TOKENIZEQUERYRESPONSE']._serialized_end=378
-  _globals['_CONCEPTINDEXOR']._serialized_start=381
-  _globals['_CONCEPTINDEXOR']._serialized_end=676
+  _globals['_TOKENIZESUBSCRIPTIONSREQUEST']._serialized_end=204
+  _globals['_TOKENIZESUBSCRIPTIONSRESPONSE']._serialized_start=206
+  _globals['_TOKENIZESUBSCRIPTIONSRESPONSE']._serialized_end=281
+  _globals['_TOKENIZEQUERYREQUEST']._serialized_start=283
+  _globals['_TOKENIZEQUERYREQUEST']._serialized_end=353
+  _globals['_TOKENIZEQUERYRESPONSE']._serialized_start=355
+  _globals['_TOKENIZEQUERYRESPONSE']._serialized_end=401
+  _globals['_CONCEPTINDEXOR']._serialized_start=404
+  _globals['_CONCEPTINDEXOR']._serialized_end=699
 # @@protoc_insertion_point(module_scope)

@@ -23,10 +23,12 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class TokenizeSubscriptionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    HEADER_FIELD_NUMBER: _builtins.int
     SEALED_CONCEPTS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def header(self) -> _common_pb2.BatchHeader: ...
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """derived from what the host signed"""
+    op: _common_pb2.SubscriptionOp.ValueType
     @_builtins.property
     def sealed_concepts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """shuffled by C"""
@@ -34,12 +36,13 @@ class TokenizeSubscriptionsRequest(_message.Message):
     def __init__(
         self,
         *,
-        header: _common_pb2.BatchHeader | None = ...,
         sealed_concepts: _abc.Iterable[_builtins.bytes] | None = ...,
+        batch_id: _builtins.str = ...,
+        op: _common_pb2.SubscriptionOp.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "sealed_concepts", b"sealed_concepts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "op", b"op", "sealed_concepts", b"sealed_concepts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dispers.proto import common_pb2 as dispers_dot_proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#dispers/proto/data_aggregator.proto\x12\rdispers.proto\x1a\x1a\x64ispers/proto/common.proto\"U\n\x0ePrepareRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.QueryEnvelope\x12\x13\n\x0b\x61ttestation\x18\x02 \x01(\x0c\"\x11\n\x0fPrepareResponse\"6\n\rIngestRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c\"\"\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\"H\n\rAbsorbRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05\x63hild\x18\x02 \x01(\t\x12\x16\n\x0esealed_partial\x18\x03 \x01(\x0c\"\x10\n\x0e\x41\x62sorbResponse\"#\n\x0f\x46inalizeRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\"\n\x10\x46inalizeResponse\x12\x0e\n\x06sealed\x18\x01 \x01(\x0c\" \n\x0c\x41\x62ortRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse2\xf9\x02\n\x0e\x44\x61taAggregator\x12H\n\x07Prepare\x12\x1d.dispers.proto.PrepareRequest\x1a\x1e.dispers.proto.PrepareResponse\x12\x45\n\x06Ingest\x12\x1c.dispers.proto.IngestRequest\x1a\x1d.dispers.proto.IngestResponse\x12\x45\n\x06\x41\x62sorb\x12\x1c.dispers.proto.AbsorbRequest\x1a\x1d.dispers.proto.AbsorbResponse\x12K\n\x08\x46inalize\x12\x1e.dispers.proto.FinalizeRequest\x1a\x1f.dispers.proto.FinalizeResponse\x12\x42\n\x05\x41\x62ort\x12\x1b.dispers.proto.AbortRequest\x1a\x1c.dispers.proto.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#dispers/proto/data_aggregator.proto\x12\rdispers.proto\x1a\x1a\x64ispers/proto/common.proto\"U\n\x0ePrepareRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.dispers.proto.QueryEnvelope\x12\x13\n\x0b\x61ttestation\x18\x02 \x01(\x0c\"\x11\n\x0fPrepareResponse\"6\n\rIngestRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c\"\"\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\"7\n\x10\x45ndIngestRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tforwarded\x18\x02 \x01(\x03\"\x13\n\x11\x45ndIngestResponse\"H\n\rAbsorbRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05\x63hild\x18\x02 \x01(\t\x12\x16\n\x0esealed_partial\x18\x03 \x01(\x0c\"\x10\n\x0e\x41\x62sorbResponse\"#\n\x0f\x46inalizeRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\"\n\x10\x46inalizeResponse\x12\x0e\n\x06sealed\x18\x01 \x01(\x0c\" \n\x0c\x41\x62ortRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse2\xc9\x03\n\x0e\x44\x61taAggregator\x12H\n\x07Prepare\x12\x1d.dispers.proto.PrepareRequest\x1a\x1e.dispers.proto.PrepareResponse\x12\x45\n\x06Ingest\x12\x1c.dispers.proto.IngestRequest\x1a\x1d.dispers.proto.IngestResponse\x12N\n\tEndIngest\x12\x1f.dispers.proto.EndIngestRequest\x1a .dispers.proto.EndIngestResponse\x12\x45\n\x06\x41\x62sorb\x12\x1c.dispers.proto.AbsorbRequest\x1a\x1d.dispers.proto.AbsorbResponse\x12K\n\x08\x46inalize\x12\x1e.dispers.proto.FinalizeRequest\x1a\x1f.dispers.proto.FinalizeResponse\x12\x42\n\x05\x41\x62ort\x12\x1b.dispers.proto.AbortRequest\x1a\x1c.dispers.proto.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,18 +40,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTREQUEST']._serialized_end=242
   _globals['_INGESTRESPONSE']._serialized_start=244
   _globals['_INGESTRESPONSE']._serialized_end=278
-  _globals['_ABSORBREQUEST']._serialized_start=280
-  _globals['_ABSORBREQUEST']._serialized_end=352
-  _globals['_ABSORBRESPONSE']._serialized_start=354
-  _globals['_ABSORBRESPONSE']._serialized_end=370
-  _globals['_FINALIZEREQUEST']._serialized_start=372
-  _globals['_FINALIZEREQUEST']._serialized_end=407
-  _globals['_FINALIZERESPONSE']._serialized_start=409
-  _globals['_FINALIZERESPONSE']._serialized_end=443
-  _globals['_ABORTREQUEST']._serialized_start=445
-  _globals['_ABORTREQUEST']._serialized_end=477
-  _globals['_ABORTRESPONSE']._serialized_start=479
-  _globals['_ABORTRESPONSE']._serialized_end=494
-  _globals['_DATAAGGREGATOR']._serialized_start=497
-  _globals['_DATAAGGREGATOR']._serialized_end=874
+  _globals['_ENDINGESTREQUEST']._serialized_start=280
+  _globals['_ENDINGESTREQUEST']._serialized_end=335
+  _globals['_ENDINGESTRESPONSE']._serialized_start=337
+  _globals['_ENDINGESTRESPONSE']._serialized_end=356
+  _globals['_ABSORBREQUEST']._serialized_start=358
+  _globals['_ABSORBREQUEST']._serialized_end=430
+  _globals['_ABSORBRESPONSE']._serialized_start=432
+  _globals['_ABSORBRESPONSE']._serialized_end=448
+  _globals['_FINALIZEREQUEST']._serialized_start=450
+  _globals['_FINALIZEREQUEST']._serialized_end=485
+  _globals['_FINALIZERESPONSE']._serialized_start=487
+  _globals['_FINALIZERESPONSE']._serialized_end=521
+  _globals['_ABORTREQUEST']._serialized_start=523
+  _globals['_ABORTREQUEST']._serialized_end=555
+  _globals['_ABORTRESPONSE']._serialized_start=557
+  _globals['_ABORTRESPONSE']._serialized_end=572
+  _globals['_DATAAGGREGATOR']._serialized_start=575
+  _globals['_DATAAGGREGATOR']._serialized_end=1032
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class DataAggregatorStub:
                 request_serializer=dispers_dot_proto_dot_data__aggregator__pb2.IngestRequest.SerializeToString,
                 response_deserializer=dispers_dot_proto_dot_data__aggregator__pb2.IngestResponse.FromString,
                 _registered_method=True)
+        self.EndIngest = channel.unary_unary(
+                '/dispers.proto.DataAggregator/EndIngest',
+                request_serializer=dispers_dot_proto_dot_data__aggregator__pb2.EndIngestRequest.SerializeToString,
+                response_deserializer=dispers_dot_proto_dot_data__aggregator__pb2.EndIngestResponse.FromString,
+                _registered_method=True)
         self.Absorb = channel.unary_unary(
                 '/dispers.proto.DataAggregator/Absorb',
                 request_serializer=dispers_dot_proto_dot_data__aggregator__pb2.AbsorbRequest.SerializeToString,
@@ -73,6 +78,13 @@ class DataAggregatorServicer:
 
     def Ingest(self, request, context):
         """Fold a batch of sealed contributions; answers how many were accepted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndIngest(self, request, context):
+        """T has forwarded all of a query's items to this leaf: how many (it finalizes only then).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +123,11 @@ def add_DataAggregatorServicer_to_server(servicer, server):
                     servicer.Ingest,
                     request_deserializer=dispers_dot_proto_dot_data__aggregator__pb2.IngestRequest.FromString,
                     response_serializer=dispers_dot_proto_dot_data__aggregator__pb2.IngestResponse.SerializeToString,
+            ),
+            'EndIngest': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndIngest,
+                    request_deserializer=dispers_dot_proto_dot_data__aggregator__pb2.EndIngestRequest.FromString,
+                    response_serializer=dispers_dot_proto_dot_data__aggregator__pb2.EndIngestResponse.SerializeToString,
             ),
             'Absorb': grpc.unary_unary_rpc_method_handler(
                     servicer.Absorb,
@@ -182,6 +199,33 @@ class DataAggregator:
             '/dispers.proto.DataAggregator/Ingest',
             dispers_dot_proto_dot_data__aggregator__pb2.IngestRequest.SerializeToString,
             dispers_dot_proto_dot_data__aggregator__pb2.IngestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndIngest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispers.proto.DataAggregator/EndIngest',
+            dispers_dot_proto_dot_data__aggregator__pb2.EndIngestRequest.SerializeToString,
+            dispers_dot_proto_dot_data__aggregator__pb2.EndIngestResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,8 @@ class DataAggregatorStub:
     """Open the query's aggregate spec and get ready to fold contributions."""
     Ingest: _grpc.UnaryUnaryMultiCallable[_data_aggregator_pb2.IngestRequest, _data_aggregator_pb2.IngestResponse]
     """Fold a batch of sealed contributions; answers how many were accepted."""
+    EndIngest: _grpc.UnaryUnaryMultiCallable[_data_aggregator_pb2.EndIngestRequest, _data_aggregator_pb2.EndIngestResponse]
+    """T has forwarded all of a query's items to this leaf: how many (it finalizes only then)."""
     Absorb: _grpc.UnaryUnaryMultiCallable[_data_aggregator_pb2.AbsorbRequest, _data_aggregator_pb2.AbsorbResponse]
     """Merge a child DA's sealed partial."""
     Finalize: _grpc.UnaryUnaryMultiCallable[_data_aggregator_pb2.FinalizeRequest, _data_aggregator_pb2.FinalizeResponse]
@@ -49,6 +51,8 @@ class DataAggregatorAsyncStub(DataAggregatorStub):
     """Open the query's aggregate spec and get ready to fold contributions."""
     Ingest: _aio.UnaryUnaryMultiCallable[_data_aggregator_pb2.IngestRequest, _data_aggregator_pb2.IngestResponse]  # type: ignore[assignment]
     """Fold a batch of sealed contributions; answers how many were accepted."""
+    EndIngest: _aio.UnaryUnaryMultiCallable[_data_aggregator_pb2.EndIngestRequest, _data_aggregator_pb2.EndIngestResponse]  # type: ignore[assignment]
+    """T has forwarded all of a query's items to this leaf: how many (it finalizes only then)."""
     Absorb: _aio.UnaryUnaryMultiCallable[_data_aggregator_pb2.AbsorbRequest, _data_aggregator_pb2.AbsorbResponse]  # type: ignore[assignment]
     """Merge a child DA's sealed partial."""
     Finalize: _aio.UnaryUnaryMultiCallable[_data_aggregator_pb2.FinalizeRequest, _data_aggregator_pb2.FinalizeResponse]  # type: ignore[assignment]
@@ -72,6 +76,14 @@ class DataAggregatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_data_aggregator_pb2.IngestResponse, _abc.Awaitable[_data_aggregator_pb2.IngestResponse]]:
         """Fold a batch of sealed contributions; answers how many were accepted."""
+
+    @_abc_1.abstractmethod
+    def EndIngest(
+        self,
+        request: _data_aggregator_pb2.EndIngestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_data_aggregator_pb2.EndIngestResponse, _abc.Awaitable[_data_aggregator_pb2.EndIngestResponse]]:
+        """T has forwarded all of a query's items to this leaf: how many (it finalizes only then)."""
 
     @_abc_1.abstractmethod
     def Absorb(

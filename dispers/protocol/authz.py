@@ -38,6 +38,7 @@ AUTHORIZATION: Mapping[str, Allowed] = MappingProxyType(
         "target.settle": frozenset({Role.CONDUCTOR}),
         "data_aggregator.prepare": frozenset({Role.CONDUCTOR}),
         "data_aggregator.ingest": frozenset({Role.TARGET}),
+        "data_aggregator.end_ingest": frozenset({Role.TARGET}),
         "data_aggregator.absorb": frozenset({Role.CONDUCTOR}),
         "data_aggregator.finalize": frozenset({Role.CONDUCTOR}),
         "data_aggregator.abort": frozenset({Role.CONDUCTOR}),

@@ -59,10 +59,21 @@ class Staging(Generic[T]):
             return len(self._pending)
 
 
+def replay_memory_s(settings: ClusterSettings) -> float:
+    """How long an id must be remembered: as long as anything bearing it can still be valid
+    (dated up to CLOCK_SKEW_S ahead, accepted until max_query_age_s after), with a margin."""
+    return 2 * (settings.max_query_age_s + CLOCK_SKEW_S)
+
+
 class ReplayGuard:
-    """Remembers ids for a while; a second use of one is a replay."""
+    """Remembers ids for a while; a second use of one is a replay.
+
+    The memory is in this process only, so it refuses anything made before the process
+    started: after a restart it could not tell a replay from a first use.
+    """
 
     def __init__(self, ttl_s: float, max_entries: int = 1_000_000) -> None:
+        self.started = time.time()
         self._ttl = ttl_s
         self._max = max_entries
         self._seen: OrderedDict[str, float] = OrderedDict()
@@ -75,8 +86,15 @@ class ReplayGuard:
                 break
             self._seen.pop(key)
 
-    def claim(self, key: str, what: str) -> None:
-        """Check and record `key` in one step: of two concurrent uses, exactly one succeeds."""
+    def claim(self, key: str, what: str, *, made_at: float | None = None) -> None:
+        """Check and record `key` in one step: of two concurrent uses, exactly one succeeds.
+
+        `made_at` (the query's creation time): refused if before this process started.
+        """
+        if made_at is not None and made_at < self.started:
+            raise DispersError(
+                ErrorCode.EXPIRED, f"{what} was made before this actor started: it cannot rule out a replay"
+            )
         with self._lock:
             self._expire(time.time())
             if key in self._seen:
@@ -237,6 +255,11 @@ def check_receipt(roster: Roster, batch_id: str, op: SubscriptionOp, receipt: by
     """TF's signature that it applied `batch_id` with `op` (BAD_SIGNATURE otherwise)."""
     tf = roster.one(Role.TARGET_FINDER)
     tf.verify_key.verify(receipt_bytes(batch_id, op), receipt, "subscription receipt")
+
+
+def signed_tokens_bytes(settings: ClusterSettings) -> int:
+    """The frame of a query's token list signed by CI (the signed wrapper escapes the JSON)."""
+    return 2 * tokens_bytes(settings) + 512
 
 
 def tokens_bytes(settings: ClusterSettings) -> int:

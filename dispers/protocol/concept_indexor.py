@@ -8,10 +8,9 @@ from collections.abc import Sequence
 from dispers.core.codec import field, hex_bytes
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
-from dispers.core.ids import Role
+from dispers.core.ids import Role, check_batch_id
 from dispers.core.messages import (
     NONCE_BYTES,
-    BatchHeader,
     QueryEnvelope,
     SignedItems,
     SubscriptionOp,
@@ -23,11 +22,13 @@ from dispers.protocol.authz import authorize
 from dispers.protocol.common import (
     ReplayGuard,
     Staging,
-    check_batch,
     check_receipt,
     frame_size,
     open_padded,
+    replay_memory_s,
     seal_padded,
+    seal_signed,
+    signed_tokens_bytes,
     tokens_bytes,
     verify_envelope,
 )
@@ -51,7 +52,7 @@ class ConceptIndexor:
         self._vocabulary = frozenset(settings.vocabulary)
         self._catalog = catalog
         self._tf_key = roster.one(Role.TARGET_FINDER).sealing_key
-        self._replays = ReplayGuard(settings.max_query_age_s * 2)
+        self._replays = ReplayGuard(replay_memory_s(settings))
         self._staged: Staging[tuple[SubscriptionOp, list[str]]] = Staging(settings.query_timeout_s)
 
     def token(self, concept: str) -> bytes:
@@ -83,18 +84,25 @@ class ConceptIndexor:
         return out
 
     def tokenize_subscriptions(
-        self, caller: str, header: BatchHeader, sealed_concepts: Sequence[bytes]
+        self, caller: str, batch_id: str, op: SubscriptionOp, sealed_concepts: Sequence[bytes]
     ) -> SignedItems:
-        """Open each subscription's concepts; return seal_TF(tokens, nonce), signed as a whole.
+        """Open each subscription's concepts; return seal_TF(tokens, nonce), signed as a whole
+        with the batch id and op (TF checks both against T's, which T took from the host's
+        signed batch).
 
-        The batch must be one a host signed; concepts are staged under its batch id and
-        reach the catalogue only when the Conductor settles it with commit=True.
+        CI is not told which host the batch comes from: with a host of one instance, that
+        would tell it who subscribed to what. It needs no more: an item the host did not sign
+        carries no nonce T's half matches, and TF refuses it. Concepts are staged under the
+        batch id and reach the catalogue only against TF's receipt.
         """
         authorize(self._roster, caller, "concept_indexor.tokenize_subscriptions", callee=self.name)
-        check_batch(
-            header, self._roster, self._settings, sealed_concepts, header.concept_digests,
-            item_size=frame_size(self._settings.concepts_bytes),
-        )  # fmt: skip
+        check_batch_id(batch_id)
+        if not 0 < len(sealed_concepts) <= self._settings.batch_size:
+            raise malformed(f"a subscription batch holds 1 to {self._settings.batch_size} items")
+        if any(len(c) != frame_size(self._settings.concepts_bytes) for c in sealed_concepts):
+            raise malformed("a subscription item does not have the cluster's fixed length")
+        if len(set(sealed_concepts)) != len(sealed_concepts):
+            raise malformed("a subscription batch holds an item twice")
         size, out_size = self._settings.concepts_bytes, tokens_bytes(self._settings)
         per_item: list[list[str]] = []
         sealed: list[bytes] = []
@@ -108,17 +116,20 @@ class ConceptIndexor:
             body = {"tokens": [self.token(c).hex() for c in concepts], "nonce": nonce.hex()}
             sealed.append(seal_padded(self._tf_key, body, out_size, "token list"))
         items = tuple(sealed)
-        batch_id = header.batch_id
-        self._staged.put(batch_id, (header.op, sorted({c for concepts in per_item for c in concepts})))
-        signature = self._keys.signing.sign(signed_items_bytes(self.name, batch_id, header.op, items))
+        self._staged.put(batch_id, (op, sorted({c for concepts in per_item for c in concepts})))
+        signature = self._keys.signing.sign(signed_items_bytes(self.name, batch_id, op, items))
         return SignedItems(items, signature)
 
     def settle(self, caller: str, batch_id: str, commit: bool, receipt: bytes = b"") -> None:
         """Commit (or drop) the concepts a subscription batch staged (a commit needs TF's receipt)."""
         authorize(self._roster, caller, "concept_indexor.settle", callee=self.name)
         staged = self._staged.take(batch_id)
-        if not commit or staged is None:
+        if not commit:
             return
+        if staged is None:
+            raise DispersError(
+                ErrorCode.FAILED_PRECONDITION, "nothing is staged for this subscription batch (expired?)"
+            )
         op, concepts = staged
         check_receipt(self._roster, batch_id, op, receipt)
         if concepts:
@@ -129,7 +140,7 @@ class ConceptIndexor:
         """Open a query's concepts and seal their tokens, in order, to TF."""
         authorize(self._roster, caller, "concept_indexor.tokenize_query", callee=self.name)
         verify_envelope(envelope, self._roster, self._settings)
-        self._replays.claim(envelope.query_id, "query")
+        self._replays.claim(envelope.query_id, "query", made_at=envelope.created_at)
         what = "query concepts"
         obj = open_padded(self._opener, envelope.sealed_concepts, self._settings.concepts_bytes, what)
         if obj.get("query_id") != envelope.query_id:
@@ -137,4 +148,12 @@ class ConceptIndexor:
         concepts = self._concepts(field(obj, "concepts", list, what), what)
         tokens = [self.token(c).hex() for c in concepts]
         body = {"query_id": envelope.query_id, "tokens": tokens}
-        return seal_padded(self._tf_key, body, tokens_bytes(self._settings), "token list")
+        # Signed: the Conductor relays it and could otherwise seal its own tokens to TF.
+        return seal_signed(
+            self._tf_key,
+            self._keys.signing,
+            self.name,
+            body,
+            signed_tokens_bytes(self._settings),
+            "token list",
+        )

@@ -108,7 +108,7 @@ class Conductor:
         batch_id = header.batch_id
         ci, t = self._peers.concept_indexor(), self._peers.target()
         try:
-            tokens = ci.tokenize_subscriptions(header, [s.sealed_concepts for s in shuffled])
+            tokens = ci.tokenize_subscriptions(batch_id, header.op, [s.sealed_concepts for s in shuffled])
             pseudonyms = t.pseudonymize(header, [s.sealed_address for s in shuffled])
             receipt = self._peers.target_finder().apply_subscriptions(header.op, batch_id, tokens, pseudonyms)
         except DispersError as exc:
@@ -118,8 +118,17 @@ class Conductor:
                 except DispersError:  # staged entries also expire on their own
                     log.warning("could not drop a refused subscription batch")
             raise _in_caller_order(exc, order) from None
-        ci.settle(batch_id, True, receipt.signature)
-        t.settle(batch_id, True, receipt.signature)
+        # Each side settles whatever the other does: T's directory must follow TF even when CI
+        # (whose catalogue nothing depends on) fails. The host hears of any failure and, with
+        # its instances not marked subscribed, subscribes them again in a new batch.
+        failed: DispersError | None = None
+        for actor in (t, ci):
+            try:
+                actor.settle(batch_id, True, receipt.signature)
+            except DispersError as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         log.info("%s: a batch of %d subscriptions applied", header.op.value, receipt.applied)
         return receipt.applied
 

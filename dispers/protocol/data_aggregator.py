@@ -25,6 +25,7 @@ from dispers.protocol.common import (
     ReplayGuard,
     open_padded,
     open_sealed_signed,
+    replay_memory_s,
     seal_signed,
     verify_envelope,
 )
@@ -44,6 +45,7 @@ class _QueryState:
     received_children: set[str] = field(default_factory=set)
     seen: set[bytes] = field(default_factory=set)  # digests of ciphertexts, against duplicates
     attested: int | None = None  # root only: TF's signed number of targets
+    forwarded: int | None = None  # leaves only: how many items T says it forwarded (stream closed)
     timer: threading.Timer | None = None  # forgets the query after query_timeout_s
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -59,7 +61,7 @@ class DataAggregator:
         self._settings = settings
         self._queries: dict[str, _QueryState] = {}
         self._lock = threading.Lock()
-        self._replays = ReplayGuard(settings.max_query_age_s * 2)
+        self._replays = ReplayGuard(replay_memory_s(settings))
 
     @property
     def active_queries(self) -> int:
@@ -88,7 +90,7 @@ class DataAggregator:
         verify_envelope(envelope, self._roster, self._settings)
         if self.name not in envelope.plan.members:
             raise DispersError(ErrorCode.FAILED_PRECONDITION, "this aggregator is not in the query's plan")
-        self._replays.claim(envelope.query_id, "query")
+        self._replays.claim(envelope.query_id, "query", made_at=envelope.created_at)
         what = "aggregate spec"
         spec = AggregateSpec.from_obj(
             open_padded(self._opener, envelope.spec_for(self.name), self._settings.spec_bytes, what)
@@ -132,6 +134,10 @@ class DataAggregator:
         state = self._state(query_id)
         if state.expected_children:
             raise DispersError(ErrorCode.FAILED_PRECONDITION, "only leaf aggregators take contributions")
+        if state.forwarded is not None:
+            raise DispersError(
+                ErrorCode.FAILED_PRECONDITION, "the Target closed this query's stream of items"
+            )
         if len(ciphertexts) > self._settings.batch_size:
             raise malformed(f"an ingest batch holds at most {self._settings.batch_size} items")
         spec = state.spec
@@ -183,6 +189,23 @@ class DataAggregator:
             state.partial.decline(declined)
         return len(ciphertexts)
 
+    def end_ingest(self, caller: str, query_id: str, forwarded: int) -> None:
+        """T's word that it has forwarded all of this query's items here, and how many.
+
+        A leaf finalizes only after it, holding exactly that many items: a Conductor cannot
+        finalize a leaf early and have the root release a result resting on part of the targets.
+        """
+        authorize(self._roster, caller, "data_aggregator.end_ingest", callee=self.name)
+        state = self._state(query_id)
+        if state.expected_children:
+            raise DispersError(ErrorCode.FAILED_PRECONDITION, "only leaf aggregators take contributions")
+        if not isinstance(forwarded, int) or forwarded < 0:
+            raise malformed("the number of items forwarded must be a non-negative integer")
+        with state.lock:
+            if state.forwarded is not None:
+                raise DispersError(ErrorCode.REPLAY, "the stream of items was already closed (replay)")
+            state.forwarded = forwarded
+
     def absorb(self, caller: str, query_id: str, child: str, sealed_partial: bytes) -> None:
         """Merge a child DA's partial (sealed to this DA and signed by the child)."""
         authorize(self._roster, caller, "data_aggregator.absorb", callee=self.name)
@@ -216,6 +239,13 @@ class DataAggregator:
             raise DispersError(
                 ErrorCode.FAILED_PRECONDITION,
                 f"waiting for partials from {len(missing)} child aggregator(s)",
+            )
+        if not state.expected_children and state.forwarded != state.partial.items:
+            raise DispersError(
+                ErrorCode.FAILED_PRECONDITION,
+                "the Target has not closed this query's stream of items"
+                if state.forwarded is None
+                else "this aggregator holds a number of items other than the Target forwarded",
             )
         parent = state.envelope.plan.parent(self.name)
         try:

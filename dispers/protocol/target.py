@@ -38,6 +38,8 @@ from dispers.protocol.common import (
     check_receipt,
     frame_size,
     open_padded,
+    open_signed,
+    replay_memory_s,
     same_query,
     seal_padded,
     unpack,
@@ -78,7 +80,7 @@ class Target:
         self._directory = directory
         self._peers = peers
         self._tf_key = roster.one(Role.TARGET_FINDER).sealing_key
-        self._replays = ReplayGuard(settings.max_query_age_s * 2)
+        self._replays = ReplayGuard(replay_memory_s(settings))
         self._staged: Staging[tuple[SubscriptionOp, list[tuple[bytes, str]]]] = Staging(
             settings.query_timeout_s
         )
@@ -133,8 +135,12 @@ class Target:
         """
         authorize(self._roster, caller, "target.settle", callee=self.name)
         staged = self._staged.take(batch_id)
-        if not commit or staged is None:
+        if not commit:
             return
+        if staged is None:
+            raise DispersError(
+                ErrorCode.FAILED_PRECONDITION, "nothing is staged for this subscription batch (expired?)"
+            )
         op, entries = staged
         check_receipt(self._roster, batch_id, op, receipt)
         if op is SubscriptionOp.SUBSCRIBE:
@@ -167,11 +173,12 @@ class Target:
         """
         authorize(self._roster, caller, "target.collect", callee=self.name)
         verify_envelope(envelope, self._roster, self._settings)
-        self._replays.claim(envelope.query_id, "query")
+        self._replays.claim(envelope.query_id, "query", made_at=envelope.created_at)
         request, request_bytes, signature = self._open_request(envelope)
         item_size = sealed_size(request.layout.size)
         what = "target pseudonyms"
-        obj = loads_object(self._opener.open(sealed_pseudonyms, what), what)
+        tf = self._roster.one(Role.TARGET_FINDER)
+        obj = open_signed(self._opener.open(sealed_pseudonyms, what), tf.name, tf.verify_key, what)
         same_query(obj, envelope, what)
         pseudonyms = unpack(obj.get("pseudonyms"), 32, what)
         found = self._directory.lookup(list(dict.fromkeys(pseudonyms)))
@@ -230,6 +237,7 @@ class Target:
             da = self._peers.data_aggregator(leaf)
             for j in range(0, len(items), size):
                 da.ingest(envelope.query_id, items[j : j + size])
+            da.end_ingest(envelope.query_id, len(items))
 
         with ThreadPoolExecutor(max_workers=len(leaves)) as pool:
             list(pool.map(forward, leaves))

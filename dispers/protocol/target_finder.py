@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 
-from dispers.core.codec import dumps, field, hex_bytes
+from dispers.core.codec import field, hex_bytes
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.expression import Not, evaluate, parse_positional
@@ -26,9 +26,13 @@ from dispers.protocol.common import (
     ReplayGuard,
     frame_size,
     open_padded,
+    open_sealed_signed,
     pack,
+    replay_memory_s,
     same_query,
     seal_signed,
+    sign_payload,
+    signed_tokens_bytes,
     tokens_bytes,
     verify_envelope,
 )
@@ -60,7 +64,7 @@ class TargetFinder:
         self._settings = settings
         self._sets = sets
         self._t_key = roster.one(Role.TARGET).sealing_key
-        self._replays = ReplayGuard(settings.max_query_age_s * 2)
+        self._replays = ReplayGuard(replay_memory_s(settings))
         self._random = secrets.SystemRandom()
 
     def apply_subscriptions(
@@ -120,13 +124,21 @@ class TargetFinder:
         """Evaluate the query's expression; refuse below k; seal shuffled pseudonyms to T."""
         authorize(self._roster, caller, "target_finder.find_targets", callee=self.name)
         verify_envelope(envelope, self._roster, self._settings)
-        self._replays.claim(envelope.query_id, "query")
+        self._replays.claim(envelope.query_id, "query", made_at=envelope.created_at)
         what = "query expression"
         expr_obj = open_padded(
             self._opener, envelope.sealed_expression, self._settings.expression_bytes, what
         )
         same_query(expr_obj, envelope, what)
-        tok_obj = open_padded(self._opener, sealed_tokens, tokens_bytes(self._settings), "query tokens")
+        ci = self._roster.one(Role.CONCEPT_INDEXOR)
+        tok_obj = open_sealed_signed(
+            self._opener,
+            sealed_tokens,
+            signed_tokens_bytes(self._settings),
+            ci.name,
+            ci.verify_key,
+            "query tokens",
+        )
         same_query(tok_obj, envelope, "query tokens")
         tokens = [
             hex_bytes(t, "query token", TOKEN_BYTES) for t in field(tok_obj, "tokens", list, "query tokens")
@@ -138,13 +150,18 @@ class TargetFinder:
         sets = [self._sets.members(t) for t in tokens]
         universe = self._sets.universe() if _has_not(expr) else frozenset()
         targets = list(evaluate(expr, sets, universe))
-        if len(targets) < envelope.k:
+        # The cluster's k_min, not the query's k: a querier free to choose the threshold could
+        # search over k, refused query after refused query, for the exact number of targets.
+        # Groups under the query's k are suppressed at the root DA as usual.
+        if len(targets) < self._settings.k_min:
             raise DispersError(
                 ErrorCode.TOO_FEW_TARGETS,
-                f"the query matches fewer than k={envelope.k} targets; refused",
+                f"the query matches fewer than the cluster's k_min={self._settings.k_min} targets; refused",
             )
         self._random.shuffle(targets)
         payload = {"query_id": envelope.query_id, "pseudonyms": pack(targets, PSEUDONYM_BYTES)}
+        # Signed: the Conductor relays it and could otherwise hand T pseudonyms of its choice.
+        sealed_pseudonyms = seal(self._t_key, sign_payload(self._keys.signing, self.name, payload))
         root = self._roster.get(envelope.plan.root)
         attestation = seal_signed(
             root.sealing_key,
@@ -155,4 +172,4 @@ class TargetFinder:
             "target count",
         )
         log.info("query %s: %d targets", envelope.query_id[:8], len(targets))
-        return FoundTargets(len(targets), seal(self._t_key, dumps(payload)), attestation)
+        return FoundTargets(len(targets), sealed_pseudonyms, attestation)

@@ -25,8 +25,10 @@ class ConceptIndexorServicer(concept_indexor_pb2_grpc.ConceptIndexorServicer):
     ) -> pb.TokenizeSubscriptionsResponse:
         """seal_CI(concepts, nonce) -> seal_TF(tokens, nonce), in order, signed."""
         caller = self._caller_of(context)
-        header = convert.batch_header_from_proto(request.header)
-        tokens = self._indexor.tokenize_subscriptions(caller, header, list(request.sealed_concepts))
+        op = convert.op_from_proto(request.op)
+        tokens = self._indexor.tokenize_subscriptions(
+            caller, request.batch_id, op, list(request.sealed_concepts)
+        )
         return pb.TokenizeSubscriptionsResponse(tokens=convert.signed_items_to_proto(tokens))
 
     @rpc

@@ -35,6 +35,12 @@ class DataAggregatorServicer(data_aggregator_pb2_grpc.DataAggregatorServicer):
         return pb.IngestResponse(accepted=accepted)
 
     @rpc
+    def EndIngest(self, request: pb.EndIngestRequest, context: Any) -> pb.EndIngestResponse:
+        """T has forwarded all the query's items here (from T only)."""
+        self._aggregator.end_ingest(self._caller_of(context), request.query_id, request.forwarded)
+        return pb.EndIngestResponse()
+
+    @rpc
     def Absorb(self, request: pb.AbsorbRequest, context: Any) -> pb.AbsorbResponse:
         """Merge a child's sealed partial."""
         caller = self._caller_of(context)

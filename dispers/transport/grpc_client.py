@@ -229,10 +229,12 @@ class ConceptIndexorClient(_Client):
         super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
         self._stub = concept_indexor_pb2_grpc.ConceptIndexorStub(self._channel)
 
-    def tokenize_subscriptions(self, header: BatchHeader, sealed_concepts: Sequence[bytes]) -> SignedItems:
+    def tokenize_subscriptions(
+        self, batch_id: str, op: SubscriptionOp, sealed_concepts: Sequence[bytes]
+    ) -> SignedItems:
         """seal_CI(concepts, nonce) -> seal_TF(tokens, nonce), in order, signed by CI."""
         request = concept_indexor_pb2.TokenizeSubscriptionsRequest(
-            header=convert.batch_header_to_proto(header), sealed_concepts=list(sealed_concepts)
+            batch_id=batch_id, op=convert.op_to_proto(op), sealed_concepts=list(sealed_concepts)
         )
         response: concept_indexor_pb2.TokenizeSubscriptionsResponse = self._call(
             "TokenizeSubscriptions", self._stub.TokenizeSubscriptions, request, SHORT_DEADLINE_S
@@ -364,6 +366,11 @@ class DataAggregatorClient(_Client):
             "Ingest", self._stub.Ingest, request, SHORT_DEADLINE_S
         )
         return response.accepted
+
+    def end_ingest(self, query_id: str, forwarded: int) -> None:
+        """Close the query's stream of items to this leaf."""
+        request = data_aggregator_pb2.EndIngestRequest(query_id=query_id, forwarded=forwarded)
+        self._call("EndIngest", self._stub.EndIngest, request, SHORT_DEADLINE_S)
 
     def absorb(self, query_id: str, child: str, sealed_partial: bytes) -> None:
         """Merge a child's sealed partial."""

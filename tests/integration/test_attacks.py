@@ -8,6 +8,7 @@ equal the ground truth computed directly from the population (invariants 6-10).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import math
@@ -26,7 +27,7 @@ import numpy as np
 import pytest
 
 from dispers.core.cluster_files import ClusterLayout, write_cluster
-from dispers.core.codec import loads_object
+from dispers.core.codec import dumps, loads_object
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role, new_query_id
 from dispers.core.messages import (
@@ -460,7 +461,7 @@ def test_conductor_cannot_replay_or_repair_subscription_batches(tmp_path: Path) 
         a_ids = ids[:60]
         batch_a = host.subscription_batch(sub, a_ids)
         concepts, addresses = _halves(batch_a)
-        tokens = ci.tokenize_subscriptions(batch_a.header, concepts)
+        tokens = ci.tokenize_subscriptions(batch_a.header.batch_id, batch_a.header.op, concepts)
         pseudonyms = t.pseudonymize(batch_a.header, addresses)
         receipt = tf.apply_subscriptions(sub, batch_a.header.batch_id, tokens, pseudonyms)
         assert receipt.applied == 60
@@ -493,7 +494,7 @@ def test_conductor_cannot_replay_or_repair_subscription_batches(tmp_path: Path) 
         batch_b = host.subscription_batch(sub, ids[60:70])
         concepts, addresses = _halves(batch_b)
         swapped = [addresses[1], addresses[0], *addresses[2:]]
-        tokens_b = ci.tokenize_subscriptions(batch_b.header, concepts)
+        tokens_b = ci.tokenize_subscriptions(batch_b.header.batch_id, batch_b.header.op, concepts)
         pseudonyms_b = t.pseudonymize(batch_b.header, swapped)
         err = refused(lambda: tf.apply_subscriptions(sub, batch_b.header.batch_id, tokens_b, pseudonyms_b))
         assert err.code is ErrorCode.MALFORMED
@@ -524,7 +525,9 @@ def test_conductor_cannot_replay_or_repair_subscription_batches(tmp_path: Path) 
         assert pc.subscribe(host.subscription_batch(SubscriptionOp.UNSUBSCRIBE, d_ids)) == 10
         assert refused(lambda: pc.subscribe(batch_d)).code is ErrorCode.REPLAY
         concepts, addresses = _halves(batch_d)
-        ci.tokenize_subscriptions(batch_d.header, concepts)  # CI stages; nothing commits it
+        ci.tokenize_subscriptions(
+            batch_d.header.batch_id, batch_d.header.op, concepts
+        )  # CI stages; nothing commits it
         # T, which committed the batch once, refuses it; TF would too.
         assert refused(lambda: t.pseudonymize(batch_d.header, addresses)).code is ErrorCode.REPLAY
         ci.settle(batch_d.header.batch_id, False)
@@ -578,7 +581,7 @@ def test_replayed_batch_refused_by_tf_leaves_t_directory_alone(tmp_path: Path, r
         # CI or T may refuse the replay outright, or T the commit: only the outcome matters.
         concepts, addresses = _halves(old)
         with contextlib.suppress(DispersError):
-            tokens = ci.tokenize_subscriptions(old.header, concepts)
+            tokens = ci.tokenize_subscriptions(old.header.batch_id, old.header.op, concepts)
             signed = t.pseudonymize(old.header, addresses)
             err = refused(tf.apply_subscriptions, old.header.op, old.header.batch_id, tokens, signed)
             assert err.code is ErrorCode.REPLAY
@@ -1089,7 +1092,10 @@ def test_root_refuses_more_items_than_attested(
     outcome = wait_outcome(world, query_id)
     assert outcome.record.state == "failed", outcome.record
     assert outcome.record.error_code == "FAILED_PRECONDITION"
-    assert "attested" in str(outcome.record.error_message)
+    # Caught by the leaf (it holds more items than T says it forwarded) or, failing that, by
+    # the root (more items than TF attested targets).
+    message = str(outcome.record.error_message)
+    assert "attested" in message or "other than the Target forwarded" in message, message
     assert outcome.result is None and outcome.record.sealed_result is None
     assert all(da.active_queries == 0 for da in world.das.values())
     monkeypatch.undo()
@@ -1127,3 +1133,166 @@ def test_querier_cannot_derive_a_suppressed_group_size(world: World) -> None:
     targets = world.actors["conductor"].record(outcome.record.query_id).counts["targets"]
     assert visible != targets
     assert targets - visible == hidden  # the one number that would give it away, Q never gets
+
+
+# --- found by an adversarial review of the change ------------------------------------------------
+
+
+class _ForgingPeers:
+    """The Conductor's peers, with CI's token list (or TF's answer) replaced by a forgery."""
+
+    def __init__(self, inner: Any, *, tokens: Any = None, pseudonyms: Any = None) -> None:
+        self._inner, self._tokens, self._pseudonyms = inner, tokens, pseudonyms
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def concept_indexor(self) -> Any:
+        real, forge = self._inner.concept_indexor(), self._tokens
+        if forge is None:
+            return real
+
+        class CI:
+            def tokenize_query(self, envelope: Any) -> bytes:
+                real.tokenize_query(envelope)  # the honest answer, thrown away
+                return bytes(forge(envelope))
+
+        return CI()
+
+    def target_finder(self) -> Any:
+        real, forge = self._inner.target_finder(), self._pseudonyms
+        if forge is None:
+            return real
+
+        class TF:
+            def find_targets(self, envelope: Any, sealed_tokens: bytes) -> Any:
+                found = real.find_targets(envelope, sealed_tokens)
+                return dataclasses.replace(found, sealed_pseudonyms=forge(envelope))
+
+        return TF()
+
+
+def test_conductor_cannot_forge_the_token_list_or_the_target_list(tmp_path: Path) -> None:
+    """Attack (malicious Conductor): seal its own token list to TF (a random token is an empty
+    set, so `NOT age:50-100` would become everyone, and TF's errors would probe the sealed
+    expression's shape), or its own pseudonym list to T (emptying the query). Both lists are
+    now signed (by CI, by TF) and the forgeries are refused."""
+    from dispers.protocol.common import seal_padded, tokens_bytes
+    from dispers.protocol.querier import run_query
+    from tests.integration.conftest import local_world
+
+    w = local_world(make_setup(tmp_path, n=300))
+    try:
+        assert w.subscribe() == 300
+        conductor = w.actors["conductor"]
+        settings, roster = w.setup.config.settings, w.setup.config.roster
+        spec = heart_rate_spec(query__target="NOT age:50-100", query__k=5)
+        honest = run_query(w.querier, spec, timeout_s=60)
+        assert honest.result is not None and honest.result.group("50-100").suppressed
+
+        def tokens(envelope: Any) -> bytes:
+            body = {"query_id": envelope.query_id, "tokens": [secrets.token_bytes(32).hex()]}
+            return seal_padded(roster.one(Role.TARGET_FINDER).sealing_key, body, tokens_bytes(settings), "t")
+
+        def pseudonyms(envelope: Any) -> bytes:
+            body = {"query_id": envelope.query_id, "pseudonyms": base64.b64encode(bytes(32 * 20)).decode()}
+            return seal(roster.one(Role.TARGET).sealing_key, dumps(body))
+
+        for forge in ({"tokens": tokens}, {"pseudonyms": pseudonyms}):
+            conductor._peers = _ForgingPeers(conductor._peers, **forge)
+            outcome = run_query(w.querier, spec, timeout_s=60)
+            conductor._peers = conductor._peers._inner
+            assert outcome.record.state == "failed" and outcome.result is None
+            full = conductor.record(outcome.record.query_id)
+            assert full.error_code in ("BAD_SIGNATURE", "MALFORMED"), full
+            assert "position" not in str(full.error_message)  # no probe of the expression
+        assert all(da.active_queries == 0 for da in w.das.values())
+    finally:
+        w.close()
+
+
+def test_ci_is_not_told_which_host_a_subscription_batch_comes_from(tmp_path: Path) -> None:
+    """Curious CI: with the host's name beside a batch of one (a self-hosted personal cloud),
+    CI would learn who subscribed to what. CI now gets only the batch id, the op and the
+    sealed concept lists."""
+    from tests.integration.conftest import local_world
+
+    w = local_world(make_setup(tmp_path, n=20))
+    try:
+        ci, host = w.actors["ci"], w.actors["pc-1"]
+        received: list[Any] = []
+        original = ci.tokenize_subscriptions
+
+        def spy(*args: Any) -> Any:
+            received.append(args)
+            return original(*args)
+
+        ci.tokenize_subscriptions = spy
+        batch = host.subscription_batch(SubscriptionOp.SUBSCRIBE, host._store.instance_ids()[:1])
+        assert w.peers_as("pc-1").conductor().subscribe(batch) == 1
+        ((caller, batch_id, op, sealed),) = received
+        assert (caller, batch_id, op) == ("conductor", batch.header.batch_id, SubscriptionOp.SUBSCRIBE)
+        assert "pc-1" not in repr((batch_id, op)) and all(isinstance(c, bytes) for c in sealed)
+    finally:
+        w.close()
+
+
+def test_conductor_cannot_finalize_a_leaf_before_the_target_closed_its_stream(tmp_path: Path) -> None:
+    """Attack (malicious Conductor): finalize a leaf before T forwarded anything to it, then
+    have the root release a signed result resting on part of the targets. A leaf now finalizes
+    only once T closed its stream of items, holding exactly as many as T forwarded."""
+    from tests.integration.conftest import local_world
+
+    w = local_world(make_setup(tmp_path, n=300))
+    try:
+        assert w.subscribe() == 300
+        p = w.peers  # as the Conductor
+        envelope = w.querier_object.build(heart_rate_spec(query__k=5))
+        tokens = p.concept_indexor().tokenize_query(envelope)
+        found = p.target_finder().find_targets(envelope, tokens)
+        for da in envelope.plan.members:
+            p.data_aggregator(da).prepare(
+                envelope, found.sealed_attestation if da == envelope.plan.root else b""
+            )
+        err = refused(lambda: p.data_aggregator("da-1").finalize(envelope.query_id))
+        assert err.code is ErrorCode.FAILED_PRECONDITION and "closed" in err.message
+        # Nor can it close the stream itself: only T may.
+        err = refused(lambda: p.data_aggregator("da-1").end_ingest(envelope.query_id, 0))
+        assert err.code is ErrorCode.UNAUTHORIZED
+        for da in envelope.plan.members:
+            p.data_aggregator(da).abort(envelope.query_id)
+    finally:
+        w.close()
+
+
+def test_replay_memory_outlives_every_valid_query(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attack (malicious Conductor, short max_query_age_s): the guards forgot a query id while
+    an envelope dated ahead (clock skew) was still valid, so a DA could be prepared again for a
+    query it had finalized. And a restarted actor, whose memory is empty, refuses envelopes
+    made before it started."""
+    import dispers.protocol.common as common
+    import dispers.protocol.querier as querier_module
+    from dispers.protocol.data_aggregator import DataAggregator
+    from tests.integration.conftest import local_world
+
+    w = local_world(make_setup(tmp_path, n=10))
+    try:
+        settings = dataclasses.replace(w.setup.config.settings, max_query_age_s=20.0)
+        da = DataAggregator(w.setup.keys("da-1"), w.setup.config.roster, settings)
+        real = time.time
+        monkeypatch.setattr(querier_module.time, "time", lambda: real() + 55)  # Q's clock ahead
+        envelope = w.querier_object.build(heart_rate_spec(query__k=5))
+        monkeypatch.undo()
+        da.prepare("conductor", envelope)
+        da.abort("conductor", envelope.query_id)
+        monkeypatch.setattr(common.time, "time", lambda: real() + 45)  # 45 s later
+        assert refused(lambda: da.prepare("conductor", envelope)).code is ErrorCode.REPLAY
+        monkeypatch.undo()
+        restarted = DataAggregator(w.setup.keys("da-1"), w.setup.config.roster, w.setup.config.settings)
+        earlier = w.querier_object.build(heart_rate_spec(query__k=5))
+        earlier = dataclasses.replace(earlier, created_at=restarted._replays.started - 1)
+        keys = w.setup.keys("researcher")
+        earlier = dataclasses.replace(earlier, signature=keys.signing.sign(earlier.signing_bytes()))
+        assert refused(lambda: restarted.prepare("conductor", earlier)).code is ErrorCode.EXPIRED
+    finally:
+        w.close()

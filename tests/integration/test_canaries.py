@@ -122,9 +122,9 @@ def test_conductor_shuffles_subscriptions_before_ci_and_t(world_factory: Callabl
     for name, actor, method in (("ci", ci, "tokenize_subscriptions"), ("t", t, "pseudonymize")):
         original = getattr(actor, method)
 
-        def spy(caller: str, header: Any, cts: list[bytes], _o: Any = original, _n: str = name) -> Any:
-            seen[_n] = list(cts)
-            return _o(caller, header, cts)
+        def spy(caller: str, *args: Any, _o: Any = original, _n: str = name) -> Any:
+            seen[_n] = list(args[-1])  # the ciphertexts come last
+            return _o(caller, *args)
 
         setattr(actor, method, spy)
 

@@ -95,15 +95,33 @@ def test_groups_under_k_are_suppressed_never_numbers(world_factory: Callable[...
 def test_query_with_fewer_than_k_targets_is_refused_at_tf(
     world_factory: Callable[..., World],
 ) -> None:
-    world = world_factory(n=200)
+    world = world_factory(n=200, k_min=40)
     world.subscribe()
-    spec = heart_rate_spec(query__target="age:0-12", query__k=150)
+    from dispers.protocol.instance.functions import ages_at
+
+    children = int((ages_at(world.setup.population.birth_days, AS_OF) < 12).sum())
+    assert 0 < children < 40  # fewer targets than the cluster's k_min
+    spec = heart_rate_spec(query__target="age:0-12", query__k=40)
     outcome = run_query(world.querier, spec, timeout_s=60)
     assert outcome.record.state == "refused"
     assert outcome.record.error_code == "TOO_FEW_TARGETS"
     assert outcome.result is None
     assert "prepare" not in outcome.record.phases  # nothing after TF ran
     assert all(da.active_queries == 0 for da in world.das.values())
+
+
+def test_the_querys_own_k_is_no_oracle_on_the_target_count(world_factory: Callable[..., World]) -> None:
+    """A querier may raise k above the cluster's k_min, but TF refuses only below k_min: a
+    search over k, refused query after refused query, would otherwise give the exact number
+    of targets (and, beside the released counts, a suppressed group's size). Above k_min the
+    query runs, and groups under the querier's k are suppressed at the root as usual."""
+    world = world_factory(n=300, k_min=5)
+    world.subscribe()
+    spec = heart_rate_spec(query__target="age:25-50", query__k=10_000)
+    outcome = run_query(world.querier, spec, timeout_s=60)
+    assert outcome.record.state == "done" and outcome.result is not None
+    assert all(g.suppressed and not g.values for g in outcome.result.groups)
+    assert outcome.result.contributions == 0 and outcome.result.declined is None
 
 
 def test_out_of_bounds_contribution_is_dropped_and_counted(

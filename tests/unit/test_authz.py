@@ -70,6 +70,7 @@ EXPECTED: dict[str, frozenset[Role] | str] = {
     "target.settle": frozenset({C}),
     "data_aggregator.prepare": frozenset({C}),  # only C prepares
     "data_aggregator.ingest": frozenset({T}),  # only T ingests contributions
+    "data_aggregator.end_ingest": frozenset({T}),  # only T closes the stream of items
     "data_aggregator.absorb": frozenset({C}),
     "data_aggregator.finalize": frozenset({C}),  # only C finalizes
     "data_aggregator.abort": frozenset({C}),

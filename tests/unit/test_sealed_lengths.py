@@ -39,8 +39,8 @@ from dispers.core.wire import ContributionLayout, padded_size
 from dispers.crypto import Opener, seal
 from dispers.crypto.box import sealed_size
 from dispers.crypto.keyfiles import read_key_file
-from dispers.crypto.keys import ActorKeys
-from dispers.protocol.common import tokens_bytes
+from dispers.crypto.keys import ActorKeys, SigningKeyPair
+from dispers.protocol.common import sign_payload, signed_tokens_bytes, tokens_bytes
 from dispers.protocol.instance.concepts import derive_concepts
 from dispers.protocol.querier import run_query
 from dispers.protocol.target_finder import ATTESTATION_BYTES, PSEUDONYM_FRAME
@@ -169,6 +169,10 @@ def tokens_len(s: ClusterSettings) -> int:
     return sealed_size(padded_size(tokens_bytes(s)))
 
 
+def signed_tokens_len(s: ClusterSettings) -> int:
+    return sealed_size(padded_size(signed_tokens_bytes(s)))
+
+
 def pseudonym_len() -> int:
     return sealed_size(padded_size(PSEUDONYM_FRAME))
 
@@ -249,7 +253,7 @@ def test_ci_token_items_and_t_pseudonym_items_have_one_length(
     batch = host.subscription_batch(op, [world.pool[i] for i in picks])
     try:
         tokens = ci.tokenize_subscriptions(
-            "conductor", batch.header, [i.sealed_concepts for i in batch.items]
+            "conductor", batch.header.batch_id, batch.header.op, [i.sealed_concepts for i in batch.items]
         )
         pseudonyms = t.pseudonymize("conductor", batch.header, [i.sealed_address for i in batch.items])
     finally:
@@ -268,7 +272,9 @@ def test_token_items_of_no_concepts_and_of_many_have_one_length(world: World) ->
     for op in SubscriptionOp:
         batch = host.subscription_batch(op, [world.pool[richest]])
         try:
-            signed = ci.tokenize_subscriptions("conductor", batch.header, [batch.items[0].sealed_concepts])
+            signed = ci.tokenize_subscriptions(
+                "conductor", batch.header.batch_id, batch.header.op, [batch.items[0].sealed_concepts]
+            )
         finally:
             _drop(world, batch.header.batch_id)
         lengths |= {len(x) for x in signed.items}
@@ -367,12 +373,13 @@ def test_the_query_token_box_has_one_length(world: World, target: str) -> None:
     ci = world.cluster.ci
     assert ci is not None
     envelope = world.cluster.querier_object().build(heart_rate_spec(query__target=target, query__k=5))
-    assert len(ci.tokenize_query("conductor", envelope)) == tokens_len(world.settings)
+    assert len(ci.tokenize_query("conductor", envelope)) == signed_tokens_len(world.settings)
 
 
 def _pseudonyms_box_len(query_id: str, count: int) -> int:
     packed = base64.b64encode(bytes(32 * count)).decode()
-    return sealed_size(len(dumps({"query_id": query_id, "pseudonyms": packed})))
+    signed = sign_payload(SigningKeyPair.generate(), "tf", {"query_id": query_id, "pseudonyms": packed})
+    return sealed_size(len(signed))
 
 
 def _find(world: World, target: str) -> Any:
@@ -567,6 +574,7 @@ def _leaf_partial(w: World, spec: QuerySpec, contributions: list[tuple[int, floa
         key = w.config.roster.get("da-1").sealing_key
         layout = ContributionLayout(1)
         da.ingest("t", qid, [seal(key, layout.encode(qid, g, [v])) for g, v in contributions])
+        da.end_ingest("t", qid, len(contributions))
         return da.finalize("conductor", qid)
     finally:
         da.abort("conductor", qid)

@@ -30,7 +30,7 @@ from dispers.core.spec import DataRequest
 from dispers.crypto import ActorKeys, seal
 from dispers.protocol.api import ConductorAPI
 from dispers.protocol.authz import authorize
-from dispers.protocol.common import CLOCK_SKEW_S, seal_padded
+from dispers.protocol.common import CLOCK_SKEW_S, replay_memory_s, seal_padded
 from dispers.protocol.instance.concepts import derive_concepts
 from dispers.protocol.instance.functions import compute_contributions
 from dispers.state.documents import DocumentStore
@@ -58,7 +58,8 @@ class PersonalCloudHost:
         self._store = store
         self._conductor = conductor
         self._as_of = as_of
-        self._memory_s = 2 * settings.max_query_age_s
+        self._memory_s = replay_memory_s(settings)
+        self._started = time.time()  # the memory of who answered does not reach back further
         self._ci_key = roster.one(Role.CONCEPT_INDEXOR).sealing_key
         self._t_key = roster.one(Role.TARGET).sealing_key
         # Per query, the instances that already answered: an instance answers a query once.
@@ -156,6 +157,11 @@ class PersonalCloudHost:
         if age > self._settings.max_query_age_s or age < -CLOCK_SKEW_S:
             # Older requests could outlive the memory of which instances already answered.
             raise DispersError(ErrorCode.EXPIRED, "the data request is stale or dated in the future")
+        if data.issued_at < self._started:
+            raise DispersError(
+                ErrorCode.EXPIRED,
+                "the data request was issued before this host started: it may have answered it",
+            )
         da_keys = {}
         for name in set(request.aggregators):
             if name not in data.aggregators:
