@@ -204,6 +204,7 @@ class ClusterSettings:
     query_timeout_s: float = 300.0
     vocabulary: tuple[str, ...] = DEFAULT_VOCABULARY
     max_concepts: int = 16  # per subscription and per query
+    max_groups: int = 128  # groups of one query (partial_bytes and result_bytes must hold them)
     concepts_bytes: int = 2048  # a subscription's or a query's concept list (JSON)
     address_bytes: int = 512  # an instance address and its nonce (JSON)
     expression_bytes: int = 1024  # a query's target expression
@@ -320,6 +321,7 @@ def _settings(raw: Any, base: Path | None = None) -> ClusterSettings:
     _int_setting(s, "k_min", 2, 10**9)
     _int_setting(s, "batch_size", 1, 100_000)
     _int_setting(s, "max_concepts", 1, 1024)
+    _int_setting(s, "max_groups", 1, 100_000)
     _int_setting(s, "max_long_polls", 0, 1024)
     for key in _SIZE_KEYS:
         _int_setting(s, key, 64, 64 * 1024 * 1024)

@@ -41,6 +41,8 @@ class GroupBy:
             b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)
         ):
             raise malformed("group_by.edges must be finite and strictly increasing")
+        if any(abs(e) > MAX_BOUND for e in self.edges):
+            raise malformed(f"group_by.edges must lie within ±{MAX_BOUND:g}")
 
     @property
     def labels(self) -> tuple[str, ...]:

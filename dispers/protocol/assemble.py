@@ -6,11 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Union
 
-from dispers.core.config import ClusterConfig
+from dispers.core.config import ClusterConfig, ClusterSettings
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
 from dispers.crypto.keyfiles import read_key_file
 from dispers.crypto.keys import ActorKeys
+from dispers.protocol.aggregation.partial import worst_case_sizes
 from dispers.protocol.api import Peers
 from dispers.protocol.concept_indexor import ConceptIndexor
 from dispers.protocol.conductor import Conductor, Executor
@@ -44,6 +45,19 @@ def actor_keys(config: ClusterConfig, name: str) -> ActorKeys:
     return keys
 
 
+def check_frames(settings: ClusterSettings) -> None:
+    """The partial and result frames must hold the largest a query of max_groups groups can
+    give: whether a payload fits must never depend on a person's data (DESIGN.md, lengths)."""
+    partial_len, result_len = worst_case_sizes(settings.max_groups)
+    for key, need in (("partial_bytes", partial_len), ("result_bytes", result_len)):
+        if getattr(settings, key) < need:
+            raise DispersError(
+                ErrorCode.CONFIG,
+                f"cluster.{key} must be at least {need} to hold a query of "
+                f"max_groups = {settings.max_groups} groups",
+            )
+
+
 def _path(p: Path | None) -> str | None:
     return None if p is None else str(p)
 
@@ -52,6 +66,7 @@ def assemble_actor(
     config: ClusterConfig, name: str, peers: Peers, executor: Executor, own: list[Closer]
 ) -> Actor:
     """The protocol object for roster entry `name`; a close function per opened store goes to `own`."""
+    check_frames(config.settings)
     entry = config.roster.get(name)
     local = config.local_for(name)
     roster, settings = config.roster, config.settings

@@ -97,6 +97,8 @@ class DataAggregator:
         )
         if spec.query_id != envelope.query_id or spec.k != envelope.k:
             raise malformed(f"{what} does not match the query")
+        if len(spec.groups) > self._settings.max_groups:
+            raise malformed(f"{what}: more than the cluster's max_groups groups")
         attested: int | None = None
         if envelope.plan.root == self.name:
             tf = self._roster.one(Role.TARGET_FINDER)

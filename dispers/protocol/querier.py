@@ -82,6 +82,8 @@ class Querier:
                     f"query spec: concept {concept!r} is not in the cluster's vocabulary "
                     "(`dispers concepts` lists it)",
                 )
+        if len(spec.groups) > settings.max_groups:
+            raise malformed(f"query spec: at most {settings.max_groups} groups (cluster.max_groups)")
         if len(concepts) > settings.max_concepts:
             raise malformed(f"query spec: the target names more than {settings.max_concepts} concepts")
         roster = self.roster()

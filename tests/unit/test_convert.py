@@ -143,7 +143,9 @@ json_values = st.none() | st.booleans() | st.integers() | finite | text
 group_bys = st.builds(
     GroupBy,
     field=st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True),
-    edges=st.lists(finite, min_size=2, max_size=6, unique=True).map(lambda e: tuple(sorted(e))),
+    edges=st.lists(
+        st.floats(min_value=-MAX_BOUND, max_value=MAX_BOUND), min_size=2, max_size=6, unique=True
+    ).map(lambda e: tuple(sorted(e))),
 )
 query_specs = st.builds(
     QuerySpec,

@@ -620,7 +620,8 @@ def test_bounds_whose_statistics_could_overflow_are_refused(bounds: list[float])
 def test_one_group_or_many_empty_or_full_the_partial_has_one_length(world: World) -> None:
     rng = np.random.default_rng(4)
     lengths = set()
-    for edges, n in (([0, 1], 0), ([0, 1], 50), (list(range(0, 151)), 0), (list(range(0, 151)), 120)):
+    most = list(range(0, world.settings.max_groups + 1))  # max_groups groups
+    for edges, n in (([0, 1], 0), ([0, 1], 50), (most, 0), (most, 120)):
         spec = heart_rate_spec(data__group_by={"field": "age", "edges": edges})
         groups = rng.integers(0, len(edges) - 1, n).tolist()
         values = rng.uniform(30, 220, n).tolist()
@@ -634,3 +635,30 @@ def test_the_clock_does_not_matter(world: World) -> None:
     a = querier.build(heart_rate_spec())
     b = querier.build(dataclasses.replace(heart_rate_spec(), as_of=AS_OF + dt.timedelta(days=400)))
     assert len(a.sealed_request) == len(b.sealed_request)
+
+
+def test_the_frames_hold_the_largest_partial_and_result_of_max_groups() -> None:
+    """Found by review: with ~250 groups the result's size depended on how many groups were
+    released (one more contributor could fail the query). Queries are capped at max_groups,
+    and every actor checks at start that partial_bytes and result_bytes hold the worst case."""
+    import dataclasses
+
+    from dispers.core.config import ClusterSettings
+    from dispers.core.errors import ErrorCode
+    from dispers.protocol.aggregation.partial import worst_case_sizes
+    from dispers.protocol.assemble import check_frames
+
+    defaults = ClusterSettings()
+    partial, result = worst_case_sizes(defaults.max_groups)
+    assert partial <= defaults.partial_bytes and result <= defaults.result_bytes
+    check_frames(defaults)
+    with pytest.raises(DispersError) as info:
+        check_frames(dataclasses.replace(defaults, max_groups=400))
+    assert info.value.code is ErrorCode.CONFIG and "result_bytes" in info.value.message
+
+
+def test_a_query_of_more_than_max_groups_is_refused_before_it_is_sealed(world: World) -> None:
+    querier = world.cluster.querier_object()
+    edges = list(range(0, world.settings.max_groups + 2))
+    with pytest.raises(DispersError, match="at most .* groups"):
+        querier.build(heart_rate_spec(data__group_by={"field": "age", "edges": edges}))

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dispers.core.errors import malformed
-from dispers.core.spec import AggregateSpec, GroupResult, QueryResult
+from dispers.core.spec import STATS, AggregateSpec, GroupResult, QueryResult
 
 DROP_REASONS: tuple[str, ...] = ("duplicate", "unopenable", "malformed", "wrong_query", "out_of_bounds")
 """Why a DA leaves an item out of the aggregate."""
@@ -192,6 +192,44 @@ class Partial:
             dropped={reason: under_k(self.dropped.get(reason, 0)) for reason in DROP_REASONS},
             declined=under_k(self.declined),
         )
+
+
+def worst_case_sizes(n_groups: int) -> tuple[int, int]:
+    """The longest signed partial and signed result (bytes) a query of `n_groups` groups can
+    give, so that the cluster's frames can be checked to hold them whatever the data: every
+    count at its largest, every float at its longest text, every label at its longest (edges
+    within ±MAX_BOUND), every statistic requested and every group released."""
+    from dispers.core.ids import new_query_id
+    from dispers.crypto.keys import SigningKeyPair
+    from dispers.protocol.common import sign_payload
+
+    long_float = -1.2345678901234567e-300  # 24 characters, the longest a float64 prints
+    big = 2**62  # 19 digits: more items than any cluster holds
+    partial = Partial(
+        count=np.full(n_groups, big, dtype=np.int64),
+        mean=np.full(n_groups, long_float),
+        m2=np.full(n_groups, long_float),
+        min=np.full(n_groups, long_float),
+        max=np.full(n_groups, long_float),
+        dropped=dict.fromkeys(DROP_REASONS, big),
+        declined=big,
+    )
+    label = f"{long_float!r}-{long_float!r}"
+    result = QueryResult(
+        query_id=new_query_id(),
+        k=big,
+        groups=tuple(
+            GroupResult(label, False, {s: (big if s == "count" else long_float) for s in STATS})
+            for _ in range(n_groups)
+        ),
+        contributions=big,
+        dropped=dict.fromkeys(DROP_REASONS, big),
+        declined=big,
+    )
+    key, qid, signer = SigningKeyPair.generate(), new_query_id(), "a" * 63  # the longest name
+    partial_len = len(sign_payload(key, signer, {"query_id": qid, "partial": partial.to_obj()}))
+    result_len = len(sign_payload(key, signer, {"query_id": qid, "result": result.to_obj()}))
+    return partial_len, result_len
 
 
 def merged(parts: Mapping[str, Partial] | list[Partial], n_groups: int) -> Partial:
