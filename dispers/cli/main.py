@@ -143,6 +143,36 @@ def _concepts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(args: argparse.Namespace) -> int:
+    from dispers.core.config import load_config
+    from dispers.core.ids import Role
+    from dispers.transport.grpc_client import DataAggregatorClient, client_for
+
+    config = load_config(args.config)
+    if args.querier:
+        name = config.roster.require(args.querier, Role.QUERIER).name
+    else:
+        name = config.roster.by_role(Role.QUERIER)[0].name
+    root = config.roster.da_plan().root
+    with client_for(config, name, root, DataAggregatorClient) as client:
+        status = client.budget(name)
+    left = status.left
+    if args.json:
+        print(json.dumps({
+            "querier": name, "queries": status.queries,
+            "total": {"epsilon": status.total.epsilon, "delta": status.total.delta},
+            "spent": {"epsilon": status.spent.epsilon, "delta": status.spent.delta},
+            "left": {"epsilon": left.epsilon, "delta": left.delta},
+        }, indent=2))  # fmt: skip
+    else:
+        print(f"querier {name}: {status.queries} charged queries")
+        print(f"epsilon: spent {status.spent.epsilon:g} of {status.total.epsilon:g}, left {left.epsilon:g}")
+        print(f"delta:   spent {status.spent.delta:g} of {status.total.delta:g}, left {left.delta:g}")
+        if not config.settings.dp:
+            print("(this cluster's policy turns differential privacy off: queries are not charged)")
+    return 0
+
+
 def _querier_client(args: argparse.Namespace) -> QuerierClient:
     """A client of the chosen Querier service, calling as that querier (its certificate)."""
     from dispers.core.config import load_config
@@ -266,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--offline", action="store_true", help="read the vocabulary from the config, ask no one")
     s.add_argument("--json", action="store_true", help="print a JSON list")
     s.set_defaults(fn=_concepts)
+
+    s = sub.add_parser("budget", help="show a querier's privacy budget: spent and left")
+    s.add_argument("--config", required=True)
+    s.add_argument("--querier", help="querier name (default: the first in the roster)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(fn=_budget)
 
     for name, fn, helptext in (("query", _query, "submit a query spec to the Querier and print the result"),
                                ("status", _status, "show a query's state and result")):  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from dispers.core.spec import QueryResult
+from dispers.core.spec import GroupResult, QueryResult
 from dispers.simulation.ground_truth import GroupTruth
 from dispers.state.queries import QueryRecord
 
@@ -31,6 +31,14 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _with_interval(group: GroupResult, stat: str) -> str:
+    value = _fmt(group.values.get(stat))
+    interval = group.intervals.get(stat)
+    if interval is None:
+        return value
+    return f"{value} ±{_fmt((interval[1] - interval[0]) / 2)}"
+
+
 def result_table(result: QueryResult, truth: Mapping[str, GroupTruth] | None = None) -> str:
     """Per group: the released statistics, and the ground truth when known."""
     stats = [s for s in ("count", "mean", "std", "min", "max", "sum", "var")
@@ -43,7 +51,7 @@ def result_table(result: QueryResult, truth: Mapping[str, GroupTruth] | None = N
         if g.suppressed:
             row = [g.label, *(["suppressed (< k)"] + [""] * (len(stats) - 1))]
         else:
-            row = [g.label, *(_fmt(g.values.get(s)) for s in stats)]
+            row = [g.label, *(_with_interval(g, s) for s in stats)]
         if truth is not None:
             t = truth.get(g.label)
             if t is None:
@@ -55,6 +63,19 @@ def result_table(result: QueryResult, truth: Mapping[str, GroupTruth] | None = N
         rows.append(row)
     out = table(headers, rows)
     extras = [f"{result.contributions} contributions in the released groups, k = {result.k}"]
+    p = result.privacy
+    if p.noised:
+        left = (
+            ""
+            if p.epsilon_left is None
+            else f"; budget left: epsilon {p.epsilon_left:g}, delta {p.delta_left:g}"
+        )
+        extras.append(
+            f"differentially private: {p.mechanism} noise, epsilon {p.epsilon:g}, delta {p.delta:g}{left}; "
+            "± is the half-width of a 95% interval"
+        )
+    else:
+        extras.append("exact: this cluster's policy turns differential privacy off")
 
     def count(n: int | None) -> str:
         return f"< {result.k}" if n is None else str(n)

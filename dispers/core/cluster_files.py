@@ -37,6 +37,7 @@ class ClusterLayout:
     extra_settings: dict[str, float] = field(default_factory=dict)
     cohorts: Sequence[str] = ()  # declared cohorts added to the default vocabulary
     insecure: bool = False  # plain gRPC channels, no CA or certificates: loopback experiments only
+    dp: bool = True  # the cluster's policy: noise every release (off for simulations and tests)
 
 
 def write_cluster(directory: Path, layout: ClusterLayout = ClusterLayout()) -> ClusterConfig:
@@ -69,6 +70,8 @@ def write_cluster(directory: Path, layout: ClusterLayout = ClusterLayout()) -> C
         f"batch_size = {layout.batch_size}",
     ]
     lines += [f"{k} = {v}" for k, v in layout.extra_settings.items()]
+    if not layout.dp:
+        lines.append("dp = false  # releases are exact: for simulations and tests only")
     vocabulary = [*DEFAULT_VOCABULARY, *(c for c in layout.cohorts if c not in DEFAULT_VOCABULARY)]
     lines.append("# the public concept vocabulary: what queries may name (`dispers concepts`)")
     lines.append("vocabulary = [" + ", ".join(f'"{c}"' for c in vocabulary) + "]")
@@ -80,6 +83,17 @@ def write_cluster(directory: Path, layout: ClusterLayout = ClusterLayout()) -> C
         write_public_pem(directory / "tls" / "ca.crt", ca[0])
         write_private_pem(directory / "keys" / "ca.tls.key", ca[1], overwrite=True)
         lines.append('ca_cert = "tls/ca.crt"')
+    used: set[int] = set()
+
+    def next_port() -> int:
+        # The OS may hand out a port it just gave us again once its socket closed: never two
+        # actors of one cluster on one port.
+        port = free_port(layout.endpoint_host)
+        while port in used:
+            port = free_port(layout.endpoint_host)
+        used.add(port)
+        return port
+
     for name, role, extra in actors:
         keys = ActorKeys.generate(name)
         write_key_file(directory / "keys" / f"{name}.key", keys, overwrite=True)
@@ -88,7 +102,7 @@ def write_cluster(directory: Path, layout: ClusterLayout = ClusterLayout()) -> C
             "[[actor]]",
             f'name = "{name}"',
             f'role = "{role}"',
-            f'endpoint = "{layout.endpoint_host}:{free_port(layout.endpoint_host)}"',
+            f'endpoint = "{layout.endpoint_host}:{next_port()}"',
             f'sealing_public_key = "{keys.sealing.public.hex()}"',
             f'verify_key = "{keys.signing.verify_key.hex()}"',
             f'key_file = "keys/{name}.key"',
@@ -99,7 +113,7 @@ def write_cluster(directory: Path, layout: ClusterLayout = ClusterLayout()) -> C
             write_private_pem(directory / "keys" / f"{name}.tls.key", key_pem, overwrite=True)
             lines += [f'tls_cert = "tls/{name}.crt"', f'tls_key = "keys/{name}.tls.key"']
         lines += [f'{k} = "{v}"' for k, v in extra.items()]
-        if role in stateful:
+        if role in stateful or name == "da-root":  # the root DA keeps the privacy budgets
             lines.append(f'backend = "{layout.backend}"')
             if layout.backend == "sqlite":
                 lines.append(f'state_path = "state/{name}.sqlite"')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -214,6 +215,11 @@ class ClusterSettings:
     result_bytes: int = 65536  # the result sealed to Q
     max_long_polls: int = 4  # Status calls allowed to wait at once; more answer at once
     max_wait_s: float = 30.0  # the longest one Status call waits
+    dp: bool = True  # the cluster's policy: noise every release (off only for simulations and tests)
+    max_epsilon: float = 2.0  # the most one query may spend
+    max_delta: float = 1e-6
+    budget_epsilon: float = 10.0  # what each querier may spend in all (basic composition)
+    budget_delta: float = 1e-5
     insecure: bool = False  # plain channels, caller names unauthenticated: loopback experiments only
     ca_cert: Path | None = None  # the cluster CA certificate (PEM), absolute once loaded
 
@@ -312,8 +318,9 @@ def _settings(raw: Any, base: Path | None = None) -> ClusterSettings:
     raw = dict(raw)
     if "vocabulary" in raw:
         raw["vocabulary"] = _vocabulary(raw["vocabulary"])
-    if not isinstance(raw.get("insecure", False), bool):
-        raise _config_error("cluster.insecure must be true or false")
+    for key in ("insecure", "dp"):
+        if not isinstance(raw.get(key, False), bool):
+            raise _config_error(f"cluster.{key} must be true or false")
     ca_cert = raw.pop("ca_cert", None)
     if ca_cert is not None and not isinstance(ca_cert, str):
         raise _config_error("cluster.ca_cert must be a path string")
@@ -325,6 +332,14 @@ def _settings(raw: Any, base: Path | None = None) -> ClusterSettings:
     _int_setting(s, "max_long_polls", 0, 1024)
     for key in _SIZE_KEYS:
         _int_setting(s, key, 64, 64 * 1024 * 1024)
+    for key in ("max_epsilon", "budget_epsilon"):
+        value = getattr(s, key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+            raise _config_error(f"cluster.{key} must be a positive number")
+    for key in ("max_delta", "budget_delta"):
+        value = getattr(s, key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1:
+            raise _config_error(f"cluster.{key} must be a number in [0, 1)")
     for key in ("max_query_age_s", "query_timeout_s", "max_wait_s"):
         value = getattr(s, key)
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:

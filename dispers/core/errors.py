@@ -15,6 +15,7 @@ class ErrorCode(enum.Enum):
     UNKNOWN_CONCEPT = "UNKNOWN_CONCEPT"
     INVALID_EXPRESSION = "INVALID_EXPRESSION"
     TOO_FEW_TARGETS = "TOO_FEW_TARGETS"
+    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"  # the querier's privacy budget would be overspent
     NOT_FOUND = "NOT_FOUND"
     REPLAY = "REPLAY"  # a query id or message seen before
     EXPIRED = "EXPIRED"

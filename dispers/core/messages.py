@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dispers.core.codec import dumps
 from dispers.core.config import DAPlan
 from dispers.core.errors import malformed
+from dispers.core.spec import Privacy
 from dispers.crypto.keys import SealingPublicKey, VerifyKey
 
 NONCE_BYTES = 16
@@ -146,6 +147,7 @@ class QueryEnvelope:
     querier_sealing_key: SealingPublicKey
     querier_verify_key: VerifyKey
     signature: bytes = b""
+    privacy: Privacy = field(default_factory=Privacy)  # public, like k: charged at the root DA
 
     def signing_bytes(self) -> bytes:
         """The canonical bytes Q signs: every field but the signature."""
@@ -163,6 +165,7 @@ class QueryEnvelope:
                 "plan": self.plan.to_obj(),
                 "sealing_key": self.querier_sealing_key.hex(),
                 "verify_key": self.querier_verify_key.hex(),
+                "privacy": self.privacy.to_obj(),
             }
         )
 

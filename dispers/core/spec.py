@@ -172,6 +172,50 @@ class AggregateSpec:
         )
 
 
+MECHANISMS = ("laplace", "gaussian")
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """How private a query's release is: its (epsilon, delta) cost and the noise mechanism.
+
+    Public, like k: the Conductor and every actor may know them. Laplace gives pure
+    epsilon-DP (delta must be 0); Gaussian needs 0 < delta < 1.
+    """
+
+    epsilon: float = 1.0
+    delta: float = 0.0
+    mechanism: str = "laplace"
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise malformed(f"privacy.mechanism must be one of {', '.join(MECHANISMS)}")
+        e, d = self.epsilon, self.delta
+        if isinstance(e, bool) or not isinstance(e, int | float) or not math.isfinite(e) or e <= 0:
+            raise malformed("privacy.epsilon must be a positive number")
+        if isinstance(d, bool) or not isinstance(d, int | float) or not math.isfinite(d) or not 0 <= d < 1:
+            raise malformed("privacy.delta must be a number in [0, 1)")
+        if self.mechanism == "gaussian" and d == 0:
+            raise malformed("privacy.delta must be above 0 for the gaussian mechanism")
+        if self.mechanism == "laplace" and d != 0:
+            raise malformed("privacy.delta must be 0 for the laplace mechanism (pure epsilon-DP)")
+
+    def to_obj(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"epsilon": float(self.epsilon), "delta": float(self.delta), "mechanism": self.mechanism}
+
+    @classmethod
+    def from_obj(cls, obj: Any, what: str = "privacy") -> Privacy:
+        """Parse the JSON-able form."""
+        if not isinstance(obj, dict):
+            raise malformed(f"{what} must be an object")
+        return cls(
+            epsilon=get_field(obj, "epsilon", (int, float), what),
+            delta=get_field(obj, "delta", (int, float), what),
+            mechanism=get_field(obj, "mechanism", str, what),
+        )
+
+
 @dataclass(frozen=True)
 class QuerySpec:
     """A researcher's aggregate query, as written in a spec file."""
@@ -184,6 +228,7 @@ class QuerySpec:
     bounds: tuple[float, float] = (0.0, 1.0)
     stats: tuple[str, ...] = ("count", "mean", "std")
     k: int = 10
+    privacy: Privacy = field(default_factory=Privacy)
 
     def compiled(self) -> tuple[tuple[str, ...], str]:
         """(concepts, positional expression) for CI and TF."""
@@ -207,11 +252,12 @@ class QuerySpec:
             "query": {"target": self.target, "k": self.k},
             "data": data,
             "aggregate": {"stats": list(self.stats), "bounds": list(self.bounds)},
+            "privacy": self.privacy.to_obj(),
         }
 
 
 _SPEC_TABLES = {"query": {"target", "k"}, "data": {"function", "as_of", "params", "group_by"},
-                "aggregate": {"stats", "bounds"}}  # fmt: skip
+                "aggregate": {"stats", "bounds"}, "privacy": {"epsilon", "delta", "mechanism"}}  # fmt: skip
 
 
 def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
@@ -270,7 +316,17 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
     stats = agg.get("stats", ["count", "mean", "std"])
     if not isinstance(stats, list) or not stats or any(s not in STATS for s in stats):
         raise _spec_error(f"aggregate.stats must be a non-empty list from {', '.join(STATS)}")
+    raw_privacy = data.get("privacy", {})
+    try:
+        privacy = Privacy(
+            epsilon=raw_privacy.get("epsilon", 1.0),
+            delta=raw_privacy.get("delta", 0.0),
+            mechanism=raw_privacy.get("mechanism", "laplace"),
+        )
+    except DispersError as exc:
+        raise _spec_error(exc.message) from None
     spec = QuerySpec(
+        privacy=privacy,
         target=query["target"],
         function=dat["function"],
         params=params,
@@ -306,10 +362,18 @@ class GroupResult:
     label: str
     suppressed: bool
     values: Mapping[str, float | None]  # stat -> value; empty when suppressed
+    intervals: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # stat -> 95% interval
+    noise: Mapping[str, float] = field(default_factory=dict)  # stat -> standard deviation of its noise
 
     def to_obj(self) -> dict[str, Any]:
         """JSON-able form."""
-        return {"label": self.label, "suppressed": self.suppressed, "values": dict(self.values)}
+        return {
+            "label": self.label,
+            "suppressed": self.suppressed,
+            "values": dict(self.values),
+            "intervals": {s: list(v) for s, v in self.intervals.items()},
+            "noise": dict(self.noise),
+        }
 
     @classmethod
     def from_obj(cls, obj: Any) -> GroupResult:
@@ -320,6 +384,41 @@ class GroupResult:
             label=get_field(obj, "label", str, "result group"),
             suppressed=get_field(obj, "suppressed", bool, "result group"),
             values=get_field(obj, "values", dict, "result group"),
+            intervals={s: (float(v[0]), float(v[1])) for s, v in dict(obj.get("intervals", {})).items()},
+            noise={s: float(v) for s, v in dict(obj.get("noise", {})).items()},
+        )
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    """How a result was released: noised or not, what it cost, what the querier has left."""
+
+    noised: bool
+    mechanism: str | None = None
+    epsilon: float = 0.0
+    delta: float = 0.0
+    epsilon_left: float | None = None
+    delta_left: float | None = None
+
+    def to_obj(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {
+            "noised": self.noised, "mechanism": self.mechanism, "epsilon": self.epsilon,
+            "delta": self.delta, "epsilon_left": self.epsilon_left, "delta_left": self.delta_left,
+        }  # fmt: skip
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> ReleaseInfo:
+        """Parse."""
+        if not isinstance(obj, dict):
+            raise malformed("result privacy must be an object")
+        return cls(
+            noised=get_field(obj, "noised", bool, "result privacy"),
+            mechanism=obj.get("mechanism"),
+            epsilon=float(obj.get("epsilon", 0.0)),
+            delta=float(obj.get("delta", 0.0)),
+            epsilon_left=obj.get("epsilon_left"),
+            delta_left=obj.get("delta_left"),
         )
 
 
@@ -333,6 +432,7 @@ class QueryResult:
     contributions: int  # folded into the released groups
     dropped: Mapping[str, int | None]  # reason -> count, e.g. out_of_bounds; None: fewer than k
     declined: int | None = None  # instances that declined; None: fewer than k
+    privacy: ReleaseInfo = field(default_factory=lambda: ReleaseInfo(noised=False))
 
     def group(self, label: str) -> GroupResult:
         """The group labelled `label`."""
@@ -350,6 +450,7 @@ class QueryResult:
             "contributions": self.contributions,
             "dropped": dict(self.dropped),
             "declined": self.declined,
+            "privacy": self.privacy.to_obj(),
         }
 
     @classmethod
@@ -363,4 +464,5 @@ class QueryResult:
             contributions=get_field(obj, "contributions", int, what),
             dropped=get_field(obj, "dropped", dict, what),
             declined=obj.get("declined"),
+            privacy=ReleaseInfo.from_obj(obj.get("privacy", {"noised": False})),
         )

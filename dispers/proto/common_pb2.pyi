@@ -206,6 +206,34 @@ class SealedSpec(_message.Message):
 Global___SealedSpec: _TypeAlias = SealedSpec  # noqa: Y015
 
 @_typing.final
+class Privacy(_message.Message):
+    """How private a query's release is (public, signed by Q)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    MECHANISM_FIELD_NUMBER: _builtins.int
+    epsilon: _builtins.float
+    delta: _builtins.float
+    mechanism: _builtins.str
+    """"laplace" or "gaussian" """
+    def __init__(
+        self,
+        *,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        mechanism: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "epsilon", b"epsilon", "mechanism", b"mechanism"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Privacy: _TypeAlias = Privacy  # noqa: Y015
+
+@_typing.final
 class QueryEnvelope(_message.Message):
     """A query as Q submits it: every part sealed to its reader, the whole signed by Q."""
 
@@ -223,6 +251,7 @@ class QueryEnvelope(_message.Message):
     QUERIER_SEALING_KEY_FIELD_NUMBER: _builtins.int
     QUERIER_VERIFY_KEY_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    PRIVACY_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     querier: _builtins.str
     created_at: _builtins.float
@@ -243,6 +272,10 @@ class QueryEnvelope(_message.Message):
 
     @_builtins.property
     def plan(self) -> Global___DAPlan: ...
+    @_builtins.property
+    def privacy(self) -> Global___Privacy:
+        """public, like k; the root DA charges it to the querier's budget"""
+
     def __init__(
         self,
         *,
@@ -258,10 +291,11 @@ class QueryEnvelope(_message.Message):
         querier_sealing_key: _builtins.bytes = ...,
         querier_verify_key: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        privacy: Global___Privacy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "privacy", b"privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "k", b"k", "plan", b"plan", "querier", b"querier", "querier_sealing_key", b"querier_sealing_key", "querier_verify_key", b"querier_verify_key", "query_id", b"query_id", "sealed_concepts", b"sealed_concepts", "sealed_expression", b"sealed_expression", "sealed_request", b"sealed_request", "sealed_specs", b"sealed_specs", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "k", b"k", "plan", b"plan", "privacy", b"privacy", "querier", b"querier", "querier_sealing_key", b"querier_sealing_key", "querier_verify_key", b"querier_verify_key", "query_id", b"query_id", "sealed_concepts", b"sealed_concepts", "sealed_expression", b"sealed_expression", "sealed_request", b"sealed_request", "sealed_specs", b"sealed_specs", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -248,3 +248,53 @@ class AbortResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AbortResponse: _TypeAlias = AbortResponse  # noqa: Y015
+
+@_typing.final
+class BudgetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERIER_FIELD_NUMBER: _builtins.int
+    querier: _builtins.str
+    def __init__(
+        self,
+        *,
+        querier: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["querier", b"querier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetRequest: _TypeAlias = BudgetRequest  # noqa: Y015
+
+@_typing.final
+class BudgetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPSILON_TOTAL_FIELD_NUMBER: _builtins.int
+    DELTA_TOTAL_FIELD_NUMBER: _builtins.int
+    EPSILON_SPENT_FIELD_NUMBER: _builtins.int
+    DELTA_SPENT_FIELD_NUMBER: _builtins.int
+    QUERIES_FIELD_NUMBER: _builtins.int
+    epsilon_total: _builtins.float
+    delta_total: _builtins.float
+    epsilon_spent: _builtins.float
+    delta_spent: _builtins.float
+    queries: _builtins.int
+    def __init__(
+        self,
+        *,
+        epsilon_total: _builtins.float = ...,
+        delta_total: _builtins.float = ...,
+        epsilon_spent: _builtins.float = ...,
+        delta_spent: _builtins.float = ...,
+        queries: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta_spent", b"delta_spent", "delta_total", b"delta_total", "epsilon_spent", b"epsilon_spent", "epsilon_total", b"epsilon_total", "queries", b"queries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetResponse: _TypeAlias = BudgetResponse  # noqa: Y015

@@ -64,6 +64,11 @@ class DataAggregatorStub:
                 request_serializer=dispers_dot_proto_dot_data__aggregator__pb2.AbortRequest.SerializeToString,
                 response_deserializer=dispers_dot_proto_dot_data__aggregator__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.Budget = channel.unary_unary(
+                '/dispers.proto.DataAggregator/Budget',
+                request_serializer=dispers_dot_proto_dot_data__aggregator__pb2.BudgetRequest.SerializeToString,
+                response_deserializer=dispers_dot_proto_dot_data__aggregator__pb2.BudgetResponse.FromString,
+                _registered_method=True)
 
 
 class DataAggregatorServicer:
@@ -111,6 +116,13 @@ class DataAggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Budget(self, request, context):
+        """The root's ledger: a querier's privacy budget, spent and in all (the querier itself only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataAggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +155,11 @@ def add_DataAggregatorServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=dispers_dot_proto_dot_data__aggregator__pb2.AbortRequest.FromString,
                     response_serializer=dispers_dot_proto_dot_data__aggregator__pb2.AbortResponse.SerializeToString,
+            ),
+            'Budget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Budget,
+                    request_deserializer=dispers_dot_proto_dot_data__aggregator__pb2.BudgetRequest.FromString,
+                    response_serializer=dispers_dot_proto_dot_data__aggregator__pb2.BudgetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +324,33 @@ class DataAggregator:
             '/dispers.proto.DataAggregator/Abort',
             dispers_dot_proto_dot_data__aggregator__pb2.AbortRequest.SerializeToString,
             dispers_dot_proto_dot_data__aggregator__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Budget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dispers.proto.DataAggregator/Budget',
+            dispers_dot_proto_dot_data__aggregator__pb2.BudgetRequest.SerializeToString,
+            dispers_dot_proto_dot_data__aggregator__pb2.BudgetResponse.FromString,
             options,
             channel_credentials,
             insecure,

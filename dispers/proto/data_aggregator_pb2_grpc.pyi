@@ -43,6 +43,8 @@ class DataAggregatorStub:
     """Seal the partial to the parent (or, at the root, the result to Q) and forget the query."""
     Abort: _grpc.UnaryUnaryMultiCallable[_data_aggregator_pb2.AbortRequest, _data_aggregator_pb2.AbortResponse]
     """Forget the query."""
+    Budget: _grpc.UnaryUnaryMultiCallable[_data_aggregator_pb2.BudgetRequest, _data_aggregator_pb2.BudgetResponse]
+    """The root's ledger: a querier's privacy budget, spent and in all (the querier itself only)."""
 
 @_typing.type_check_only
 class DataAggregatorAsyncStub(DataAggregatorStub):
@@ -59,6 +61,8 @@ class DataAggregatorAsyncStub(DataAggregatorStub):
     """Seal the partial to the parent (or, at the root, the result to Q) and forget the query."""
     Abort: _aio.UnaryUnaryMultiCallable[_data_aggregator_pb2.AbortRequest, _data_aggregator_pb2.AbortResponse]  # type: ignore[assignment]
     """Forget the query."""
+    Budget: _aio.UnaryUnaryMultiCallable[_data_aggregator_pb2.BudgetRequest, _data_aggregator_pb2.BudgetResponse]  # type: ignore[assignment]
+    """The root's ledger: a querier's privacy budget, spent and in all (the querier itself only)."""
 
 class DataAggregatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -108,5 +112,13 @@ class DataAggregatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_data_aggregator_pb2.AbortResponse, _abc.Awaitable[_data_aggregator_pb2.AbortResponse]]:
         """Forget the query."""
+
+    @_abc_1.abstractmethod
+    def Budget(
+        self,
+        request: _data_aggregator_pb2.BudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_data_aggregator_pb2.BudgetResponse, _abc.Awaitable[_data_aggregator_pb2.BudgetResponse]]:
+        """The root's ledger: a querier's privacy budget, spent and in all (the querier itself only)."""
 
 def add_DataAggregatorServicer_to_server(servicer: DataAggregatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -20,6 +20,7 @@ from dispers.protocol.instance.host import PersonalCloudHost
 from dispers.protocol.querier import Querier
 from dispers.protocol.target import Target
 from dispers.protocol.target_finder import TargetFinder
+from dispers.state.budget import open_budget_ledger
 from dispers.state.documents import DocumentStore
 from dispers.state.factory import (
     open_address_directory,
@@ -89,7 +90,9 @@ def assemble_actor(
         own.append(directory.close)
         return Target(keys, roster, settings, directory, peers)
     if entry.role is Role.DATA_AGGREGATOR:
-        return DataAggregator(keys, roster, settings)
+        ledger = open_budget_ledger(local.backend, state)  # the root's privacy budgets
+        own.append(ledger.close)
+        return DataAggregator(keys, roster, settings, ledger)
     if entry.role is Role.QUERIER:
         return Querier(keys, peers.conductor(), settings, pinned_roster=roster)
     if entry.role is Role.PERSONAL_CLOUD:

@@ -42,6 +42,7 @@ AUTHORIZATION: Mapping[str, Allowed] = MappingProxyType(
         "data_aggregator.absorb": frozenset({Role.CONDUCTOR}),
         "data_aggregator.finalize": frozenset({Role.CONDUCTOR}),
         "data_aggregator.abort": frozenset({Role.CONDUCTOR}),
+        "data_aggregator.budget": frozenset({Role.QUERIER}),  # and only its own
         "personal_cloud.contribute": frozenset({Role.TARGET}),
         "personal_cloud.subscribe_all": SELF,
         "querier.submit": SELF,

@@ -14,6 +14,7 @@ from dispers.core.config import ClusterSettings, Roster, RosterEntry
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.ids import Role, check_batch_id, check_query_id
 from dispers.core.messages import BatchHeader, QueryEnvelope, SubscriptionOp, digest, receipt_bytes
+from dispers.core.spec import Privacy
 from dispers.core.wire import pad, padded_size, unpad
 from dispers.crypto import Opener, seal
 from dispers.crypto.box import sealed_size
@@ -125,6 +126,31 @@ def verify_envelope(
         raise malformed("the query's aggregator plan does not match the cluster's")
     check_envelope_sizes(envelope, settings)
     return querier
+
+
+EXACT_ONLY_STATS = ("min", "max")
+"""Statistics that release one person's value: refused while the cluster's policy is DP."""
+
+
+def check_privacy(privacy: Privacy, stats: Sequence[str], settings: ClusterSettings, *, what: str) -> None:
+    """A query's privacy parameters against the cluster's policy (checked by Q before sealing
+    and again by the root DA): within the per-query maxima, and no min or max under DP."""
+    if not settings.dp:
+        return
+    if privacy.epsilon > settings.max_epsilon:
+        raise malformed(
+            f"{what}: privacy.epsilon is above the cluster's per-query maximum {settings.max_epsilon:g}"
+        )
+    if privacy.delta > settings.max_delta:
+        raise malformed(
+            f"{what}: privacy.delta is above the cluster's per-query maximum {settings.max_delta:g}"
+        )
+    exact = [s for s in stats if s in EXACT_ONLY_STATS]
+    if exact:
+        raise malformed(
+            f"{what}: {', '.join(exact)} release one person's value and are refused under differential "
+            "privacy (the cluster's policy); ask for quantiles from a histogram instead"
+        )
 
 
 def frame_size(size: int) -> int:

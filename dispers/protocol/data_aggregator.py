@@ -20,9 +20,11 @@ from dispers.core.spec import AggregateSpec
 from dispers.crypto import ActorKeys, Opener
 from dispers.crypto.box import sealed_size
 from dispers.protocol.aggregation.partial import Partial
+from dispers.protocol.aggregation.release import release_dp
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import (
     ReplayGuard,
+    check_privacy,
     open_padded,
     open_sealed_signed,
     replay_memory_s,
@@ -30,6 +32,7 @@ from dispers.protocol.common import (
     verify_envelope,
 )
 from dispers.protocol.target_finder import ATTESTATION_BYTES
+from dispers.state.budget import BudgetLedger, BudgetStatus, MemoryBudgetLedger, Spend
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ class _QueryState:
     seen: set[bytes] = field(default_factory=set)  # digests of ciphertexts, against duplicates
     attested: int | None = None  # root only: TF's signed number of targets
     forwarded: int | None = None  # leaves only: how many items T says it forwarded (stream closed)
+    left: tuple[float, float] | None = None  # root, under DP: the querier's budget left once charged
+    released: bool = False  # root: the result was sealed to Q (no refund then)
     timer: threading.Timer | None = None  # forgets the query after query_timeout_s
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -53,8 +58,12 @@ class _QueryState:
 class DataAggregator:
     """A DA learns the values it is given, never who gave them; it writes none of them to disk."""
 
-    def __init__(self, keys: ActorKeys, roster: Roster, settings: ClusterSettings) -> None:
+    def __init__(
+        self, keys: ActorKeys, roster: Roster, settings: ClusterSettings, ledger: BudgetLedger | None = None
+    ) -> None:
         self.name = keys.name
+        # The root's ledger of every querier's privacy budget (no personal data in it).
+        self._ledger = ledger if ledger is not None else MemoryBudgetLedger()
         self._keys = keys
         self._opener = Opener(keys.name, keys.sealing)
         self._roster = roster
@@ -111,6 +120,18 @@ class DataAggregator:
                 raise malformed(f"{what} does not match the query")
         elif attestation:
             raise malformed("only the root aggregator takes the target count")
+        left = None
+        if envelope.plan.root == self.name and self._settings.dp:
+            # Charged before any instance is contacted: a query that would overspend is refused
+            # here, and refunded if it ends without a release (abort).
+            check_privacy(envelope.privacy, spec.stats, self._settings, what="query")
+            status = self._ledger.charge(
+                envelope.querier,
+                envelope.query_id,
+                Spend(envelope.privacy.epsilon, envelope.privacy.delta),
+                self._budget_total(),
+            )
+            left = (status.left.epsilon, status.left.delta)
         timer = threading.Timer(self._settings.query_timeout_s, self._expire, (envelope.query_id,))
         timer.daemon = True
         with self._lock:
@@ -123,6 +144,7 @@ class DataAggregator:
                 expected_children=frozenset(envelope.plan.children(self.name)),
                 attested=attested,
                 timer=timer,
+                left=left,
             )
         timer.start()
 
@@ -260,7 +282,13 @@ class DataAggregator:
                             "the aggregate rests on more items than the Target Finder attested targets; "
                             "no result is released",
                         )
-                    result = state.partial.release(state.spec)
+                    if self._settings.dp:
+                        result = release_dp(
+                            state.partial, state.spec, state.envelope.privacy, left=state.left
+                        )
+                    else:
+                        result = state.partial.release(state.spec)
+                    state.released = True
                     return seal_signed(
                         state.envelope.querier_sealing_key, self._keys.signing, self.name,
                         {"query_id": query_id, "result": result.to_obj()},
@@ -279,8 +307,23 @@ class DataAggregator:
         authorize(self._roster, caller, "data_aggregator.abort", callee=self.name)
         self._forget(query_id)
 
+    def budget(self, caller: str, querier: str) -> BudgetStatus:
+        """A querier's privacy budget: spent and left (only the querier itself may ask)."""
+        authorize(self._roster, caller, "data_aggregator.budget", callee=self.name)
+        if caller != querier:
+            raise DispersError(ErrorCode.UNAUTHORIZED, "a querier may read only its own budget")
+        return self._ledger.status(querier, self._budget_total())
+
+    def _budget_total(self) -> Spend:
+        return Spend(self._settings.budget_epsilon, self._settings.budget_delta)
+
     def _forget(self, query_id: str) -> None:
         with self._lock:
             state = self._queries.pop(query_id, None)
-        if state is not None and state.timer is not None:
+        if state is None:
+            return
+        if state.timer is not None:
             state.timer.cancel()
+        if state.left is not None and not state.released:
+            # Nothing was released: the querier gets its budget back.
+            self._ledger.refund(state.envelope.querier, query_id)

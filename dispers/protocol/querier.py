@@ -17,7 +17,7 @@ from dispers.core.spec import AggregateSpec, DataRequest, QueryResult, QuerySpec
 from dispers.crypto import ActorKeys, Opener
 from dispers.protocol.api import ConductorAPI, QuerierAPI, QueryOutcome
 from dispers.protocol.authz import authorize
-from dispers.protocol.common import open_sealed_signed, seal_padded
+from dispers.protocol.common import check_privacy, open_sealed_signed, seal_padded
 from dispers.protocol.instance.functions import get_function, validate_params
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class Querier:
                     f"query spec: concept {concept!r} is not in the cluster's vocabulary "
                     "(`dispers concepts` lists it)",
                 )
+        check_privacy(spec.privacy, spec.stats, settings, what="query spec")
         if len(spec.groups) > settings.max_groups:
             raise malformed(f"query spec: at most {settings.max_groups} groups (cluster.max_groups)")
         if len(concepts) > settings.max_concepts:
@@ -136,6 +137,7 @@ class Querier:
             plan=plan,
             querier_sealing_key=self._keys.sealing.public,
             querier_verify_key=self._keys.signing.verify_key,
+            privacy=spec.privacy,
         )
         return _with_signature(unsigned, self._keys.signing.sign(unsigned.signing_bytes()))
 

@@ -55,6 +55,18 @@ class DataAggregatorServicer(data_aggregator_pb2_grpc.DataAggregatorServicer):
         )
 
     @rpc
+    def Budget(self, request: pb.BudgetRequest, context: Any) -> pb.BudgetResponse:
+        """A querier's privacy budget (the querier itself only)."""
+        status = self._aggregator.budget(self._caller_of(context), request.querier)
+        return pb.BudgetResponse(
+            epsilon_total=status.total.epsilon,
+            delta_total=status.total.delta,
+            epsilon_spent=status.spent.epsilon,
+            delta_spent=status.spent.delta,
+            queries=status.queries,
+        )
+
+    @rpc
     def Abort(self, request: pb.AbortRequest, context: Any) -> pb.AbortResponse:
         """Forget a query."""
         self._aggregator.abort(self._caller_of(context), request.query_id)

@@ -20,7 +20,7 @@ from dispers.core.messages import (
     SubscriptionItem,
     SubscriptionOp,
 )
-from dispers.core.spec import QueryResult, QuerySpec, parse_query_spec
+from dispers.core.spec import Privacy, QueryResult, QuerySpec, parse_query_spec
 from dispers.crypto.keys import SealingPublicKey, VerifyKey
 from dispers.proto import common_pb2 as pb
 from dispers.proto import querier_pb2
@@ -167,6 +167,11 @@ def envelope_to_proto(envelope: QueryEnvelope) -> pb.QueryEnvelope:
         querier_sealing_key=envelope.querier_sealing_key.raw,
         querier_verify_key=envelope.querier_verify_key.raw,
         signature=envelope.signature,
+        privacy=pb.Privacy(
+            epsilon=envelope.privacy.epsilon,
+            delta=envelope.privacy.delta,
+            mechanism=envelope.privacy.mechanism,
+        ),
     )
 
 
@@ -189,6 +194,7 @@ def envelope_from_proto(msg: pb.QueryEnvelope) -> QueryEnvelope:
         querier_sealing_key=SealingPublicKey(msg.querier_sealing_key),
         querier_verify_key=VerifyKey(msg.querier_verify_key),
         signature=msg.signature,
+        privacy=Privacy(msg.privacy.epsilon, msg.privacy.delta, msg.privacy.mechanism),
     )
 
 

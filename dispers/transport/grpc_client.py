@@ -51,6 +51,7 @@ from dispers.proto import (
     target_pb2_grpc,
 )
 from dispers.protocol.api import QueryOutcome
+from dispers.state.budget import BudgetStatus, Spend
 from dispers.state.queries import QueryRecord
 from dispers.transport import convert
 from dispers.transport.grpc_errors import error_from_rpc
@@ -386,6 +387,16 @@ class DataAggregatorClient(_Client):
             "Finalize", self._stub.Finalize, request, SHORT_DEADLINE_S
         )
         return response.sealed
+
+    def budget(self, querier: str) -> BudgetStatus:
+        """A querier's privacy budget, from the root DA's ledger (ask as that querier)."""
+        request = data_aggregator_pb2.BudgetRequest(querier=querier)
+        r: data_aggregator_pb2.BudgetResponse = self._call(
+            "Budget", self._stub.Budget, request, SHORT_DEADLINE_S
+        )
+        return BudgetStatus(
+            querier, Spend(r.epsilon_total, r.delta_total), Spend(r.epsilon_spent, r.delta_spent), r.queries
+        )
 
     def abort(self, query_id: str) -> None:
         """Forget a query."""

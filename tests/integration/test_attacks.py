@@ -111,7 +111,12 @@ def two_querier_setup(directory: Path, *, n: int) -> Setup:
     config = write_cluster(
         directory,
         ClusterLayout(
-            k_min=5, backend="sqlite", host_as_of=AS_OF, batch_size=128, queriers=("researcher", "rival")
+            k_min=5,
+            backend="sqlite",
+            host_as_of=AS_OF,
+            batch_size=128,
+            queriers=("researcher", "rival"),
+            dp=False,
         ),
     )
     pop = generate(PopulationSpec(n_instances=n, seed=11, as_of=AS_OF))

@@ -17,20 +17,26 @@ from tests.integration.conftest import grpc_world
 from tests.integration.world import AS_OF, make_setup
 
 
-def test_demo_over_separate_processes_equals_ground_truth(tmp_path: Path) -> None:
+def test_demo_over_separate_processes_is_near_the_ground_truth(tmp_path: Path) -> None:
     out = io.StringIO()
     report = run_demo(instances=10_000, workdir=tmp_path / "demo", out=out)
     outcome = report.outcome
     assert outcome.record.state == "done"
     assert outcome.result is not None
+    # The demo runs the product's default: differential privacy on. Every released number is
+    # near the ground truth, within a few half-widths of its 95% interval (never exact).
+    assert outcome.result.privacy.noised
     for group in outcome.result.groups:
         truth = report.truth[group.label]
         assert not group.suppressed
-        assert group.values["count"] == truth.count
-        for stat_name in ("mean", "std", "min", "max"):
+        for stat_name in ("count", "mean", "std"):
             value = group.values[stat_name]
-            assert value is not None
-            assert math.isclose(value, getattr(truth, stat_name), rel_tol=1e-9), (group.label, stat_name)
+            lo, hi = group.intervals[stat_name]
+            assert value is not None and lo <= value <= hi
+            assert abs(value - getattr(truth, stat_name)) <= 4 * (hi - lo) / 2 + 1e-9, (
+                group.label,
+                stat_name,
+            )
     text = out.getvalue()
     assert "true mean" in text and "query: collect" in text and "subscribe 10000 instances" in text
     # Nine processes wrote their logs; none holds a traceback.

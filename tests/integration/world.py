@@ -79,6 +79,7 @@ def heart_rate_spec(**overrides: Any) -> QuerySpec:
             "bounds": [30, 220],
             "stats": ["count", "sum", "mean", "var", "std", "min", "max"],
         },
+        "privacy": {},
     }
     for key, value in overrides.items():
         table, _, name = key.partition("__")
@@ -110,13 +111,18 @@ def make_setup(
     k_min: int = 5,
     backend: str = "sqlite",
     outlier_bpm: float | None = None,
+    dp: bool = False,
 ) -> Setup:
-    """Write keys, cluster.toml and a host store holding a seeded population (plus canaries)."""
+    """Write keys, cluster.toml and a host store holding a seeded population (plus canaries).
+
+    DP is off by default here, so that results can be compared with the ground truth exactly;
+    tests of the noise turn it on.
+    """
     config = write_cluster(
         directory,
         ClusterLayout(
             k_min=k_min, backend=backend, host_as_of=AS_OF, batch_size=128,
-            cohorts=(canaries.concept,) if canaries is not None else (),
+            cohorts=(canaries.concept,) if canaries is not None else (), dp=dp,
         ),
     )  # fmt: skip
     pop = generate(PopulationSpec(n_instances=n, seed=seed, as_of=AS_OF))

@@ -71,6 +71,7 @@ EXPECTED: dict[str, frozenset[Role] | str] = {
     "data_aggregator.prepare": frozenset({C}),  # only C prepares
     "data_aggregator.ingest": frozenset({T}),  # only T ingests contributions
     "data_aggregator.end_ingest": frozenset({T}),  # only T closes the stream of items
+    "data_aggregator.budget": frozenset({Q}),  # a querier, for its own budget only
     "data_aggregator.absorb": frozenset({C}),
     "data_aggregator.finalize": frozenset({C}),  # only C finalizes
     "data_aggregator.abort": frozenset({C}),
@@ -98,7 +99,9 @@ OUTSIDERS = ("", "intruder", "Conductor", "conductor ", "t" * 200, "pc-1/inst")
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> ClusterConfig:
-    layout = ClusterLayout(hosts=HOSTS, queriers=QUERIERS, k_min=5, batch_size=128, host_as_of=AS_OF)
+    layout = ClusterLayout(
+        hosts=HOSTS, queriers=QUERIERS, k_min=5, batch_size=128, host_as_of=AS_OF, dp=False
+    )
     return write_cluster(Path(tmp_path_factory.mktemp("authz")), layout)
 
 

@@ -319,14 +319,15 @@ def _valid_envelope() -> pb.QueryEnvelope:
         plan=pb.DAPlan(root="da-root", parents=[pb.PlanEdge(child="da-1", parent="da-root")]),
         querier_sealing_key=b"\x01" * 32,
         querier_verify_key=b"\x02" * 32,
+        privacy=pb.Privacy(epsilon=1.0, delta=0.0, mechanism="laplace"),
     )
 
 
 def _tweak(**fields: Any) -> pb.QueryEnvelope:
     msg = _valid_envelope()
     for name, value in fields.items():
-        if name == "plan":
-            msg.plan.CopyFrom(value)
+        if name in ("plan", "privacy"):
+            getattr(msg, name).CopyFrom(value)
         else:
             setattr(msg, name, value)
     return msg
@@ -342,6 +343,8 @@ def _tweak(**fields: Any) -> pb.QueryEnvelope:
         _tweak(querier_verify_key=b""),
         _tweak(plan=pb.DAPlan(root="a", parents=[pb.PlanEdge(child="b", parent="c")])),
         _tweak(plan=pb.DAPlan(root="a", parents=[pb.PlanEdge(child="a", parent="a")])),
+        _tweak(privacy=pb.Privacy()),  # no privacy parameters: epsilon 0
+        _tweak(privacy=pb.Privacy(epsilon=1.0, mechanism="gaussian")),  # gaussian needs delta > 0
     ],
 )
 def test_bad_envelope_is_malformed(msg: pb.QueryEnvelope) -> None:

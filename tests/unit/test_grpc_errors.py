@@ -34,6 +34,7 @@ EXPECTED = {
     ErrorCode.INVALID_EXPRESSION: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorCode.UNAUTHORIZED: grpc.StatusCode.PERMISSION_DENIED,
     ErrorCode.TOO_FEW_TARGETS: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.BUDGET_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorCode.REPLAY: grpc.StatusCode.ALREADY_EXISTS,

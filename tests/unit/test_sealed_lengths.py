@@ -124,7 +124,7 @@ def _make_world(directory: Path, *, n: int, seed: int) -> World:
         directory,
         ClusterLayout(
             hosts=("pc-1", "pc-2"), k_min=5, batch_size=128, host_as_of=AS_OF,
-            cohorts=(*COHORTS, *LONG_COHORTS),
+            cohorts=(*COHORTS, *LONG_COHORTS), dp=False,
         ),
     )  # fmt: skip
     documents = {h: config.local_for(h).documents for h in ("pc-1", "pc-2")}
