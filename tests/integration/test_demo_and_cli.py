@@ -103,3 +103,24 @@ def test_serve_refuses_an_ambiguous_or_unknown_actor(
     assert "pick one with --name" in capsys.readouterr().err
     assert main(["serve", "oracle", "--config", config]) == 2
     assert "unknown role 'oracle'" in capsys.readouterr().err
+
+
+def test_dispers_query_and_budget_on_a_dp_cluster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The researcher's view on a cluster whose policy is DP (the default): the result is
+    printed with its intervals and what it cost, and `dispers budget` shows what is left."""
+    world = grpc_world(make_setup(tmp_path / "dp", n=400, dp=True))
+    try:
+        world.subscribe()
+        config = str(world.setup.config.path)
+        assert main(["query", str(DEFAULT_SPEC), "--config", config]) == 0
+        table = capsys.readouterr().out
+        assert "differentially private: laplace noise, epsilon 1" in table and "±" in table
+        assert main(["budget", "--config", config, "--json"]) == 0
+        budget = json.loads(capsys.readouterr().out)
+        settings = world.setup.config.settings
+        assert budget["queries"] == 1 and budget["spent"]["epsilon"] == 1.0
+        assert budget["left"]["epsilon"] == settings.budget_epsilon - 1.0
+        assert main(["budget", "--config", config, "--querier", "nobody"]) == 2
+        assert capsys.readouterr().err.startswith("error: UNAUTHORIZED")
+    finally:
+        world.close()
