@@ -32,8 +32,10 @@ def test_the_budget_is_split_over_the_vectors_measured() -> None:
     plan = plan_noise(spec(("count", "mean", "std")), Privacy(epsilon=1.5))
     half = (BOUNDS[1] - BOUNDS[0]) / 2
     assert plan.counts.scale == pytest.approx(3 / 1.5)
-    assert plan.sums is not None and plan.sums.scale == pytest.approx(3 * half / 1.5)
-    assert plan.squares is not None and plan.squares.scale == pytest.approx(3 * half * half / 1.5)
+    # The grid's rounding is accounted for: at most 0.1% above the bare calibration, never below.
+    assert plan.sums is not None and plan.squares is not None
+    for noise, bare in ((plan.sums, 3 * half / 1.5), (plan.squares, 3 * half * half / 1.5)):
+        assert bare <= noise.scale <= bare * 1.001
     only_counts = plan_noise(spec(("count",)), Privacy(epsilon=1.5))
     assert only_counts.counts.scale == pytest.approx(1 / 1.5) and only_counts.sums is None
 
