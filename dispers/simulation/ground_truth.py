@@ -1,9 +1,16 @@
-"""Reference answers computed directly from a Population in numpy, independent of the protocol."""
+"""Reference answers computed directly from a Population in numpy, independent of the protocol.
+
+Nothing here reads a document store or calls the registry of local functions: the values a
+function should give are recomputed from the Population's arrays, so that tests can compare
+the two. The functions are those the registry documents: ``mean_<kind>``, ``count_<kind>``,
+``sum_<kind>`` over as_of - window_days < day <= as_of; ``latest_<kind>``, the mean of the
+values of the latest day at most max_age_days before as_of; ``age`` in whole years.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 
@@ -11,9 +18,19 @@ import numpy as np
 import numpy.typing as npt
 
 from dispers.core.errors import DispersError, ErrorCode
-from dispers.simulation.population import Population
+from dispers.simulation.population import MEASURED_KINDS, Population
 
 _EPOCH = date(1970, 1, 1)
+
+# The registry's documented parameter defaults, restated (a test checks they agree).
+PARAM_DEFAULTS: dict[str, dict[str, int]] = {
+    "mean": {"window_days": 30},
+    "count": {"window_days": 30},
+    "sum": {"window_days": 30},
+    "latest": {"max_age_days": 30},
+    "age": {},
+}
+SEX_GROUP = {False: 1, True: 0}  # the sex field's codes: F (female) 0, M 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,113 @@ def _brackets(edges: Sequence[float]) -> list[tuple[float, float]]:
     return [(float(a), float(b)) for a, b in zip(edges, edges[1:], strict=False)]
 
 
+def _parse(function: str) -> tuple[str, str | None]:
+    """(statistic, kind) of a function name, e.g. ("mean", "steps") or ("age", None)."""
+    if function == "age":
+        return "age", None
+    statistic, _, kind = str(function).partition("_")
+    if statistic not in PARAM_DEFAULTS or kind not in MEASURED_KINDS:
+        raise DispersError(ErrorCode.NOT_FOUND, f"no ground truth for function {str(function)[:64]!r}")
+    return statistic, kind
+
+
+def _params(function: str, statistic: str, params: Mapping[str, object] | None) -> dict[str, int]:
+    defaults = PARAM_DEFAULTS[statistic]
+    given = dict(params or {})
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise DispersError(ErrorCode.MALFORMED, f"{function}: unknown parameters {sorted(unknown)}")
+    out = {}
+    for key, default in defaults.items():
+        value = given.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise DispersError(ErrorCode.MALFORMED, f"{function}: parameter {key!r} must be an integer")
+        out[key] = int(value)
+    return out
+
+
+def local_values(
+    pop: Population, function: str, params: Mapping[str, object] | None, as_of: date
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """Per instance of ``pop``, the value of local function ``function`` on ``as_of``.
+
+    Returns (values, has_value) in the order of the instances; values are NaN where there is
+    none. Missing params take the registry's defaults. Consent plays no part here.
+    """
+    statistic, kind = _parse(function)
+    checked = _params(function, statistic, params)
+    n = pop.n_instances
+    if kind is None:
+        ages = pop.ages_at(as_of)
+        has = ages >= 0
+        return np.where(has, ages.astype(np.float64), np.nan), has
+
+    series = pop.series(kind)
+    end = (as_of - _EPOCH).days
+    oldest = end - checked["max_age_days"] if statistic == "latest" else end - checked["window_days"] + 1
+    inside = (series.day >= oldest) & (series.day <= end)
+    owner, day, value = series.owner[inside], series.day[inside], series.value[inside]
+    counts = np.bincount(owner, minlength=n)
+    sums = np.bincount(owner, weights=value, minlength=n).astype(np.float64)
+    has = counts > 0
+    if statistic == "count":
+        return counts.astype(np.float64), np.ones(n, dtype=bool)
+    if statistic == "sum":
+        return np.where(has, sums, np.nan), has
+    if statistic == "mean":
+        return np.divide(sums, counts, out=np.full(n, np.nan), where=has), has
+    last = np.full(n, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(last, owner, day)
+    on_last = day == last[owner]
+    last_counts = np.bincount(owner[on_last], minlength=n)
+    last_sums = np.bincount(owner[on_last], weights=value[on_last], minlength=n)
+    return np.divide(last_sums, last_counts, out=np.full(n, np.nan), where=has), has
+
+
+def group_field_values(pop: Population, group_field: str, as_of: date) -> npt.NDArray[np.float64]:
+    """Each instance's value of a group-by field: ``age`` in years, or ``sex`` coded F 0, M 1."""
+    if group_field == "age":
+        return pop.ages_at(as_of).astype(np.float64)
+    if group_field == "sex":
+        return np.where(pop.female, float(SEX_GROUP[True]), float(SEX_GROUP[False]))
+    raise DispersError(ErrorCode.NOT_FOUND, f"no ground truth for field {str(group_field)[:64]!r}")
+
+
+def stats_by_group(
+    pop: Population,
+    function: str,
+    params: Mapping[str, object] | None,
+    as_of: date,
+    *,
+    group_field: str | None = None,
+    edges: Sequence[float] | None = None,
+    bounds: tuple[float, float] | None = None,
+) -> dict[str, GroupTruth]:
+    """Statistics of the consenting instances' values of ``function``, per group.
+
+    An instance counts if it consents, has a value and (when grouping) its field value is in
+    a bracket lo <= v < hi of ``edges``; labels are ``lo-hi``, or ``all`` without a field.
+    With ``bounds``, values outside [lo, hi] are left out, as a DA drops them.
+    """
+    values, has = local_values(pop, function, params, as_of)
+    keep = pop.consent & has
+    if bounds is not None:
+        lo, hi = bounds
+        keep &= (values >= lo) & (values <= hi)
+    if group_field is None:
+        if edges is not None:
+            raise DispersError(ErrorCode.MALFORMED, "edges given without a group-by field")
+        return {"all": GroupTruth.of(values[keep])}
+    if edges is None:
+        raise DispersError(ErrorCode.MALFORMED, "a group-by field needs edges")
+    field = group_field_values(pop, group_field, as_of)
+    result: dict[str, GroupTruth] = {}
+    for lo_edge, hi_edge in _brackets(edges):
+        member = keep & (field >= lo_edge) & (field < hi_edge)
+        result[bracket_label(lo_edge, hi_edge)] = GroupTruth.of(values[member])
+    return result
+
+
 def mean_heart_rate_by_age(
     pop: Population,
     *,
@@ -72,25 +196,15 @@ def mean_heart_rate_by_age(
     at least one measurement with as_of - window_days < day <= as_of; their value is the mean
     of those measurements. With ``bounds``, values outside [lo, hi] are left out.
     """
-    brackets = _brackets(edges)
-    end = (as_of - _EPOCH).days
-    recent = (pop.hr_day > end - window_days) & (pop.hr_day <= end)
-    owners = pop.hr_owner[recent]
-    n = pop.n_instances
-    counts = np.bincount(owners, minlength=n)
-    sums = np.bincount(owners, weights=pop.hr_bpm[recent], minlength=n)
-    has = counts > 0
-    values = np.divide(sums, counts, out=np.full(n, np.nan), where=has)
-    keep = pop.consent & has
-    if bounds is not None:
-        lo, hi = bounds
-        keep &= (values >= lo) & (values <= hi)
-    ages = pop.ages_at(as_of)
-    result: dict[str, GroupTruth] = {}
-    for lo_age, hi_age in brackets:
-        member = keep & (ages >= lo_age) & (ages < hi_age)
-        result[bracket_label(lo_age, hi_age)] = GroupTruth.of(values[member])
-    return result
+    return stats_by_group(
+        pop,
+        "mean_heart_rate",
+        {"window_days": window_days},
+        as_of,
+        group_field="age",
+        edges=edges,
+        bounds=bounds,
+    )
 
 
 def targeted_count(pop: Population, edges: Sequence[float], as_of: date) -> int:

@@ -21,6 +21,8 @@ from dispers.protocol.instance.concepts import (
 from dispers.protocol.instance.functions import (
     FIELDS,
     FUNCTIONS,
+    SEX_CODES,
+    SEX_EDGES,
     LocalValues,
     ages_at,
     bucketize,
@@ -120,6 +122,21 @@ def test_ungrouped_and_sex_grouped(loaded: tuple[Population, DocumentStore]) -> 
     )
     np.testing.assert_array_equal(by_sex.groups, np.where(pop.female, 0, 1))
     np.testing.assert_array_equal(by_sex.ok, plain.ok)
+
+
+def test_sex_groups_follow_the_documented_codes(loaded: tuple[Population, DocumentStore]) -> None:
+    pop, store = loaded
+    codes = FIELDS["sex"](store, pop.instance_ids, AS_OF)
+    np.testing.assert_array_equal(codes, np.where(pop.female, SEX_CODES["F"], SEX_CODES["M"]))
+    local = _contributions(store, pop.instance_ids, group_field="sex", edges=SEX_EDGES)
+    assert set(local.groups.tolist()) == {SEX_CODES["F"], SEX_CODES["M"]}
+
+
+def test_age_function_matches_age_field(loaded: tuple[Population, DocumentStore]) -> None:
+    pop, store = loaded
+    values, has = get_function("age")(store, pop.instance_ids, {}, AS_OF)
+    assert has.all()
+    np.testing.assert_array_equal(values, FIELDS["age"](store, pop.instance_ids, AS_OF))
 
 
 def test_age_field_matches_population(loaded: tuple[Population, DocumentStore]) -> None:

@@ -12,8 +12,16 @@ import pytest
 
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.simulation.ground_truth import mean_heart_rate_by_age, targeted_count
-from dispers.simulation.population import Population, PopulationSpec, generate
-from dispers.state.documents import DocumentStore, epoch_day
+from dispers.simulation.population import (
+    HR_MODEL,
+    MEASURED_KINDS,
+    Population,
+    PopulationSpec,
+    Series,
+    concat,
+    generate,
+)
+from dispers.state.documents import MEASUREMENT_KINDS, DocumentStore, epoch_day
 
 AS_OF = date(2026, 11, 1)
 SMALL = PopulationSpec(n_instances=500, seed=11)
@@ -23,6 +31,12 @@ def _assert_same(a: Population, b: Population) -> None:
     assert a.instance_ids == b.instance_ids
     for field in ("birth_days", "female", "consent", "hr_owner", "hr_day", "hr_bpm"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    for kind in MEASURED_KINDS:
+        for column in ("owner", "day", "value"):
+            np.testing.assert_array_equal(getattr(a.series(kind), column), getattr(b.series(kind), column))
+    assert set(a.levels) == set(b.levels)
+    for kind, level in a.levels.items():
+        np.testing.assert_array_equal(level, b.levels[kind])
 
 
 def _hand_made(birth_dates: list[date], measurements: list[tuple[int, date, float]]) -> Population:
@@ -62,6 +76,85 @@ def test_generated_values_are_plausible() -> None:
     assert 0.2 * spec.history_days < per_person < 0.4 * spec.history_days
     recent = np.bincount(pop.hr_owner[pop.hr_day > end - 30], minlength=spec.n_instances)
     assert 0 < (recent == 0).sum() < spec.n_instances // 2
+
+
+def test_generated_measurements_are_believable() -> None:
+    spec = PopulationSpec(n_instances=5_000, seed=3)
+    pop = generate(spec)
+    ages = pop.ages_at(spec.as_of)
+    end = epoch_day(spec.as_of)
+    for kind in MEASURED_KINDS:
+        series = pop.series(kind)
+        assert len(series) > spec.n_instances  # several per recording person
+        bounds = MEASUREMENT_KINDS[kind]
+        assert series.value.min() >= bounds.lo and series.value.max() <= bounds.hi
+        assert series.day.max() <= end and series.day.min() > end - spec.history_days
+        if kind != "heart_rate":  # daily kinds: at most one value a day
+            keys = series.owner * spec.history_days + (end - series.day)
+            assert len(np.unique(keys)) == len(keys)
+        recording = np.bincount(series.owner, minlength=spec.n_instances) > 0
+        assert 0.3 < recording.mean() < 0.99  # not everyone records every kind
+
+    def mean_near(kind: str, age: int) -> float:
+        series = pop.series(kind)
+        near = np.abs(ages[series.owner] - age) <= 3
+        return float(series.value[near].mean())
+
+    # Steps a day fall with age, about 9,000 at 30 and 5,000 at 80.
+    assert mean_near("steps", 30) == pytest.approx(9_000, rel=0.1)
+    assert mean_near("steps", 80) == pytest.approx(5_000, rel=0.1)
+    # Sleep about 7.2 +- 0.8 hours, slightly less with age.
+    sleep = pop.sleep_hours.value
+    assert sleep.mean() == pytest.approx(7.2, abs=0.15) and sleep.std() == pytest.approx(0.8, abs=0.1)
+    assert mean_near("sleep_hours", 20) > mean_near("sleep_hours", 80)
+    # Adult weight depends on sex; children weigh less.
+    weight = pop.weight_kg
+    adult = (ages[weight.owner] >= 25) & (ages[weight.owner] < 60)
+    female = pop.female[weight.owner]
+    assert weight.value[adult & female].mean() == pytest.approx(68, abs=2.5)
+    assert weight.value[adult & ~female].mean() == pytest.approx(82, abs=2.5)
+    assert mean_near("weight_kg", 7) < 30
+    # People who walk more weigh a little less (adults, levels).
+    grown = ages >= 25
+    assert np.corrcoef(pop.levels["steps"][grown], pop.levels["weight_kg"][grown])[0, 1] < -0.05
+
+    # Mean heart rate per adult age bracket stays plausible, and follows the model's slopes.
+    truth = mean_heart_rate_by_age(pop, edges=[12, 25, 50, 100], window_days=30, as_of=spec.as_of)
+    for group in truth.values():
+        assert 65.0 < group.mean < 75.0 and 4.0 < group.std < 9.0
+    heavier = pop.levels["weight_kg"] > 90
+    lighter = (pop.levels["weight_kg"] > 60) & (pop.levels["weight_kg"] < 75)
+    assert pop.levels["heart_rate"][heavier].mean() - pop.levels["heart_rate"][lighter].mean() > 4
+    assert HR_MODEL["weight_kg"] > 0 > HR_MODEL["steps"]
+
+
+def test_concat_keeps_every_series() -> None:
+    a = generate(PopulationSpec(n_instances=20, seed=1, host="a"))
+    b = generate(PopulationSpec(n_instances=30, seed=2, host="b"))
+    hand = _hand_made([date(1990, 1, 1)], [(0, AS_OF, 70.0)])
+    both = concat(a, b, hand)
+    assert both.n_instances == 51
+    for kind in MEASURED_KINDS:
+        joined = both.series(kind)
+        assert len(joined) == len(a.series(kind)) + len(b.series(kind)) + len(hand.series(kind))
+        tail = joined.owner[len(a.series(kind)) : len(a.series(kind)) + len(b.series(kind))]
+        np.testing.assert_array_equal(tail, b.series(kind).owner + 20)
+    assert both.levels == {}  # the hand-made part has no levels
+    assert set(concat(a, b).levels) == set(MEASURED_KINDS)
+
+
+def test_population_rejects_series_outside_the_instances() -> None:
+    pop = generate(replace(SMALL, n_instances=3))
+    outside = Series(np.array([3]), np.array([0]), np.array([5000.0]))
+    with pytest.raises(DispersError) as info:
+        replace(pop, steps=outside)
+    assert info.value.code is ErrorCode.MALFORMED and "steps" in info.value.message
+    with pytest.raises(DispersError) as info:
+        Series(np.array([0]), np.array([0, 1]), np.array([1.0]))
+    assert info.value.code is ErrorCode.MALFORMED
+    with pytest.raises(DispersError) as info:
+        pop.series("blood_sugar")
+    assert info.value.code is ErrorCode.NOT_FOUND
 
 
 @pytest.mark.parametrize(
@@ -128,6 +221,14 @@ def test_write_and_read_back(tmp_path: Path, on_disk: bool) -> None:
                 assert mean[pos] == pytest.approx(pop.hr_bpm[mine].mean(), abs=1e-9)
             else:
                 assert math.isnan(mean[pos])
+        for kind in MEASURED_KINDS:
+            series = pop.series(kind)
+            summary = store.measurement_summary(kind, ids, end - SMALL.history_days, end)
+            np.testing.assert_array_equal(
+                summary.count, np.bincount(series.owner, minlength=SMALL.n_instances)[order]
+            )
+            sums = np.bincount(series.owner, weights=series.value, minlength=SMALL.n_instances)
+            np.testing.assert_allclose(summary.sum, sums[order], rtol=1e-12)
     if on_disk:
         with DocumentStore(path) as reopened:
             assert reopened.count() == SMALL.n_instances
