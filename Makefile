@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dispers
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: venv demo test lint typecheck protos check-protos bench clean
+.PHONY: venv demo test lint typecheck protos check-protos bench bench-stats clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ check-protos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_query.py
+
+bench-stats: $(STAMP)
+	$(BIN)/python benchmarks/bench_stats.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -16,7 +16,10 @@ from dispers.core.expression import compile_named
 from dispers.core.ids import check_query_id
 from dispers.core.wire import ContributionLayout
 
-STATS = ("count", "sum", "mean", "var", "std", "min", "max")
+STATS = ("count", "sum", "mean", "var", "std", "min", "max", "histogram", "median", "quantiles")
+HISTOGRAM_STATS = ("histogram", "median", "quantiles")
+"""Statistics read off a histogram of declared bins (quantiles to the resolution of a bin)."""
+MAX_QUANTILES = 16
 MAX_BOUND = 1e15
 """Largest |bound| a query may declare: squares and sums of a million values stay finite."""
 
@@ -116,6 +119,40 @@ class DataRequest:
         )
 
 
+def check_histogram(
+    bounds: tuple[float, float],
+    stats: tuple[str, ...],
+    bins: tuple[float, ...],
+    quantiles: tuple[float, ...],
+    prefix: str,
+) -> None:
+    """Bins run from the lower bound to the upper one, strictly increasing; they are needed
+    exactly when a histogram, the median or quantiles are asked; quantile levels lie in (0, 1)."""
+    wanted = any(s in HISTOGRAM_STATS for s in stats)
+    if not wanted:
+        if bins or quantiles:
+            raise malformed(f"{prefix}bins and quantiles go with the histogram, median or quantiles stats")
+        return
+    if len(bins) < 2 or any(not isinstance(b, int | float) or not math.isfinite(b) for b in bins):
+        raise malformed(f"{prefix}bins must be at least two finite edges (histogram, median, quantiles)")
+    if any(b <= a for a, b in zip(bins, bins[1:], strict=False)):
+        raise malformed(f"{prefix}bins must be strictly increasing")
+    if (bins[0], bins[-1]) != (bounds[0], bounds[1]):
+        raise malformed(f"{prefix}bins must start at the lower bound and end at the upper one")
+    if "quantiles" in stats:
+        if not quantiles or len(quantiles) > MAX_QUANTILES:
+            raise malformed(f"{prefix}quantiles must list 1 to {MAX_QUANTILES} levels")
+        if any(not 0 < q < 1 for q in quantiles) or list(quantiles) != sorted(set(quantiles)):
+            raise malformed(f"{prefix}quantiles must be increasing levels in (0, 1)")
+    elif quantiles:
+        raise malformed(f"{prefix}quantiles are listed but the quantiles stat is not asked")
+
+
+def quantile_key(level: float) -> str:
+    """The name a quantile is released under, e.g. q0.9."""
+    return f"q{level:g}"
+
+
 @dataclass(frozen=True)
 class AggregateSpec:
     """What each DA must compute: bounds to check, stats to release, groups, k."""
@@ -126,6 +163,8 @@ class AggregateSpec:
     stats: tuple[str, ...]
     groups: tuple[str, ...]  # labels; contributions carry an index into this
     n_fields: int = 1  # values per contribution record
+    bins: tuple[float, ...] = ()  # histogram edges, from the lower bound to the upper one
+    quantiles: tuple[float, ...] = ()  # levels in (0, 1), read off the histogram
 
     @property
     def layout(self) -> ContributionLayout:
@@ -143,6 +182,7 @@ class AggregateSpec:
             raise malformed(f"aggregate spec: stats must be a non-empty subset of {', '.join(STATS)}")
         if not self.groups:
             raise malformed("aggregate spec: at least one group")
+        check_histogram(self.bounds, self.stats, self.bins, self.quantiles, "aggregate spec: ")
 
     def to_obj(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -153,6 +193,8 @@ class AggregateSpec:
             "stats": list(self.stats),
             "groups": list(self.groups),
             "n_fields": self.n_fields,
+            "bins": list(self.bins),
+            "quantiles": list(self.quantiles),
         }
 
     @classmethod
@@ -169,6 +211,8 @@ class AggregateSpec:
             stats=tuple(get_field(obj, "stats", list, what)),
             groups=tuple(get_field(obj, "groups", list, what)),
             n_fields=get_field(obj, "n_fields", int, what),
+            bins=tuple(float(b) for b in get_field(obj, "bins", list, what)),
+            quantiles=tuple(float(q) for q in get_field(obj, "quantiles", list, what)),
         )
 
 
@@ -229,6 +273,8 @@ class QuerySpec:
     stats: tuple[str, ...] = ("count", "mean", "std")
     k: int = 10
     privacy: Privacy = field(default_factory=Privacy)
+    bins: tuple[float, ...] = ()  # histogram edges (histogram, median, quantiles)
+    quantiles: tuple[float, ...] = ()
 
     def compiled(self) -> tuple[tuple[str, ...], str]:
         """(concepts, positional expression) for CI and TF."""
@@ -251,13 +297,22 @@ class QuerySpec:
         return {
             "query": {"target": self.target, "k": self.k},
             "data": data,
-            "aggregate": {"stats": list(self.stats), "bounds": list(self.bounds)},
+            "aggregate": {
+                "stats": list(self.stats),
+                "bounds": list(self.bounds),
+                **({"bins": list(self.bins)} if self.bins else {}),
+                **({"quantiles": list(self.quantiles)} if self.quantiles else {}),
+            },
             "privacy": self.privacy.to_obj(),
         }
 
 
-_SPEC_TABLES = {"query": {"target", "k"}, "data": {"function", "as_of", "params", "group_by"},
-                "aggregate": {"stats", "bounds"}, "privacy": {"epsilon", "delta", "mechanism"}}  # fmt: skip
+_SPEC_TABLES = {
+    "query": {"target", "k"},
+    "data": {"function", "as_of", "params", "group_by"},
+    "aggregate": {"stats", "bounds", "bins", "quantiles"},
+    "privacy": {"epsilon", "delta", "mechanism"},
+}
 
 
 def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
@@ -325,7 +380,22 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
         )
     except DispersError as exc:
         raise _spec_error(exc.message) from None
+    bins, quantiles = agg.get("bins", []), agg.get("quantiles", [])
+    for key, value in (("bins", bins), ("quantiles", quantiles)):
+        if not isinstance(value, list) or any(
+            isinstance(x, bool) or not isinstance(x, int | float) for x in value
+        ):
+            raise _spec_error(f"aggregate.{key} must be a list of numbers")
+    try:
+        check_histogram(
+            (float(bounds[0]), float(bounds[1])), tuple(stats),
+            tuple(float(b) for b in bins), tuple(float(q) for q in quantiles), "",
+        )  # fmt: skip
+    except DispersError as exc:
+        raise _spec_error(f"aggregate.{exc.message}") from None
     spec = QuerySpec(
+        bins=tuple(float(b) for b in bins),
+        quantiles=tuple(float(q) for q in quantiles),
         privacy=privacy,
         target=query["target"],
         function=dat["function"],
@@ -364,6 +434,7 @@ class GroupResult:
     values: Mapping[str, float | None]  # stat -> value; empty when suppressed
     intervals: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # stat -> 95% interval
     noise: Mapping[str, float] = field(default_factory=dict)  # stat -> standard deviation of its noise
+    histogram: tuple[float, ...] = ()  # counts per declared bin, when asked
 
     def to_obj(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -373,6 +444,7 @@ class GroupResult:
             "values": dict(self.values),
             "intervals": {s: list(v) for s, v in self.intervals.items()},
             "noise": dict(self.noise),
+            "histogram": list(self.histogram),
         }
 
     @classmethod
@@ -386,6 +458,7 @@ class GroupResult:
             values=get_field(obj, "values", dict, "result group"),
             intervals={s: (float(v[0]), float(v[1])) for s, v in dict(obj.get("intervals", {})).items()},
             noise={s: float(v) for s, v in dict(obj.get("noise", {})).items()},
+            histogram=tuple(float(x) for x in obj.get("histogram", [])),
         )
 
 

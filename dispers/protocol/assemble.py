@@ -9,6 +9,7 @@ from typing import Union
 from dispers.core.config import ClusterConfig, ClusterSettings
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
+from dispers.core.spec import MAX_QUANTILES
 from dispers.crypto.keyfiles import read_key_file
 from dispers.crypto.keys import ActorKeys
 from dispers.protocol.aggregation.partial import worst_case_sizes
@@ -49,13 +50,13 @@ def actor_keys(config: ClusterConfig, name: str) -> ActorKeys:
 def check_frames(settings: ClusterSettings) -> None:
     """The partial and result frames must hold the largest a query of max_groups groups can
     give: whether a payload fits must never depend on a person's data (DESIGN.md, lengths)."""
-    partial_len, result_len = worst_case_sizes(settings.max_groups)
+    partial_len, result_len = worst_case_sizes(settings.max_groups, settings.max_bins, MAX_QUANTILES)
     for key, need in (("partial_bytes", partial_len), ("result_bytes", result_len)):
         if getattr(settings, key) < need:
             raise DispersError(
                 ErrorCode.CONFIG,
                 f"cluster.{key} must be at least {need} to hold a query of "
-                f"max_groups = {settings.max_groups} groups",
+                f"max_groups = {settings.max_groups} groups of max_bins = {settings.max_bins} bins",
             )
 
 

@@ -108,6 +108,8 @@ class DataAggregator:
             raise malformed(f"{what} does not match the query")
         if len(spec.groups) > self._settings.max_groups:
             raise malformed(f"{what}: more than the cluster's max_groups groups")
+        if spec.bins and len(spec.bins) - 1 > self._settings.max_bins:
+            raise malformed(f"{what}: more than the cluster's max_bins bins")
         attested: int | None = None
         if envelope.plan.root == self.name:
             tf = self._roster.one(Role.TARGET_FINDER)
@@ -140,7 +142,7 @@ class DataAggregator:
             self._queries[envelope.query_id] = _QueryState(
                 spec=spec,
                 envelope=envelope,
-                partial=Partial.empty(len(spec.groups)),
+                partial=Partial.empty(len(spec.groups), spec.bins),
                 expected_children=frozenset(envelope.plan.children(self.name)),
                 attested=attested,
                 timer=timer,
@@ -243,7 +245,7 @@ class DataAggregator:
         )
         if body.get("query_id") != query_id:
             raise malformed(f"{what} belongs to another query")
-        partial = Partial.from_obj(body.get("partial"), len(state.spec.groups))
+        partial = Partial.from_obj(body.get("partial"), len(state.spec.groups), state.spec.bins)
         with state.lock:
             if child in state.received_children:
                 raise DispersError(ErrorCode.REPLAY, "partial from this child already merged (replay)")

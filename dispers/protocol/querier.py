@@ -83,6 +83,8 @@ class Querier:
                     "(`dispers concepts` lists it)",
                 )
         check_privacy(spec.privacy, spec.stats, settings, what="query spec")
+        if spec.bins and len(spec.bins) - 1 > settings.max_bins:
+            raise malformed(f"query spec: at most {settings.max_bins} bins (cluster.max_bins)")
         if len(spec.groups) > settings.max_groups:
             raise malformed(f"query spec: at most {settings.max_groups} groups (cluster.max_groups)")
         if len(concepts) > settings.max_concepts:
@@ -101,7 +103,10 @@ class Querier:
         )
         request_bytes = dumps(request.to_obj())
         signature = self._keys.signing.sign(request_signing_bytes(request_bytes))
-        agg = AggregateSpec(qid, spec.k, spec.bounds, spec.stats, spec.groups, request.layout.n_fields)
+        agg = AggregateSpec(
+            qid, spec.k, spec.bounds, spec.stats, spec.groups, request.layout.n_fields,
+            bins=spec.bins, quantiles=spec.quantiles,
+        )  # fmt: skip
         unsigned = QueryEnvelope(
             query_id=qid,
             querier=self.name,

@@ -197,3 +197,35 @@ def test_aggregator_forgets_an_abandoned_query_on_a_timer(world_factory: Callabl
     while da.active_queries and time.monotonic() < deadline:
         time.sleep(0.05)
     assert da.active_queries == 0
+
+
+def test_histogram_and_quantiles_through_the_cluster_equal_numpy(world_factory: Callable[..., World]) -> None:
+    """With noise off, the histogram of each age group equals numpy's histogram of the values the
+    instances hold (computed from the population's arrays), and each quantile lies in the bin
+    of the true quantile."""
+    import numpy as np
+
+    from dispers.protocol.instance.functions import ages_at, bucketize
+    from dispers.simulation.ground_truth import local_values
+
+    world = world_factory(n=500)
+    world.subscribe()
+    edges = [float(e) for e in range(30, 225, 10)][:-1] + [220.0]
+    spec = heart_rate_spec(
+        aggregate__stats=["count", "histogram", "median", "quantiles"],
+        aggregate__bins=edges,
+        aggregate__quantiles=[0.25, 0.75],
+    )
+    outcome = run_query(world.querier, spec, timeout_s=120)
+    assert outcome.result is not None, outcome.record
+    pop = world.setup.population
+    values, has = local_values(pop, "mean_heart_rate", {"window_days": 30}, AS_OF)
+    group = bucketize(ages_at(pop.birth_days, AS_OF), EDGES)
+    ok = has & pop.consent & (group >= 0) & (values >= 30) & (values <= 220)
+    for i, label in enumerate(("12-25", "25-50", "50-100")):
+        mine = values[ok & (group == i)]
+        g = outcome.result.group(label)
+        assert list(g.histogram) == np.histogram(mine, bins=edges)[0].tolist()
+        for key, level in (("median", 0.5), ("q0.25", 0.25), ("q0.75", 0.75)):
+            lo, hi = g.intervals[key]
+            assert lo - 1e-9 <= float(np.quantile(mine, level)) <= hi + 1e-9, (label, key)

@@ -399,7 +399,7 @@ BAD_SPECS = [
     ("aggregate.bounds", [False, True], "aggregate.bounds"),
     ("aggregate.bounds", [float("nan"), 220], "aggregate.bounds"),
     ("aggregate.bounds", "30-220", "aggregate.bounds"),
-    ("aggregate.stats", ["median"], "aggregate.stats"),
+    ("aggregate.stats", ["mode"], "aggregate.stats"),
     ("aggregate.stats", [], "aggregate.stats"),
     ("aggregate.stats", "mean", "aggregate.stats"),
     ("aggregate.stats", ["mean", 3], "aggregate.stats"),

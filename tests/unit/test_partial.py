@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import new_query_id
-from dispers.core.spec import STATS, AggregateSpec
+from dispers.core.spec import HISTOGRAM_STATS, STATS, AggregateSpec
 from dispers.protocol.aggregation.partial import DROP_REASONS, Partial, merged
+
+MOMENT_STATS = tuple(s for s in STATS if s not in HISTOGRAM_STATS)
 
 
 def _json_round_trip(p: Partial) -> Partial:
@@ -189,7 +191,7 @@ LABELS = ("12-25", "25-50", "50-100", "100-120")
 @given(
     st.lists(st.integers(0, 12), min_size=4, max_size=4),
     st.integers(2, 8),
-    st.lists(st.sampled_from(STATS), min_size=1, max_size=len(STATS), unique=True),
+    st.lists(st.sampled_from(MOMENT_STATS), min_size=1, max_size=len(MOMENT_STATS), unique=True),
     st.randoms(use_true_random=False),
 )
 def test_release_suppresses_small_groups_and_reports_only_requested_stats(
@@ -338,3 +340,80 @@ def test_from_obj_rejects_non_integer_counts(count: Any) -> None:
     with pytest.raises(DispersError) as info:
         Partial.from_obj(obj, 3)
     assert info.value.code is ErrorCode.MALFORMED
+
+
+# --- histograms, median and quantiles ------------------------------------------------------------
+
+EDGES_H = (30.0, 60.0, 70.0, 80.0, 220.0)
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    st.lists(st.tuples(st.integers(0, 2), st.floats(30.0, 220.0)), min_size=0, max_size=200),
+    st.lists(st.integers(0, 200), max_size=6),
+)
+def test_histograms_merge_to_numpys_histogram(items: list[tuple[int, float]], cuts: list[int]) -> None:
+    """Any split of the values into partials, merged (through JSON), gives numpy's histogram of
+    each group (numpy's convention: the last bin holds its upper edge)."""
+    groups = [g for g, _ in items]
+    values = [v for _, v in items]
+    bounds = sorted({0, len(items), *(c for c in cuts if c <= len(items))})
+    parts = [
+        Partial.of(3, groups[a:b], values[a:b], EDGES_H) for a, b in zip(bounds, bounds[1:], strict=False)
+    ]
+    total = Partial.empty(3, EDGES_H)
+    for p in parts:
+        total.merge(Partial.from_obj(json.loads(json.dumps(p.to_obj())), 3, EDGES_H))
+    assert total.hist is not None
+    for g in range(3):
+        expected, _ = np.histogram([v for gg, v in items if gg == g], bins=EDGES_H)
+        assert total.hist[g].tolist() == expected.tolist()
+
+
+def test_a_histogram_that_does_not_add_up_is_refused() -> None:
+    obj = Partial.of(1, [0, 0], [40.0, 90.0], EDGES_H).to_obj()
+    obj["hist"][0][0] += 1
+    with pytest.raises(DispersError, match="add up"):
+        Partial.from_obj(obj, 1, EDGES_H)
+
+
+def test_median_and_quantiles_read_off_the_histogram_contain_the_true_ones() -> None:
+    """Exact release (no noise): the histogram is numpy's, and each quantile lies in the bin the
+    true quantile lies in — the resolution the result states as the quantile's interval."""
+    rng = np.random.default_rng(2)
+    values = np.clip(rng.normal(72, 9, 500), 30, 220)
+    edges = tuple(float(e) for e in np.linspace(30, 220, 39))  # 5-bpm bins
+    partial = Partial.of(1, np.zeros(500, dtype=int), values, edges)
+    spec = AggregateSpec(
+        new_query_id(), 10, (30.0, 220.0), ("count", "histogram", "median", "quantiles"), ("all",),
+        bins=edges, quantiles=(0.1, 0.9),
+    )  # fmt: skip
+    group = partial.release(spec).groups[0]
+    assert list(group.histogram) == np.histogram(values, bins=edges)[0].tolist()
+    for key, level in (("median", 0.5), ("q0.1", 0.1), ("q0.9", 0.9)):
+        lo, hi = group.intervals[key]
+        assert hi - lo == pytest.approx(5.0)
+        assert lo <= group.values[key] <= hi  # type: ignore[operator]
+        assert lo - 1e-9 <= float(np.quantile(values, level)) <= hi + 1e-9, key
+
+
+def test_noised_histograms_and_quantiles() -> None:
+    from dispers.core.spec import Privacy
+    from dispers.protocol.aggregation.release import plan_noise, release_dp
+
+    rng = np.random.default_rng(3)
+    values = np.clip(rng.normal(72, 9, 2000), 30, 220)
+    edges = tuple(float(e) for e in np.linspace(30, 220, 20))
+    partial = Partial.of(1, np.zeros(2000, dtype=int), values, edges)
+    spec = AggregateSpec(
+        new_query_id(), 10, (30.0, 220.0), ("count", "histogram", "median"), ("all",), bins=edges
+    )
+    plan = plan_noise(spec, Privacy(epsilon=1.0))
+    assert plan.histogram is not None and plan.histogram.scale == pytest.approx(2.0)  # epsilon / 2 shares
+    group = release_dp(partial, spec, Privacy(epsilon=1.0)).groups[0]
+    exact = np.histogram(values, bins=edges)[0]
+    assert len(group.histogram) == len(exact) and list(group.histogram) != exact.tolist()
+    assert all(x >= 0 and float(x).is_integer() for x in group.histogram)
+    lo, hi = group.intervals["median"]
+    assert lo <= group.values["median"] <= hi  # type: ignore[operator]
+    assert abs(group.values["median"] - np.median(values)) < 3 * (edges[1] - edges[0])  # type: ignore[operator]

@@ -197,7 +197,7 @@ def test_the_formulas_are_what_the_defaults_give(world: World) -> None:
     """Pinned numbers, so a change of layout or frame is a deliberate one."""
     s = world.settings
     assert (s.concepts_bytes, s.address_bytes, s.expression_bytes) == (2048, 512, 1024)
-    assert (s.request_bytes, s.spec_bytes, s.partial_bytes, s.result_bytes) == (4096, 4096, 65536, 65536)
+    assert (s.request_bytes, s.spec_bytes, s.partial_bytes, s.result_bytes) == (4096, 4096, 131072, 524288)
     assert concepts_len(s) == 2048 + 5 + 48
     assert address_len(s) == 512 + 5 + 48
     assert tokens_len(s) == 70 * s.max_concepts + 128 + 5 + 48
@@ -645,16 +645,17 @@ def test_the_frames_hold_the_largest_partial_and_result_of_max_groups() -> None:
 
     from dispers.core.config import ClusterSettings
     from dispers.core.errors import ErrorCode
+    from dispers.core.spec import MAX_QUANTILES
     from dispers.protocol.aggregation.partial import worst_case_sizes
     from dispers.protocol.assemble import check_frames
 
     defaults = ClusterSettings()
-    partial, result = worst_case_sizes(defaults.max_groups)
+    partial, result = worst_case_sizes(defaults.max_groups, defaults.max_bins, MAX_QUANTILES)
     assert partial <= defaults.partial_bytes and result <= defaults.result_bytes
     check_frames(defaults)
     with pytest.raises(DispersError) as info:
         check_frames(dataclasses.replace(defaults, max_groups=400))
-    assert info.value.code is ErrorCode.CONFIG and "result_bytes" in info.value.message
+    assert info.value.code is ErrorCode.CONFIG and "_bytes must be at least" in info.value.message
 
 
 def test_a_query_of_more_than_max_groups_is_refused_before_it_is_sealed(world: World) -> None:

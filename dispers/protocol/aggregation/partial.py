@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dispers.core.errors import malformed
-from dispers.core.spec import STATS, AggregateSpec, GroupResult, QueryResult
+from dispers.core.spec import STATS, AggregateSpec, GroupResult, QueryResult, ReleaseInfo, quantile_key
 
 DROP_REASONS: tuple[str, ...] = ("duplicate", "unopenable", "malformed", "wrong_query", "out_of_bounds")
 """Why a DA leaves an item out of the aggregate."""
@@ -31,9 +31,11 @@ class Partial:
     max: FloatArray
     dropped: dict[str, int] = field(default_factory=dict)
     declined: int = 0  # decline records received
+    edges: tuple[float, ...] = ()  # histogram bins, when the query asks for them
+    hist: IntArray | None = None  # (n_groups, n_bins) counts per bin
 
     @classmethod
-    def empty(cls, n_groups: int) -> Partial:
+    def empty(cls, n_groups: int, edges: tuple[float, ...] = ()) -> Partial:
         """No values yet."""
         return cls(
             count=np.zeros(n_groups, dtype=np.int64),
@@ -41,6 +43,8 @@ class Partial:
             m2=np.zeros(n_groups),
             min=np.full(n_groups, np.inf),
             max=np.full(n_groups, -np.inf),
+            edges=edges,
+            hist=np.zeros((n_groups, len(edges) - 1), dtype=np.int64) if edges else None,
         )
 
     @property
@@ -49,7 +53,9 @@ class Partial:
         return len(self.count)
 
     @classmethod
-    def of(cls, n_groups: int, groups: npt.ArrayLike, values: npt.ArrayLike) -> Partial:
+    def of(
+        cls, n_groups: int, groups: npt.ArrayLike, values: npt.ArrayLike, edges: tuple[float, ...] = ()
+    ) -> Partial:
         """The partial of a batch, computed vectorised (groups are indices < n_groups)."""
         g = np.asarray(groups, dtype=np.int64)
         v = np.asarray(values, dtype=np.float64)
@@ -67,11 +73,19 @@ class Partial:
         hi = np.full(n_groups, -np.inf)
         np.minimum.at(lo, g, v)
         np.maximum.at(hi, g, v)
-        return cls(count, mean, m2, lo, hi)
+        hist = None
+        if edges:
+            n_bins = len(edges) - 1
+            # Bin b holds edges[b] <= v < edges[b + 1]; the last bin also holds the upper edge
+            # (numpy.histogram's convention).
+            b = np.clip(np.searchsorted(np.asarray(edges), v, side="right") - 1, 0, n_bins - 1)
+            hist = np.bincount(g * n_bins + b, minlength=n_groups * n_bins).astype(np.int64)
+            hist = hist.reshape(n_groups, n_bins)
+        return cls(count, mean, m2, lo, hi, edges=edges, hist=hist)
 
     def add(self, groups: npt.ArrayLike, values: npt.ArrayLike) -> None:
         """Fold a batch of values in."""
-        self.merge(Partial.of(self.n_groups, groups, values))
+        self.merge(Partial.of(self.n_groups, groups, values, self.edges))
 
     @property
     def items(self) -> int:
@@ -89,8 +103,10 @@ class Partial:
 
     def merge(self, other: Partial) -> None:
         """Fold another partial in (Chan's parallel update: numerically stable)."""
-        if other.n_groups != self.n_groups:
-            raise ValueError("partials of different group counts do not merge")
+        if other.n_groups != self.n_groups or other.edges != self.edges:
+            raise ValueError("partials of different groups or bins do not merge")
+        if self.hist is not None and other.hist is not None:
+            self.hist = self.hist + other.hist
         na = self.count.astype(np.float64)
         nb = other.count.astype(np.float64)
         n = na + nb
@@ -116,10 +132,11 @@ class Partial:
             "max": [None if e else x for e, x in zip(empty, self.max.tolist(), strict=True)],
             "dropped": dict(self.dropped),
             "declined": self.declined,
+            "hist": [] if self.hist is None else self.hist.tolist(),
         }
 
     @classmethod
-    def from_obj(cls, obj: Any, n_groups: int) -> Partial:
+    def from_obj(cls, obj: Any, n_groups: int, edges: tuple[float, ...] = ()) -> Partial:
         """Parse and validate a partial received from a child DA."""
         if not isinstance(obj, dict):
             raise malformed("partial aggregate must be an object")
@@ -150,7 +167,21 @@ class Partial:
             or np.isnan(hi).any()
         ):
             raise malformed("partial aggregate has non-finite values")
-        return cls(count, mean, m2, lo, hi, dropped, declined)
+        hist = None
+        if edges:
+            raw_hist = obj.get("hist")
+            if not isinstance(raw_hist, list) or any(
+                not isinstance(row, list) or any(not isinstance(c, int) or isinstance(c, bool) for c in row)
+                for row in raw_hist
+            ):
+                raise malformed("partial aggregate histogram must be whole numbers")
+            try:
+                hist = np.asarray(raw_hist, dtype=np.int64).reshape(n_groups, len(edges) - 1)
+            except ValueError:
+                raise malformed("partial aggregate histogram has the wrong shape") from None
+            if (hist < 0).any() or (hist.sum(axis=1) != count).any():
+                raise malformed("partial aggregate histogram does not add up to its counts")
+        return cls(count, mean, m2, lo, hi, dropped, declined, edges, hist)
 
     def stats(self, i: int) -> dict[str, float | None]:
         """Every statistic of group i (var and std are sample statistics, ddof=1)."""
@@ -174,7 +205,16 @@ class Partial:
                 groups.append(GroupResult(label, True, {}))
                 continue
             every = self.stats(i)
-            groups.append(GroupResult(label, False, {s: every[s] for s in spec.stats}))
+            values = {s: every[s] for s in spec.stats if s in every}
+            histogram: tuple[float, ...] = ()
+            intervals: dict[str, tuple[float, float]] = {}
+            if self.hist is not None:
+                row = self.hist[i].astype(np.float64)
+                if "histogram" in spec.stats:
+                    histogram = tuple(row.tolist())
+                for key, level in histogram_levels(spec):
+                    values[key], intervals[key] = histogram_quantile(row, spec.bins, level)
+            groups.append(GroupResult(label, False, values, intervals, histogram=histogram))
         released = sum(int(self.count[i]) for i, g in enumerate(groups) if not g.suppressed)
 
         def under_k(n: int) -> int | None:
@@ -194,7 +234,34 @@ class Partial:
         )
 
 
-def worst_case_sizes(n_groups: int) -> tuple[int, int]:
+def histogram_levels(spec: AggregateSpec) -> list[tuple[str, float]]:
+    """The (name, level) of every quantile the spec asks: the median and the listed levels."""
+    out = [("median", 0.5)] if "median" in spec.stats else []
+    if "quantiles" in spec.stats:
+        out += [(quantile_key(q), q) for q in spec.quantiles]
+    return out
+
+
+def histogram_quantile(
+    counts: FloatArray, edges: tuple[float, ...], level: float
+) -> tuple[float | None, tuple[float, float]]:
+    """A quantile read off a histogram: the bin where the cumulative count reaches the level,
+    linearly within it. Its resolution is that bin, returned as the interval (the value lies in
+    it); None when the histogram is empty."""
+    counts = np.maximum(counts, 0.0)
+    total = float(counts.sum())
+    if total <= 0:
+        return None, (edges[0], edges[-1])
+    target = level * total
+    cumulative = np.cumsum(counts)
+    b = min(int(np.searchsorted(cumulative, target, side="left")), len(counts) - 1)
+    before = float(cumulative[b - 1]) if b else 0.0
+    frac = (target - before) / counts[b] if counts[b] > 0 else 0.5
+    lo, hi = edges[b], edges[b + 1]
+    return float(lo + min(max(frac, 0.0), 1.0) * (hi - lo)), (lo, hi)
+
+
+def worst_case_sizes(n_groups: int, n_bins: int = 0, n_quantiles: int = 0) -> tuple[int, int]:
     """The longest signed partial and signed result (bytes) a query of `n_groups` groups can
     give, so that the cluster's frames can be checked to hold them whatever the data: every
     count at its largest, every float at its longest text, every label at its longest (edges
@@ -205,7 +272,10 @@ def worst_case_sizes(n_groups: int) -> tuple[int, int]:
 
     long_float = -1.2345678901234567e-300  # 24 characters, the longest a float64 prints
     big = 2**62  # 19 digits: more items than any cluster holds
+    edges = tuple(long_float + i for i in range(n_bins + 1)) if n_bins else ()
     partial = Partial(
+        edges=edges,
+        hist=np.full((n_groups, n_bins), big, dtype=np.int64) if n_bins else None,
         count=np.full(n_groups, big, dtype=np.int64),
         mean=np.full(n_groups, long_float),
         m2=np.full(n_groups, long_float),
@@ -219,12 +289,23 @@ def worst_case_sizes(n_groups: int) -> tuple[int, int]:
         query_id=new_query_id(),
         k=big,
         groups=tuple(
-            GroupResult(label, False, {s: (big if s == "count" else long_float) for s in STATS})
+            GroupResult(
+                label,
+                False,
+                {
+                    s: (big if s == "count" else long_float)
+                    for s in (*STATS, *(f"q{i}" for i in range(n_quantiles)))
+                },
+                {s: (long_float, long_float) for s in (*STATS, *(f"q{i}" for i in range(n_quantiles)))},
+                {s: long_float for s in STATS},
+                histogram=tuple([long_float] * n_bins),
+            )
             for _ in range(n_groups)
         ),
         contributions=big,
         dropped=dict.fromkeys(DROP_REASONS, big),
         declined=big,
+        privacy=ReleaseInfo(True, "gaussian", long_float, long_float, long_float, long_float),
     )
     key, qid, signer = SigningKeyPair.generate(), new_query_id(), "a" * 63  # the longest name
     partial_len = len(sign_payload(key, signer, {"query_id": qid, "partial": partial.to_obj()}))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from dispers.core.spec import AggregateSpec, GroupResult, Privacy, QueryResult, ReleaseInfo
+from dispers.core.spec import HISTOGRAM_STATS, AggregateSpec, GroupResult, Privacy, QueryResult, ReleaseInfo
 from dispers.protocol.aggregation.dp import (
     Noise,
     add_noise,
@@ -40,7 +40,7 @@ from dispers.protocol.aggregation.dp import (
     interval_halfwidth,
     laplace_scale,
 )
-from dispers.protocol.aggregation.partial import DROP_REASONS, Partial
+from dispers.protocol.aggregation.partial import DROP_REASONS, Partial, histogram_levels, histogram_quantile
 
 FloatArray = npt.NDArray[np.float64]
 BOOTSTRAP_DRAWS = 2000
@@ -54,6 +54,7 @@ class Plan:
     counts: Noise
     sums: Noise | None
     squares: Noise | None
+    histogram: Noise | None = None
 
 
 def plan_noise(spec: AggregateSpec, privacy: Privacy) -> Plan:
@@ -62,7 +63,8 @@ def plan_noise(spec: AggregateSpec, privacy: Privacy) -> Plan:
     half = (hi - lo) / 2
     need_sums = any(s in ("sum", "mean", "var", "std") for s in spec.stats)
     need_squares = any(s in ("var", "std") for s in spec.stats)
-    shares = 1 + int(need_sums) + int(need_squares)
+    need_histogram = any(s in HISTOGRAM_STATS for s in spec.stats)
+    shares = 1 + int(need_sums) + int(need_squares) + int(need_histogram)
     epsilon, delta = privacy.epsilon / shares, privacy.delta / shares
 
     if privacy.mechanism == "laplace":
@@ -75,6 +77,8 @@ def plan_noise(spec: AggregateSpec, privacy: Privacy) -> Plan:
         counts = Noise("gaussian", gaussian_sigma(1.0, epsilon, delta / 2), 1.0)
     return Plan(
         counts=counts,
+        # One person is in one bin of one group: the histogram, like the counts, has sensitivity 1.
+        histogram=counts if need_histogram else None,
         # calibrate() picks a grid fine against both the scale and the sensitivity and accounts
         # for rounding onto it (and for the discrete Gaussian's delta).
         sums=calibrate(privacy.mechanism, half, epsilon, delta) if need_sums else None,
@@ -150,31 +154,41 @@ def release_dp(
     raw = _raw(spec, n, sums, squares)
     values = {stat: _finish(spec, stat, r) for stat, r in raw.items()}
     intervals, stds = _bootstrap(spec, plan, n, sums, squares, raw)
+    hist = None
+    if plan.histogram is not None and partial.hist is not None:
+        noisy = sample(partial.hist.astype(np.float64).reshape(-1), plan.histogram)
+        hist = np.maximum(np.rint(noisy), 0.0).reshape(partial.hist.shape)
 
     groups = []
     for i, label in enumerate(spec.groups):
         if n[i] < spec.k:
             groups.append(GroupResult(label, True, {}))
             continue
+        moments = [st for st in spec.stats if st in values]
+        released: dict[str, float | None] = {
+            st: (int(values[st][i]) if st == "count" else float(values[st][i])) for st in moments
+        }
+        bounds = {st: (float(intervals[st][0][i]), float(intervals[st][1][i])) for st in moments}
+        histogram: tuple[float, ...] = ()
+        if hist is not None:
+            if "histogram" in spec.stats:
+                histogram = tuple(hist[i].tolist())
+            # Quantiles read off the noised histogram (post-processing), to a bin's resolution.
+            for key, level in histogram_levels(spec):
+                released[key], bounds[key] = histogram_quantile(hist[i], spec.bins, level)
         groups.append(
-            GroupResult(
-                label,
-                False,
-                {st: (int(values[st][i]) if st == "count" else float(values[st][i])) for st in spec.stats},
-                {st: (float(intervals[st][0][i]), float(intervals[st][1][i])) for st in spec.stats},
-                {st: float(stds[st][i]) for st in spec.stats},
-            )
+            GroupResult(label, False, released, bounds, {st: float(stds[st][i]) for st in moments}, histogram)
         )
 
     def under_k(x: float) -> int | None:
         return int(x) if x >= spec.k else None
 
-    released = sum(int(n[i]) for i, g in enumerate(groups) if not g.suppressed)
+    released_total = sum(int(n[i]) for i, g in enumerate(groups) if not g.suppressed)
     return QueryResult(
         query_id=spec.query_id,
         k=spec.k,
         groups=tuple(groups),
-        contributions=released,
+        contributions=released_total,
         dropped={r: under_k(counts[n_groups + 1 + j]) for j, r in enumerate(DROP_REASONS)},
         declined=under_k(counts[n_groups]),
         privacy=ReleaseInfo(
@@ -220,7 +234,7 @@ def _bootstrap(
     stds: dict[str, FloatArray] = {"count": np.full(len(n), noise_std(plan.counts))}
     alpha = (1 - LEVEL) / 2
     for stat, value in raw.items():
-        if stat == "count":
+        if stat == "count" or stat not in spec.stats:  # only what is released
             continue
         dev = star[stat] - value
         low, high = np.quantile(dev, [alpha, 1 - alpha], axis=0)
