@@ -21,6 +21,8 @@ HISTOGRAM_STATS = ("histogram", "median", "quantiles")
 """Statistics read off a histogram of declared bins (quantiles to the resolution of a bin)."""
 MAX_QUANTILES = 16
 MAX_BOUND = 1e15
+MAX_BOUND_RATIO = 1e6
+"""|bound| / (upper - lower) at most this: float rounding of sums stays far under the noise."""
 """Largest |bound| a query may declare: squares and sums of a million values stay finite."""
 
 
@@ -177,6 +179,8 @@ class AggregateSpec:
             raise malformed("aggregate spec: bounds must be finite with lower < upper")
         if max(abs(lo), abs(hi)) > MAX_BOUND:
             raise malformed(f"aggregate spec: bounds must lie within ±{MAX_BOUND:g}")
+        if max(abs(lo), abs(hi)) > MAX_BOUND_RATIO * (hi - lo):
+            raise malformed("aggregate spec: bounds too narrow for their magnitude (floating point)")
         bad = [s for s in self.stats if s not in STATS]
         if bad or not self.stats:
             raise malformed(f"aggregate spec: stats must be a non-empty subset of {', '.join(STATS)}")
@@ -368,6 +372,11 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
         raise _spec_error("aggregate.bounds must be [lower, upper], finite, with lower < upper")
     if max(abs(bounds[0]), abs(bounds[1])) > MAX_BOUND:
         raise _spec_error(f"aggregate.bounds must lie within ±{MAX_BOUND:g}")
+    if max(abs(bounds[0]), abs(bounds[1])) > MAX_BOUND_RATIO * (bounds[1] - bounds[0]):
+        raise _spec_error(
+            f"aggregate.bounds are too narrow for their magnitude (at most {MAX_BOUND_RATIO:g} times "
+            "their width): floating-point rounding would exceed the noise's calibration"
+        )
     stats = agg.get("stats", ["count", "mean", "std"])
     if not isinstance(stats, list) or not stats or any(s not in STATS for s in stats):
         raise _spec_error(f"aggregate.stats must be a non-empty list from {', '.join(STATS)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Union
@@ -29,6 +30,8 @@ from dispers.state.factory import (
     open_pseudonym_sets,
     open_query_store,
 )
+
+log = logging.getLogger(__name__)
 
 Actor = Union[  # noqa: UP007 (a runtime alias)
     Conductor, ConceptIndexor, TargetFinder, Target, DataAggregator, Querier, PersonalCloudHost
@@ -91,6 +94,9 @@ def assemble_actor(
         own.append(directory.close)
         return Target(keys, roster, settings, directory, peers)
     if entry.role is Role.DATA_AGGREGATOR:
+        if entry.parent is None and settings.dp and local.backend == "memory":
+            log.warning("%s keeps the privacy budgets in memory: a restart resets every querier's budget "
+                        "(set backend = 'sqlite' and a state_path)", name)  # fmt: skip
         ledger = open_budget_ledger(local.backend, state)  # the root's privacy budgets
         own.append(ledger.close)
         return DataAggregator(keys, roster, settings, ledger)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dispers.core.codec import dumps
 from dispers.core.codec import field as get_field
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
@@ -53,6 +54,11 @@ class _QueryState:
     released: bool = False  # root: the result was sealed to Q (no refund then)
     timer: threading.Timer | None = None  # forgets the query after query_timeout_s
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def spec_digest(spec: AggregateSpec) -> str:
+    """What a child DA signs into its partial so its parent can check they opened one spec."""
+    return hashlib.blake2b(dumps(spec.to_obj()), digest_size=16).hexdigest()
 
 
 class DataAggregator:
@@ -245,7 +251,13 @@ class DataAggregator:
         )
         if body.get("query_id") != query_id:
             raise malformed(f"{what} belongs to another query")
+        if body.get("spec") != spec_digest(state.spec):
+            raise malformed(f"{what} was computed under another aggregate spec")
         partial = Partial.from_obj(body.get("partial"), len(state.spec.groups), state.spec.bins)
+        lo, hi = state.spec.bounds
+        held = partial.count > 0
+        if (partial.min[held] < lo).any() or (partial.max[held] > hi).any():
+            raise malformed(f"{what} holds values outside the declared bounds")
         with state.lock:
             if child in state.received_children:
                 raise DispersError(ErrorCode.REPLAY, "partial from this child already merged (replay)")
@@ -274,35 +286,42 @@ class DataAggregator:
                 else "this aggregator holds a number of items other than the Target forwarded",
             )
         parent = state.envelope.plan.parent(self.name)
-        try:
-            with state.lock:
-                if parent is None:
-                    assert state.attested is not None
-                    if state.partial.items > state.attested:
-                        raise DispersError(
-                            ErrorCode.FAILED_PRECONDITION,
-                            "the aggregate rests on more items than the Target Finder attested targets; "
-                            "no result is released",
-                        )
-                    if self._settings.dp:
-                        result = release_dp(
-                            state.partial, state.spec, state.envelope.privacy, left=state.left
-                        )
-                    else:
-                        result = state.partial.release(state.spec)
-                    state.released = True
-                    return seal_signed(
+        # Consume the state before anything is computed: an abort racing this finalize finds
+        # nothing to forget, so it cannot refund a result that is being released; and whatever
+        # happens from here on, the budget stays charged.
+        with self._lock:
+            if self._queries.get(query_id) is not state:
+                raise DispersError(ErrorCode.NOT_FOUND, "this aggregator holds no such query")
+            del self._queries[query_id]
+            state.released = True
+        if state.timer is not None:
+            state.timer.cancel()
+        with state.lock:
+            if parent is None:
+                assert state.attested is not None
+                if state.partial.items > state.attested:
+                    raise DispersError(
+                        ErrorCode.FAILED_PRECONDITION,
+                        "the aggregate rests on more items than the Target Finder attested targets; "
+                        "no result is released",
+                    )
+                if self._settings.dp:
+                    result = release_dp(state.partial, state.spec, state.envelope.privacy, left=state.left)
+                else:
+                    result = state.partial.release(state.spec)
+                return seal_signed(
                         state.envelope.querier_sealing_key, self._keys.signing, self.name,
                         {"query_id": query_id, "result": result.to_obj()},
                         self._settings.result_bytes, "query result",
                     )  # fmt: skip
-                return seal_signed(
-                    self._roster.require(parent, Role.DATA_AGGREGATOR).sealing_key, self._keys.signing,
-                    self.name, {"query_id": query_id, "partial": state.partial.to_obj()},
-                    self._settings.partial_bytes, "partial aggregate",
-                )  # fmt: skip
-        finally:
-            self._forget(query_id)
+            # The digest of the spec this DA opened: its parent refuses a partial computed under
+            # another spec (each DA gets its own sealed copy; a querier could seal the leaves
+            # wide bounds and the root, which calibrates the noise, narrow ones).
+            body = {"query_id": query_id, "partial": state.partial.to_obj(), "spec": spec_digest(state.spec)}
+            return seal_signed(
+                self._roster.require(parent, Role.DATA_AGGREGATOR).sealing_key, self._keys.signing,
+                self.name, body, self._settings.partial_bytes, "partial aggregate",
+            )  # fmt: skip
 
     def abort(self, caller: str, query_id: str) -> None:
         """Forget everything about a query (idempotent)."""

@@ -153,7 +153,11 @@ class TargetFinder:
         # The cluster's k_min, not the query's k: a querier free to choose the threshold could
         # search over k, refused query after refused query, for the exact number of targets.
         # Groups under the query's k are suppressed at the root DA as usual.
-        if len(targets) < self._settings.k_min:
+        # Under DP there is no refusal at all: an exact, uncharged refusal would be one free
+        # bit (is this expression's population below k_min?) per query, which no noise covers;
+        # instead the query runs, is charged, and the root suppresses every group whose noised
+        # count stays under k.
+        if not self._settings.dp and len(targets) < self._settings.k_min:
             raise DispersError(
                 ErrorCode.TOO_FEW_TARGETS,
                 f"the query matches fewer than the cluster's k_min={self._settings.k_min} targets; refused",

@@ -112,3 +112,80 @@ def test_epsilon_above_the_per_query_maximum_is_refused_before_sealing(
     with pytest.raises(DispersError) as info:
         world.querier.submit(dp_spec(privacy__epsilon=50.0))
     assert info.value.code is ErrorCode.MALFORMED and "per-query maximum" in info.value.message
+
+
+def test_under_dp_tiny_targets_are_charged_and_suppressed_not_refused(
+    world_factory: Callable[..., World],
+) -> None:
+    """Found by review: TF's exact refusal below k_min cost nothing, so a querier could learn,
+    free and as often as it liked, whether any expression's population is below k_min. Under
+    DP the query is not refused: it runs, is charged, and its groups are suppressed on their
+    noised counts."""
+    world = world_factory(n=300, dp=True, k_min=40)
+    world.subscribe()
+    outcome = run_query(world.querier, dp_spec(query__target="age:0-12", query__k=40), timeout_s=120)
+    assert outcome.record.state == "done", outcome.record
+    assert outcome.result is not None and outcome.result.privacy.noised
+    assert world.das["da-root"].budget("researcher", "researcher").queries == 1
+
+
+def test_a_child_partial_under_another_spec_is_refused(world_factory: Callable[..., World]) -> None:
+    """Found by review: each DA opens its own sealed copy of the spec; a querier sealing the
+    leaves wide bounds and the root (which calibrates the noise) tiny ones got exact sums. A
+    parent now refuses a partial computed under another spec."""
+    import dataclasses as dc
+
+    from dispers.core.spec import AggregateSpec
+    from dispers.protocol.common import seal_padded
+
+    world = world_factory(n=300, dp=True)
+    world.subscribe()
+    q = world.querier_object
+    envelope = q.build(dp_spec(aggregate__stats=["count", "sum"]))
+    roster, settings = world.setup.config.roster, world.setup.config.settings
+    specs = []
+    for name, ct in envelope.sealed_specs:
+        if name == "da-root":
+            opener_spec = AggregateSpec(
+                envelope.query_id, envelope.k, (0.0, 1e-6), ("count", "sum"), ("12-25", "25-50", "50-100")
+            )
+            ct = seal_padded(roster.get(name).sealing_key, opener_spec.to_obj(), settings.spec_bytes, "spec")
+        specs.append((name, ct))
+    keys = world.setup.keys("researcher")
+    forged = dc.replace(envelope, sealed_specs=tuple(specs))
+    forged = dc.replace(forged, signature=keys.signing.sign(forged.signing_bytes()))
+    conductor = world.peers_as("researcher").conductor()
+    query_id = conductor.submit(forged)
+    assert conductor.status(query_id, wait_s=60).state == "failed"
+    record = world.actors["conductor"].record(query_id)
+    assert record.state == "failed" and record.error_code == "MALFORMED"
+    assert "another aggregate spec" in str(record.error_message)
+    assert record.sealed_result is None
+
+
+@pytest.mark.parametrize("transport", ["local"])
+def test_an_abort_racing_the_release_refunds_nothing(
+    world_factory: Callable[..., World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: a Conductor calling Abort while the root was computing the release got
+    the query refunded while the result was still sealed to Q (8 releases at epsilon 2 left the
+    ledger at 0). The root now consumes the query's state before it computes: the abort finds
+    nothing, and the charge stays."""
+    import threading
+
+    import dispers.protocol.data_aggregator as da_module
+
+    world = world_factory(n=300, dp=True)
+    world.subscribe()
+    real = da_module.release_dp
+
+    def racing(partial: Any, spec: Any, privacy: Any, **kw: Any) -> Any:
+        t = threading.Thread(target=lambda: world.peers.data_aggregator("da-root").abort(spec.query_id))
+        t.start()
+        t.join()  # the Conductor's Abort lands while the result is computed
+        return real(partial, spec, privacy, **kw)
+
+    monkeypatch.setattr(da_module, "release_dp", racing)
+    outcomes = [run_query(world.querier, dp_spec(privacy__epsilon=2.0), timeout_s=120) for _ in range(3)]
+    assert all(o.result is not None for o in outcomes)
+    assert world.das["da-root"].budget("researcher", "researcher").spent.epsilon == pytest.approx(6.0)
