@@ -41,8 +41,9 @@ def _with_interval(group: GroupResult, stat: str) -> str:
 
 def result_table(result: QueryResult, truth: Mapping[str, GroupTruth] | None = None) -> str:
     """Per group: the released statistics, and the ground truth when known."""
-    stats = [s for s in ("count", "mean", "std", "min", "max", "sum", "var")
-             if any(s in g.values for g in result.groups)]  # fmt: skip
+    order = ("count", "mean", "std", "min", "max", "sum", "var", "median")
+    quantiles = sorted({k for g in result.groups for k in g.values if k.startswith("q")})
+    stats = [s for s in (*order, *quantiles) if any(s in g.values for g in result.groups)]
     headers = ["group", *stats]
     if truth is not None:
         headers += ["true count", "true mean", "true std", "|Δ mean|"]
@@ -62,6 +63,11 @@ def result_table(result: QueryResult, truth: Mapping[str, GroupTruth] | None = N
                 row += [str(t.count), _fmt(t.mean), _fmt(t.std), delta]
         rows.append(row)
     out = table(headers, rows)
+    histograms = [g for g in result.groups if g.histogram]
+    if histograms:
+        out += "\n\nhistogram (count per bin, in the order of the declared bins)"
+        for g in histograms:
+            out += f"\n{g.label}: " + " ".join(_fmt(x) for x in g.histogram)
     extras = [f"{result.contributions} contributions in the released groups, k = {result.k}"]
     p = result.privacy
     if p.noised:

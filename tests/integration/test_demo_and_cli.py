@@ -128,3 +128,18 @@ def test_dispers_query_and_budget_on_a_dp_cluster(tmp_path: Path, capsys: pytest
         assert capsys.readouterr().err.startswith("error: UNAUTHORIZED")
     finally:
         world.close()
+
+
+def test_dispers_query_prints_histograms_and_quantiles(
+    cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    spec = tmp_path / "hist.toml"
+    text = DEFAULT_SPEC.read_text().replace(
+        'stats = ["count", "mean", "std"]',
+        'stats = ["count", "histogram", "median", "quantiles"]\n'
+        "bins = [30, 60, 70, 80, 220]\nquantiles = [0.9]",
+    )
+    spec.write_text(text)
+    assert main(["query", str(spec), "--config", str(cluster.setup.config.path)]) == 0
+    out = capsys.readouterr().out
+    assert "median" in out and "q0.9" in out and "histogram (count per bin" in out and "25-50: " in out
