@@ -201,6 +201,26 @@ def evaluate(expr: Expr, sets: Sequence[frozenset[bytes]], universe: frozenset[b
         return sets[expr.index]
     if isinstance(expr, Not):
         return universe - evaluate(expr.operand, sets, universe)
-    left = evaluate(expr.left, sets, universe)
-    right = evaluate(expr.right, sets, universe)
-    return left & right if isinstance(expr, And) else left | right
+    if isinstance(expr, And):
+        # X AND NOT Y is X minus Y (every set lies within the universe): no complement to build.
+        if isinstance(expr.right, Not):
+            return evaluate(expr.left, sets, universe) - evaluate(expr.right.operand, sets, universe)
+        if isinstance(expr.left, Not):
+            return evaluate(expr.right, sets, universe) - evaluate(expr.left.operand, sets, universe)
+        return evaluate(expr.left, sets, universe) & evaluate(expr.right, sets, universe)
+    return evaluate(expr.left, sets, universe) | evaluate(expr.right, sets, universe)
+
+
+def needs_universe(expr: Expr) -> bool:
+    """Whether `evaluate` will take a complement (a NOT that is not one side of an AND), so the
+    Target Finder fetches the universe only then."""
+    if isinstance(expr, Ref):
+        return False
+    if isinstance(expr, Not):
+        return True
+    if isinstance(expr, And):
+        if isinstance(expr.right, Not):
+            return needs_universe(expr.left) or needs_universe(expr.right.operand)
+        if isinstance(expr.left, Not):
+            return needs_universe(expr.right) or needs_universe(expr.left.operand)
+    return needs_universe(expr.left) or needs_universe(expr.right)

@@ -8,7 +8,7 @@ import secrets
 from dispers.core.codec import field, hex_bytes
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
-from dispers.core.expression import Not, evaluate, parse_positional
+from dispers.core.expression import evaluate, needs_universe, parse_positional
 from dispers.core.ids import Role, check_batch_id
 from dispers.core.messages import (
     NONCE_BYTES,
@@ -43,12 +43,6 @@ TOKEN_BYTES = 32
 PSEUDONYM_BYTES = 32
 PSEUDONYM_FRAME = 160  # {"pseudonym": 64 hex, "nonce": 32 hex} padded
 ATTESTATION_BYTES = 512  # TF's signed target count, sealed to the root DA
-
-
-def _has_not(expr: object) -> bool:
-    if isinstance(expr, Not):
-        return True
-    return any(_has_not(getattr(expr, a)) for a in ("left", "right", "operand") if hasattr(expr, a))
 
 
 class TargetFinder:
@@ -148,7 +142,7 @@ class TargetFinder:
             raise DispersError(ErrorCode.INVALID_EXPRESSION, "the target expression is missing")
         expr = parse_positional(text, len(tokens))
         sets = [self._sets.members(t) for t in tokens]
-        universe = self._sets.universe() if _has_not(expr) else frozenset()
+        universe = self._sets.universe() if needs_universe(expr) else frozenset()
         targets = list(evaluate(expr, sets, universe))
         # The cluster's k_min, not the query's k: a querier free to choose the threshold could
         # search over k, refused query after refused query, for the exact number of targets.

@@ -326,3 +326,29 @@ def test_errors_never_name_a_concept(
     err = _invalid(compile_named, _CORRUPTIONS[which](text))
     for name in names:
         assert name not in str(err)
+
+
+@settings(max_examples=200, deadline=None)
+@given(trees(), st.data())
+def test_evaluating_without_the_universe_when_none_is_needed_gives_the_same_set(
+    tree_names: tuple[Tree, list[str]], data: st.DataObject
+) -> None:
+    """AND NOT is a set difference: when needs_universe says no complement is taken, evaluating
+    with an empty universe gives exactly the reference result (the TF then skips fetching it)."""
+    from dispers.core.expression import needs_universe
+
+    tree, names = tree_names
+    renderer = Renderer(data)
+    text = renderer.render(tree)
+    assume(renderer.max_depth <= 60 and len(text) <= MAX_LENGTH and len(leaves(tree)) <= 64)
+    masks = data.draw(st.lists(st.integers(0, 2**24 - 1), min_size=len(names), max_size=len(names)))
+    sets = {
+        name: frozenset(bytes([i]) for i in range(24) if mask >> i & 1)
+        for name, mask in zip(names, masks, strict=True)
+    }
+    concepts, positional = compile_named(text)
+    expr = parse_positional(positional, len(concepts))
+    ordered = [sets[c] for c in concepts]
+    assert evaluate(expr, ordered, UNIVERSE) == reference(tree, sets, UNIVERSE)
+    if not needs_universe(expr):
+        assert evaluate(expr, ordered, frozenset()) == reference(tree, sets, UNIVERSE)
