@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -175,17 +174,17 @@ class DataAggregator:
         spec = state.spec
         layout = spec.layout
         item_size = sealed_size(layout.size)
+        expected = bytes.fromhex(query_id)
         lo, hi = spec.bounds
         n_groups = len(spec.groups)
-        groups: list[int] = []
-        values: list[float] = []
         dropped: dict[str, int] = {}
-        declined = 0
 
-        def drop(reason: str) -> None:
-            dropped[reason] = dropped.get(reason, 0) + 1
+        def drop(reason: str, n: int = 1) -> None:
+            if n:
+                dropped[reason] = dropped.get(reason, 0) + n
 
         with state.lock:
+            opened: list[bytes] = []
             for ciphertext in ciphertexts:
                 if not isinstance(ciphertext, bytes) or len(ciphertext) != item_size:
                     drop("malformed")  # not even opened: every honest item has this length
@@ -198,27 +197,26 @@ class DataAggregator:
                 plaintext = self._opener.try_open(ciphertext, "contribution")
                 if plaintext is None:
                     drop("unopenable")
-                    continue
-                try:
-                    record = layout.decode(plaintext)
-                except DispersError:
+                elif len(plaintext) != layout.size:
                     drop("malformed")
-                    continue
-                if record.query_id != query_id:
-                    drop("wrong_query")
-                elif record.declined:
-                    declined += 1
-                elif not 0 <= record.group < n_groups or not all(math.isfinite(v) for v in record.values):
-                    drop("malformed")
-                elif not all(lo <= v <= hi for v in record.values):
-                    drop("out_of_bounds")
                 else:
-                    groups.append(record.group)
-                    values.append(record.values[0])
-            state.partial.add(np.asarray(groups, dtype=np.int64), np.asarray(values))
+                    opened.append(plaintext)
+            # Every check on the opened records at once, as masks (the hot path of a DA).
+            batch = layout.decode_many(opened)
+            ours = np.fromiter((q == expected for q in batch.query_ids), dtype=bool, count=len(opened))
+            drop("malformed", int((~batch.valid).sum()))
+            drop("wrong_query", int((batch.valid & ~ours).sum()))
+            mine = batch.valid & ours
+            contributions = mine & ~batch.declined
+            sound = (batch.groups < n_groups) & np.isfinite(batch.values).all(axis=1)
+            drop("malformed", int((contributions & ~sound).sum()))
+            inside = ((batch.values >= lo) & (batch.values <= hi)).all(axis=1)
+            drop("out_of_bounds", int((contributions & sound & ~inside).sum()))
+            good = contributions & sound & inside
+            state.partial.add(batch.groups[good], batch.values[good, 0])
             for reason, n in dropped.items():
                 state.partial.drop(reason, n)
-            state.partial.decline(declined)
+            state.partial.decline(int((mine & batch.declined).sum()))
         return len(ciphertexts)
 
     def end_ingest(self, caller: str, query_id: str, forwarded: int) -> None:

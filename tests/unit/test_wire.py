@@ -12,7 +12,7 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from dispers.core.errors import DispersError, ErrorCode
@@ -240,3 +240,47 @@ def test_the_largest_layout_still_round_trips() -> None:
     got = layout.decode(layout.encode("00" * 16, 5, values))
     assert got.values == tuple(values.tolist())
     assert len(layout.decline("00" * 16)) == layout.size == RECORD_HEADER + 8 * MAX_FIELDS
+
+
+@settings(deadline=None, max_examples=100)
+@given(
+    st.integers(1, 4),
+    st.lists(
+        st.tuples(
+            st.integers(0, 2),
+            st.integers(0, 3),
+            st.integers(0, 2**32 - 1),
+            st.binary(min_size=16, max_size=16),
+        ),
+        max_size=30,
+    ),
+    st.data(),
+)
+def test_decoding_a_batch_at_once_agrees_with_one_by_one(
+    n_fields: int, heads: list[tuple[int, int, int, bytes]], data: st.DataObject
+) -> None:
+    """The DA's vectorised decode gives, column by column, what decode gives record by record
+    (and flags as invalid exactly what decode refuses)."""
+    import struct
+
+    layout = ContributionLayout(n_fields)
+    records = []
+    for version, kind, group, qid in heads:
+        values = data.draw(
+            st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=n_fields, max_size=n_fields)
+        )
+        records.append(
+            struct.pack(">BB16sI", version, kind, qid, group) + struct.pack(f">{n_fields}d", *values)
+        )
+    batch = layout.decode_many(records)
+    for i, record in enumerate(records):
+        try:
+            one = layout.decode(record)
+        except DispersError:
+            assert not batch.valid[i]
+            continue
+        assert batch.valid[i] and bool(batch.declined[i]) == one.declined
+        assert batch.query_ids[i].hex() == one.query_id and int(batch.groups[i]) == one.group
+        assert struct.pack(f">{n_fields}d", *batch.values[i]) == struct.pack(f">{n_fields}d", *one.values)
+    with pytest.raises(DispersError, match="wrong length"):
+        layout.decode_many([b"short"])
