@@ -205,7 +205,8 @@ def _print_outcome(outcome: object, as_json: bool) -> int:
             print(result_table(outcome.result))
         elif record.error_code:
             print(f"{record.error_code}: {record.error_message}")
-        print(phase_table(record))
+        if record.phases:  # the Conductor's operator view; a querier is shown none
+            print(phase_table(record))
     return 0 if record.state == "done" else 1
 
 

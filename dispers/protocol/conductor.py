@@ -154,8 +154,9 @@ class Conductor:
     def status(self, caller: str, query_id: str, wait_s: float = 0.0) -> QueryRecord:
         """The query's record as its querier may see it, waiting up to wait_s for it to end.
 
-        Only the querier who submitted a query reads it, and without the Conductor's counts:
-        the number of targets beside the released counts would give a suppressed group away.
+        Only the querier who submitted a query reads it, and without the Conductor's counts and
+        phase timings: the number of targets beside the released counts would give a suppressed
+        group away, and the collect phase's time grows with the number of targets.
         At most `max_long_polls` calls wait at once, each at most `max_wait_s`; the others
         answer at once, so waiting callers cannot starve the server's workers.
         """
@@ -169,7 +170,7 @@ class Conductor:
                 record = self._wait(query_id, wait)
             finally:
                 self._long_polls.release()
-        return dataclasses.replace(record, counts={})
+        return dataclasses.replace(record, counts={}, phases={})
 
     def record(self, query_id: str) -> QueryRecord:
         """The full record, counts included (for the Conductor's operator and tests)."""
