@@ -26,7 +26,16 @@ from dispers.core.messages import (
     SubscriptionItem,
     SubscriptionOp,
 )
-from dispers.core.spec import HISTOGRAM_STATS, MAX_BOUND, STATS, GroupBy, GroupResult, QueryResult, QuerySpec
+from dispers.core.spec import (
+    HISTOGRAM_STATS,
+    MAX_BOUND,
+    MAX_BOUND_RATIO,
+    STATS,
+    GroupBy,
+    GroupResult,
+    QueryResult,
+    QuerySpec,
+)
 from dispers.crypto.keys import SealingPublicKey, VerifyKey
 from dispers.proto import common_pb2 as pb
 from dispers.protocol.api import QueryOutcome
@@ -158,9 +167,9 @@ query_specs = st.builds(
     params=st.dictionaries(text, json_values, max_size=4),
     as_of=st.dates(min_value=dt.date(1900, 1, 1)),
     group_by=st.none() | group_bys,
-    bounds=st.lists(
-        st.floats(min_value=-MAX_BOUND, max_value=MAX_BOUND), min_size=2, max_size=2, unique=True
-    ).map(lambda b: (min(b), max(b))),
+    bounds=st.lists(st.floats(min_value=-MAX_BOUND, max_value=MAX_BOUND), min_size=2, max_size=2, unique=True)
+    .map(lambda b: (min(b), max(b)))
+    .filter(lambda b: max(abs(b[0]), abs(b[1])) <= MAX_BOUND_RATIO * (b[1] - b[0])),
     stats=st.lists(st.sampled_from(MOMENT_STATS), min_size=1, max_size=4).map(tuple),
     k=st.integers(min_value=2, max_value=10**6),
 )
