@@ -14,6 +14,7 @@ from dispers.core.codec import field as get_field
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.expression import compile_named
 from dispers.core.ids import check_query_id
+from dispers.core.vocabulary import CATEGORY_CODES
 from dispers.core.wire import ContributionLayout
 
 STATS = ("count", "sum", "mean", "var", "std", "min", "max", "histogram", "median", "quantiles")
@@ -32,10 +33,33 @@ def _spec_error(message: str) -> DispersError:
 
 @dataclass(frozen=True)
 class GroupBy:
-    """Group contributions by a bucketed field the instance computes locally."""
+    """Group contributions by a bucketed field the instance computes locally: numeric edges, or
+    categories of a categorical field (sex: F, M); optionally `then` a second field, the groups
+    being every pair (first-level index * second-level count + second-level index)."""
 
     field: str
     edges: tuple[float, ...]
+    categories: tuple[str, ...] = ()
+    then: GroupBy | None = None
+
+    @classmethod
+    def of_categories(cls, field: str, categories: tuple[str, ...], then: GroupBy | None = None) -> GroupBy:
+        """Groups by the named categories of a categorical field (their codes must follow on)."""
+        codes = CATEGORY_CODES.get(field)
+        if codes is None:
+            known = ", ".join(sorted(CATEGORY_CODES))
+            raise malformed(f"group_by.categories: {field!r} is not a categorical field (those are: {known})")
+        unknown = [c for c in categories if c not in codes]
+        if unknown or not categories or len(set(categories)) != len(categories):
+            raise malformed(
+                f"group_by.categories must name distinct categories of {field}: {', '.join(codes)}"
+            )
+        ordered = tuple(sorted(categories, key=lambda c: codes[c]))
+        first = codes[ordered[0]]
+        if [codes[c] for c in ordered] != list(range(first, first + len(ordered))):
+            raise malformed("group_by.categories must be a run of consecutive categories")
+        edges = tuple(float(x) for x in range(first, first + len(ordered) + 1))
+        return cls(field, edges, ordered, then)
 
     def __post_init__(self) -> None:
         if not isinstance(self.field, str) or not self.field.isidentifier():
@@ -48,15 +72,36 @@ class GroupBy:
             raise malformed("group_by.edges must be finite and strictly increasing")
         if any(abs(e) > MAX_BOUND for e in self.edges):
             raise malformed(f"group_by.edges must lie within ±{MAX_BOUND:g}")
+        if self.categories and len(self.categories) != len(self.edges) - 1:
+            raise malformed("group_by.categories must label every bucket")
+        if self.then is not None and self.then.then is not None:
+            raise malformed("group_by groups by at most two fields")
+
+    @property
+    def own_labels(self) -> tuple[str, ...]:
+        """This level's labels: its categories, or one per bucket such as '12-25'."""
+        if self.categories:
+            return self.categories
+        return tuple(f"{_num(a)}-{_num(b)}" for a, b in zip(self.edges, self.edges[1:], strict=False))
 
     @property
     def labels(self) -> tuple[str, ...]:
-        """One label per bucket, such as '12-25'."""
-        return tuple(f"{_num(a)}-{_num(b)}" for a, b in zip(self.edges, self.edges[1:], strict=False))
+        """One label per group, such as '12-25', or '12-25 & F' with a second field."""
+        if self.then is None:
+            return self.own_labels
+        return tuple(f"{a} & {b}" for a in self.own_labels for b in self.then.own_labels)
 
     def to_obj(self) -> dict[str, Any]:
         """JSON-able form."""
-        return {"field": self.field, "edges": list(self.edges)}
+        # Categories stand for their edges (the spec-file form, which parse_query_spec reads back).
+        obj: dict[str, Any] = {"field": self.field}
+        if self.categories:
+            obj["categories"] = list(self.categories)
+        else:
+            obj["edges"] = list(self.edges)
+        if self.then is not None:
+            obj["then"] = self.then.to_obj()
+        return obj
 
     @classmethod
     def from_obj(cls, obj: Any, what: str) -> GroupBy | None:
@@ -65,8 +110,14 @@ class GroupBy:
             return None
         if not isinstance(obj, dict):
             raise malformed(f"{what}: group_by must be an object")
-        edges = get_field(obj, "edges", list, what)
-        return cls(get_field(obj, "field", str, what), tuple(edges))
+        then = cls.from_obj(obj.get("then"), what)
+        field_name = get_field(obj, "field", str, what)
+        if "categories" in obj:
+            categories = obj["categories"]
+            if not isinstance(categories, list) or any(not isinstance(c, str) for c in categories):
+                raise malformed(f"{what}: group_by.categories must be a list of names")
+            return cls.of_categories(field_name, tuple(categories), then)
+        return cls(field_name, tuple(get_field(obj, "edges", list, what)), (), then)
 
 
 def _num(x: float) -> str:
@@ -319,6 +370,28 @@ _SPEC_TABLES = {
 }
 
 
+def _group_by(gb: Any, key: str, *, nested: bool) -> GroupBy:
+    """A group_by table: field with edges or categories, and optionally (once) `then`."""
+    allowed = {"field", "edges", "categories"} | (set() if nested else {"then"})
+    if not isinstance(gb, dict) or "field" not in gb or set(gb) - allowed:
+        raise malformed(
+            f"{key} must have 'field', then 'edges' or 'categories'"
+            + ("" if nested else ", and may have 'then'")
+        )
+    if ("edges" in gb) == ("categories" in gb):
+        raise malformed(f"{key} must have exactly one of 'edges' and 'categories'")
+    then = _group_by(gb["then"], f"{key}.then", nested=True) if "then" in gb else None
+    if not isinstance(gb["field"], str):
+        raise malformed(f"{key}.field must be a name")
+    if "categories" in gb:
+        if not isinstance(gb["categories"], list) or any(not isinstance(c, str) for c in gb["categories"]):
+            raise malformed(f"{key}.categories must be a list of names")
+        return GroupBy.of_categories(gb["field"], tuple(gb["categories"]), then)
+    if not isinstance(gb["edges"], list):
+        raise malformed(f"{key}.edges must be a list of numbers")
+    return GroupBy(gb["field"], tuple(gb["edges"]), (), then)
+
+
 def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
     """Validate a query spec mapping (from TOML); errors name the bad key."""
     for table in data:
@@ -352,15 +425,12 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
         raise _spec_error("data.params must be a table")
     group_by = None
     if "group_by" in dat:
-        gb = dat["group_by"]
-        if not isinstance(gb, dict) or set(gb) != {"field", "edges"}:
-            raise _spec_error("data.group_by must have exactly 'field' and 'edges'")
-        if not isinstance(gb["edges"], list):
-            raise _spec_error("data.group_by.edges must be a list of numbers")
         try:
-            group_by = GroupBy(gb["field"], tuple(gb["edges"]))
+            group_by = _group_by(dat["group_by"], "data.group_by", nested=False)
         except DispersError as exc:
-            raise _spec_error(f"data.{exc.message}") from None
+            raise _spec_error(
+                exc.message if exc.message.startswith("data.") else f"data.{exc.message}"
+            ) from None
     bounds = agg.get("bounds")
     if (
         not isinstance(bounds, list)

@@ -24,6 +24,9 @@ AGE_CONCEPTS: tuple[str, ...] = tuple(
 SEX_CONCEPTS: tuple[str, ...] = ("sex:F", "sex:M")
 HAS_HEART_RATE = "has:heart_rate"
 
+CATEGORY_CODES: dict[str, dict[str, int]] = {"sex": {"F": 0, "M": 1}}
+"""Categorical fields an instance computes, and the code of each category (group-by by name)."""
+
 DEFAULT_VOCABULARY: tuple[str, ...] = (*AGE_CONCEPTS, *SEX_CONCEPTS, HAS_HEART_RATE)
 """What every instance can derive from its own documents; clusters add declared cohorts."""
 

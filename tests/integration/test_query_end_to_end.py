@@ -233,3 +233,52 @@ def test_histogram_and_quantiles_through_the_cluster_equal_numpy(world_factory: 
         for key, level in (("median", 0.5), ("q0.25", 0.25), ("q0.75", 0.75)):
             lo, hi = g.intervals[key]
             assert lo - 1e-9 <= float(np.quantile(mine, level)) <= hi + 1e-9, (label, key)
+
+
+def test_group_by_age_then_sex_by_name_equals_numpy(world_factory: Callable[..., World]) -> None:
+    """Group-by two fields, the second by category names: each (age bracket, sex) group's count
+    and mean equal numpy's over the population's arrays."""
+
+    from dispers.protocol.instance.functions import ages_at, bucketize
+    from dispers.simulation.ground_truth import local_values
+
+    world = world_factory(n=500)
+    world.subscribe()
+    spec = heart_rate_spec(
+        data__group_by={"field": "age", "edges": EDGES, "then": {"field": "sex", "categories": ["M", "F"]}},
+        aggregate__stats=["count", "mean"],
+    )
+    assert spec.groups == ("12-25 & F", "12-25 & M", "25-50 & F", "25-50 & M", "50-100 & F", "50-100 & M")
+    outcome = run_query(world.querier, spec, timeout_s=120)
+    assert outcome.result is not None, outcome.record
+    pop = world.setup.population
+    values, has = local_values(pop, "mean_heart_rate", {"window_days": 30}, AS_OF)
+    age = bucketize(ages_at(pop.birth_days, AS_OF), EDGES)
+    ok = has & pop.consent & (age >= 0) & (values >= 30) & (values <= 220)
+    for i, bracket in enumerate(("12-25", "25-50", "50-100")):
+        for sex, female in (("F", True), ("M", False)):
+            mine = values[ok & (age == i) & (pop.female == female)]
+            group = outcome.result.group(f"{bracket} & {sex}")
+            if len(mine) < 10:
+                assert group.suppressed
+                continue
+            assert group.values["count"] == len(mine)
+            assert math.isclose(group.values["mean"], float(mine.mean()), rel_tol=1e-9)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("transport", ["local"])
+def test_bad_group_by_is_refused_naming_the_key(world_factory: Callable[..., World]) -> None:
+    from dispers.core.errors import DispersError
+
+    for group_by, named in (
+        ({"field": "sex", "categories": ["X"]}, "categories"),
+        ({"field": "age", "categories": ["F"]}, "not a categorical field"),
+        ({"field": "age", "edges": [0, 50], "categories": ["F"]}, "exactly one of"),
+        (
+            {"field": "age", "edges": [0, 50], "then": {"field": "sex", "categories": ["F"], "then": {}}},
+            "then",
+        ),
+    ):
+        with pytest.raises(DispersError) as info:
+            heart_rate_spec(data__group_by=group_by)
+        assert named in info.value.message and "data.group_by" in info.value.message, info.value.message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -405,3 +406,33 @@ def _entry(name: str) -> pb.RosterEntry:
         sealing_key=b"\x01" * 32,
         verify_key=b"\x02" * 32,
     )
+
+
+def test_a_two_field_group_by_by_category_round_trips() -> None:
+    """The spec-file form (Querier service) and the data request (signed by Q, read by hosts)
+    both carry a second field and categories by name."""
+    import datetime as dt
+
+    from dispers.core.spec import DataRequest, parse_query_spec
+
+    spec = parse_query_spec(
+        {
+            "query": {"target": "age:25-50"},
+            "data": {
+                "function": "mean_heart_rate",
+                "group_by": {
+                    "field": "age",
+                    "edges": [12, 25, 50],
+                    "then": {"field": "sex", "categories": ["M", "F"]},
+                },
+            },
+            "aggregate": {"bounds": [30, 220]},
+        }
+    )
+    assert convert.spec_from_json(convert.spec_to_json(spec)) == spec
+    request = DataRequest(
+        "ab" * 16, "mean_heart_rate", {}, dt.date(2026, 1, 1), spec.group_by, ("da-1",), 0.0
+    )
+    back = DataRequest.from_obj(json.loads(json.dumps(request.to_obj())))
+    assert back.group_by == spec.group_by and back.group_by is not None and back.group_by.then is not None
+    assert back.group_by.then.edges == (0.0, 1.0, 2.0) and spec.groups[1] == "12-25 & M"

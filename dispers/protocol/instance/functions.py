@@ -458,6 +458,15 @@ def age(
     return np.where(has, years.astype(np.float64), np.nan), has
 
 
+def group_index(
+    store: DocumentStore, ids: Sequence[str], field: str, edges: Sequence[float], as_of: date
+) -> npt.NDArray[np.int64]:
+    """The bucket of each instance on a group-by field (-1 outside every bucket)."""
+    if field not in FIELDS:
+        raise DispersError(ErrorCode.NOT_FOUND, f"unknown group-by field {_shown(str(field))}")
+    return bucketize(FIELDS[field](store, ids, as_of), edges)
+
+
 def compute_contributions(
     store: DocumentStore,
     ids: Sequence[str],

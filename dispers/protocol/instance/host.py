@@ -32,7 +32,7 @@ from dispers.protocol.api import ConductorAPI
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import CLOCK_SKEW_S, replay_memory_s, seal_padded
 from dispers.protocol.instance.concepts import derive_concepts
-from dispers.protocol.instance.functions import compute_contributions
+from dispers.protocol.instance.functions import compute_contributions, group_index
 from dispers.state.documents import DocumentStore
 
 log = logging.getLogger(__name__)
@@ -192,12 +192,16 @@ class PersonalCloudHost:
             group_field=data.group_by.field if data.group_by else None,
             edges=data.group_by.edges if data.group_by else None,
         )
+        groups, ok = local.groups, local.ok
+        then = data.group_by.then if data.group_by else None
+        if then is not None:  # a second field: the group is every (first, second) pair
+            second = group_index(self._store, [ids[j] for j in fresh], then.field, then.edges, data.as_of)
+            ok = ok & (second >= 0)
+            groups = np.where(ok, groups * (len(then.edges) - 1) + second, -1)
         layout = data.layout
         records = [layout.decline(request.query_id)] * n
-        for k in np.flatnonzero(local.ok).tolist():
-            records[fresh[k]] = layout.encode(
-                request.query_id, int(local.groups[k]), [float(local.values[k])]
-            )
+        for k in np.flatnonzero(ok).tolist():
+            records[fresh[k]] = layout.encode(request.query_id, int(groups[k]), [float(local.values[k])])
         order = list(range(n))
         self._random.shuffle(order)  # the host's own order: T cannot tie an item to a position
         aggregators = tuple(request.aggregators[j] for j in order)
