@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from dispers.core.errors import DispersError, ErrorCode
 
 if TYPE_CHECKING:
+    from dispers.core.config import ClusterConfig
     from dispers.transport.grpc_client import QuerierClient
 
 log = logging.getLogger("dispers.cli")
@@ -143,16 +144,21 @@ def _concepts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _querier_name(config: ClusterConfig, chosen: str | None) -> str:
+    """The querier a command acts as: the one named, or the first of the roster."""
+    from dispers.core.ids import Role
+
+    if chosen:
+        return config.roster.require(chosen, Role.QUERIER).name
+    return config.roster.by_role(Role.QUERIER)[0].name
+
+
 def _budget(args: argparse.Namespace) -> int:
     from dispers.core.config import load_config
-    from dispers.core.ids import Role
     from dispers.transport.grpc_client import DataAggregatorClient, client_for
 
     config = load_config(args.config)
-    if args.querier:
-        name = config.roster.require(args.querier, Role.QUERIER).name
-    else:
-        name = config.roster.by_role(Role.QUERIER)[0].name
+    name = _querier_name(config, args.querier)
     root = config.roster.da_plan().root
     with client_for(config, name, root, DataAggregatorClient) as client:
         status = client.budget(name)
@@ -176,14 +182,10 @@ def _budget(args: argparse.Namespace) -> int:
 def _querier_client(args: argparse.Namespace) -> QuerierClient:
     """A client of the chosen Querier service, calling as that querier (its certificate)."""
     from dispers.core.config import load_config
-    from dispers.core.ids import Role
     from dispers.transport.grpc_client import QuerierClient, client_for
 
     config = load_config(args.config)
-    if args.querier:
-        name = config.roster.require(args.querier, Role.QUERIER).name
-    else:
-        name = config.roster.by_role(Role.QUERIER)[0].name
+    name = _querier_name(config, args.querier)
     return client_for(config, name, name, QuerierClient)
 
 

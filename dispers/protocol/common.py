@@ -288,6 +288,23 @@ def signed_tokens_bytes(settings: ClusterSettings) -> int:
     return 2 * tokens_bytes(settings) + 512
 
 
+def take_to_commit(
+    staging: Staging[tuple[SubscriptionOp, T]], roster: Roster, batch_id: str, commit: bool, receipt: bytes
+) -> tuple[SubscriptionOp, T] | None:
+    """What CI or T staged for a batch (and its op), when the Conductor settles it: None to drop it; to commit
+    it, TF's signed receipt for this batch id and op is required (the Conductor cannot have a
+    batch TF refused committed), and something must still be staged."""
+    staged = staging.take(batch_id)
+    if not commit:
+        return None
+    if staged is None:
+        raise DispersError(
+            ErrorCode.FAILED_PRECONDITION, "nothing is staged for this subscription batch (expired?)"
+        )
+    check_receipt(roster, batch_id, staged[0], receipt)
+    return staged
+
+
 def tokens_bytes(settings: ClusterSettings) -> int:
     """The fixed frame of a token list: max_concepts hex tokens, a nonce or a query id."""
     return 70 * settings.max_concepts + 128

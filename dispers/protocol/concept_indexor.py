@@ -22,13 +22,13 @@ from dispers.protocol.authz import authorize
 from dispers.protocol.common import (
     ReplayGuard,
     Staging,
-    check_receipt,
     frame_size,
     open_padded,
     replay_memory_s,
     seal_padded,
     seal_signed,
     signed_tokens_bytes,
+    take_to_commit,
     tokens_bytes,
     verify_envelope,
 )
@@ -123,15 +123,8 @@ class ConceptIndexor:
     def settle(self, caller: str, batch_id: str, commit: bool, receipt: bytes = b"") -> None:
         """Commit (or drop) the concepts a subscription batch staged (a commit needs TF's receipt)."""
         authorize(self._roster, caller, "concept_indexor.settle", callee=self.name)
-        staged = self._staged.take(batch_id)
-        if not commit:
-            return
-        if staged is None:
-            raise DispersError(
-                ErrorCode.FAILED_PRECONDITION, "nothing is staged for this subscription batch (expired?)"
-            )
-        op, concepts = staged
-        check_receipt(self._roster, batch_id, op, receipt)
+        staged = take_to_commit(self._staged, self._roster, batch_id, commit, receipt)
+        concepts = staged[1] if staged is not None else []
         if concepts:
             new = self._catalog.add(concepts)
             log.debug("batch settled: %d new concepts", new)

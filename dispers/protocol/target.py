@@ -35,13 +35,13 @@ from dispers.protocol.common import (
     ReplayGuard,
     Staging,
     check_batch,
-    check_receipt,
     frame_size,
     open_padded,
     open_signed,
     replay_memory_s,
     same_query,
     seal_padded,
+    take_to_commit,
     unpack,
     verify_envelope,
 )
@@ -134,15 +134,10 @@ class Target:
         T commit a batch TF refused. A batch id is committed at most once (persisted).
         """
         authorize(self._roster, caller, "target.settle", callee=self.name)
-        staged = self._staged.take(batch_id)
-        if not commit:
-            return
+        staged = take_to_commit(self._staged, self._roster, batch_id, commit, receipt)
         if staged is None:
-            raise DispersError(
-                ErrorCode.FAILED_PRECONDITION, "nothing is staged for this subscription batch (expired?)"
-            )
+            return
         op, entries = staged
-        check_receipt(self._roster, batch_id, op, receipt)
         if op is SubscriptionOp.SUBSCRIBE:
             self._directory.commit_batch(batch_id, entries, [])
         else:

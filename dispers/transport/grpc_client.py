@@ -118,7 +118,12 @@ def open_channel(
 
 
 class _Client:
-    """A channel (owned when made from an endpoint) and a call helper that maps errors."""
+    """A channel (owned when made from an endpoint) and a call helper that maps errors.
+
+    Each service's client names its generated stub class in `_stub_type`.
+    """
+
+    _stub_type: Callable[[grpc.Channel], Any]
 
     def __init__(
         self,
@@ -136,6 +141,7 @@ class _Client:
         else:
             self._channel = target
         self.peer = peer if peer is not None else (target if isinstance(target, str) else "peer")
+        self._stub = type(self)._stub_type(self._channel)
 
     def _call(self, method: str, fn: Callable[..., Any], request: Any, timeout_s: float) -> Any:
         """Call one unary RPC; a failure becomes the DispersError the peer raised."""
@@ -164,17 +170,7 @@ class _Client:
 class ConductorClient(_Client):
     """ConductorAPI over gRPC."""
 
-    def __init__(
-        self,
-        target: str | grpc.Channel,
-        peer: str | None = None,
-        *,
-        identity: TlsIdentity | None = None,
-        server_name: str | None = None,
-        caller: str | None = None,
-    ) -> None:
-        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
-        self._stub = conductor_pb2_grpc.ConductorStub(self._channel)
+    _stub_type = conductor_pb2_grpc.ConductorStub
 
     def get_roster(self) -> Roster:
         """The cluster's public roster."""
@@ -218,17 +214,7 @@ class ConductorClient(_Client):
 class ConceptIndexorClient(_Client):
     """ConceptIndexorAPI over gRPC."""
 
-    def __init__(
-        self,
-        target: str | grpc.Channel,
-        peer: str | None = None,
-        *,
-        identity: TlsIdentity | None = None,
-        server_name: str | None = None,
-        caller: str | None = None,
-    ) -> None:
-        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
-        self._stub = concept_indexor_pb2_grpc.ConceptIndexorStub(self._channel)
+    _stub_type = concept_indexor_pb2_grpc.ConceptIndexorStub
 
     def tokenize_subscriptions(
         self, batch_id: str, op: SubscriptionOp, sealed_concepts: Sequence[bytes]
@@ -259,17 +245,7 @@ class ConceptIndexorClient(_Client):
 class TargetFinderClient(_Client):
     """TargetFinderAPI over gRPC."""
 
-    def __init__(
-        self,
-        target: str | grpc.Channel,
-        peer: str | None = None,
-        *,
-        identity: TlsIdentity | None = None,
-        server_name: str | None = None,
-        caller: str | None = None,
-    ) -> None:
-        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
-        self._stub = target_finder_pb2_grpc.TargetFinderStub(self._channel)
+    _stub_type = target_finder_pb2_grpc.TargetFinderStub
 
     def apply_subscriptions(
         self, op: SubscriptionOp, batch_id: str, tokens: SignedItems, pseudonyms: SignedItems
@@ -300,17 +276,7 @@ class TargetFinderClient(_Client):
 class TargetClient(_Client):
     """TargetAPI over gRPC."""
 
-    def __init__(
-        self,
-        target: str | grpc.Channel,
-        peer: str | None = None,
-        *,
-        identity: TlsIdentity | None = None,
-        server_name: str | None = None,
-        caller: str | None = None,
-    ) -> None:
-        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
-        self._stub = target_pb2_grpc.TargetStub(self._channel)
+    _stub_type = target_pb2_grpc.TargetStub
 
     def pseudonymize(self, header: BatchHeader, sealed_addresses: Sequence[bytes]) -> SignedItems:
         """seal_T(address, nonce) -> seal_TF(pseudonym, nonce), in order, signed by T."""
@@ -341,17 +307,7 @@ class TargetClient(_Client):
 class DataAggregatorClient(_Client):
     """DataAggregatorAPI over gRPC."""
 
-    def __init__(
-        self,
-        target: str | grpc.Channel,
-        peer: str | None = None,
-        *,
-        identity: TlsIdentity | None = None,
-        server_name: str | None = None,
-        caller: str | None = None,
-    ) -> None:
-        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
-        self._stub = data_aggregator_pb2_grpc.DataAggregatorStub(self._channel)
+    _stub_type = data_aggregator_pb2_grpc.DataAggregatorStub
 
     def prepare(self, envelope: QueryEnvelope, attestation: bytes = b"") -> None:
         """Get ready for a query (the root also gets TF's sealed target count)."""
@@ -407,17 +363,7 @@ class DataAggregatorClient(_Client):
 class PersonalCloudClient(_Client):
     """PersonalCloudAPI and PersonalCloudAdminAPI over gRPC."""
 
-    def __init__(
-        self,
-        target: str | grpc.Channel,
-        peer: str | None = None,
-        *,
-        identity: TlsIdentity | None = None,
-        server_name: str | None = None,
-        caller: str | None = None,
-    ) -> None:
-        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
-        self._stub = personal_cloud_pb2_grpc.PersonalCloudStub(self._channel)
+    _stub_type = personal_cloud_pb2_grpc.PersonalCloudStub
 
     def contribute(self, request: ContributionRequest) -> ContributionBatch:
         """Compute and seal the contributions of a batch of instances."""
@@ -439,17 +385,7 @@ class PersonalCloudClient(_Client):
 class QuerierClient(_Client):
     """QuerierAPI over gRPC."""
 
-    def __init__(
-        self,
-        target: str | grpc.Channel,
-        peer: str | None = None,
-        *,
-        identity: TlsIdentity | None = None,
-        server_name: str | None = None,
-        caller: str | None = None,
-    ) -> None:
-        super().__init__(target, peer, identity=identity, server_name=server_name, caller=caller)
-        self._stub = querier_pb2_grpc.QuerierStub(self._channel)
+    _stub_type = querier_pb2_grpc.QuerierStub
 
     def submit(self, spec: QuerySpec) -> str:
         """Build, sign and submit a query; returns its id."""
