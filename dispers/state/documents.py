@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from types import MappingProxyType, TracebackType
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -551,3 +552,32 @@ class DocumentStore:
         count, total = self.measurement_totals("heart_rate", ids, start_day, end_day)
         mean = np.divide(total, count, out=np.full(len(ids), np.nan), where=count > 0)
         return count, mean
+
+
+class Documents(Protocol):
+    """What a host and the local functions read and write of its instances' documents.
+
+    Two implementations: :class:`DocumentStore` (SQLite, for a real host) and
+    :class:`dispers.state.columns.ColumnStore` (numpy columns, for simulations). Every read
+    takes a batch of ids and answers arrays in the same order.
+    """
+
+    def close(self) -> None: ...
+    def instance_ids(self) -> list[str]: ...
+    def count(self) -> int: ...
+    def known(self, ids: Sequence[str]) -> npt.NDArray[np.bool_]: ...
+    def subscribed(self, ids: Sequence[str]) -> npt.NDArray[np.bool_]: ...
+    def set_subscribed(self, ids: Sequence[str], subscribed: bool) -> None: ...
+    def declared_concepts(self, ids: Sequence[str]) -> list[list[str]]: ...
+    def identity(
+        self, ids: Sequence[str]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]: ...
+    def measurement_summary(
+        self, kind: str, ids: Sequence[str], start_day: int, end_day: int
+    ) -> MeasurementSummary: ...
+    def measurement_totals(
+        self, kind: str, ids: Sequence[str], start_day: int, end_day: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
+    def heart_rate_summary(
+        self, ids: Sequence[str], start_day: int, end_day: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...

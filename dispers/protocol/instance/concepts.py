@@ -16,10 +16,10 @@ from dispers.core.vocabulary import (  # noqa: F401 (re-exported)
     validate_concept,
 )
 from dispers.protocol.instance.functions import ages_at, bucketize
-from dispers.state.documents import DocumentStore, epoch_day
+from dispers.state.documents import Documents, epoch_day
 
 
-def derive_concepts(store: DocumentStore, ids: Sequence[str], as_of: date) -> list[list[str]]:
+def derive_concepts(store: Documents, ids: Sequence[str], as_of: date) -> list[list[str]]:
     """Return, per instance of ``ids``, the concepts it subscribes to on ``as_of``.
 
     Age bracket (from AGE_BRACKETS, lo <= age < hi), ``sex:F`` or ``sex:M``, and

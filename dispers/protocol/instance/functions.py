@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dispers.core.errors import DispersError, ErrorCode
-from dispers.state.documents import MEASUREMENT_KINDS, DocumentStore, MeasurementKind, epoch_day
+from dispers.state.documents import MEASUREMENT_KINDS, Documents, MeasurementKind, epoch_day
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +43,14 @@ class LocalFunction(Protocol):
 
     def __call__(
         self,
-        store: DocumentStore,
+        store: Documents,
         ids: Sequence[str],
         params: Mapping[str, object],
         as_of: date,
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]: ...
 
 
-FieldFunction = Callable[[DocumentStore, Sequence[str], date], npt.NDArray[np.float64]]
+FieldFunction = Callable[[Documents, Sequence[str], date], npt.NDArray[np.float64]]
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def register(
 
         @functools.wraps(fn)
         def checked(
-            store: DocumentStore,
+            store: Documents,
             ids: Sequence[str],
             params: Mapping[str, object],
             as_of: date,
@@ -302,14 +302,14 @@ def bucketize(field_values: npt.ArrayLike, edges: Sequence[float]) -> npt.NDArra
 
 
 @register_field("age", unit="years")
-def _age_field(store: DocumentStore, ids: Sequence[str], as_of: date) -> npt.NDArray[np.float64]:
+def _age_field(store: Documents, ids: Sequence[str], as_of: date) -> npt.NDArray[np.float64]:
     """Age in whole years on as_of."""
     birth_days, _, _ = store.identity(ids)
     return ages_at(birth_days, as_of).astype(np.float64)
 
 
 @register_field("sex", categories=SEX_CODES)
-def _sex_field(store: DocumentStore, ids: Sequence[str], as_of: date) -> npt.NDArray[np.float64]:
+def _sex_field(store: Documents, ids: Sequence[str], as_of: date) -> npt.NDArray[np.float64]:
     """Sex as recorded, coded F = 0, M = 1 (group with edges [0, 1, 2])."""
     _, female, _ = store.identity(ids)
     return np.where(female, float(SEX_CODES["F"]), float(SEX_CODES["M"]))
@@ -351,7 +351,7 @@ def _sum_bounds(kind: MeasurementKind) -> BoundsRule:
     bounds=_value_bounds(MEASUREMENT_KINDS["heart_rate"]),
 )
 def mean_heart_rate(
-    store: DocumentStore,
+    store: Documents,
     ids: Sequence[str],
     params: Mapping[str, object],
     as_of: date,
@@ -366,7 +366,7 @@ def _windowed(kind: str, statistic: str) -> LocalFunction:
     """The local function computing ``statistic`` (mean, count or sum) of ``kind`` over a window."""
 
     def compute(
-        store: DocumentStore,
+        store: Documents,
         ids: Sequence[str],
         params: Mapping[str, object],
         as_of: date,
@@ -387,7 +387,7 @@ def _latest(kind: str) -> LocalFunction:
     """The local function giving the latest value of ``kind`` at most max_age_days old."""
 
     def compute(
-        store: DocumentStore,
+        store: Documents,
         ids: Sequence[str],
         params: Mapping[str, object],
         as_of: date,
@@ -446,7 +446,7 @@ MAX_AGE_YEARS = 150
 
 @register("age", statistic="value", unit="years", bounds=(0.0, float(MAX_AGE_YEARS)))
 def age(
-    store: DocumentStore,
+    store: Documents,
     ids: Sequence[str],
     params: Mapping[str, object],
     as_of: date,
@@ -459,7 +459,7 @@ def age(
 
 
 def group_index(
-    store: DocumentStore, ids: Sequence[str], field: str, edges: Sequence[float], as_of: date
+    store: Documents, ids: Sequence[str], field: str, edges: Sequence[float], as_of: date
 ) -> npt.NDArray[np.int64]:
     """The bucket of each instance on a group-by field (-1 outside every bucket)."""
     if field not in FIELDS:
@@ -468,7 +468,7 @@ def group_index(
 
 
 def compute_contributions(
-    store: DocumentStore,
+    store: Documents,
     ids: Sequence[str],
     *,
     function: str,

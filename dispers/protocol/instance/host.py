@@ -33,7 +33,7 @@ from dispers.protocol.authz import authorize
 from dispers.protocol.common import CLOCK_SKEW_S, replay_memory_s, seal_padded
 from dispers.protocol.instance.concepts import derive_concepts
 from dispers.protocol.instance.functions import compute_contributions, group_index
-from dispers.state.documents import DocumentStore
+from dispers.state.documents import Documents
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class PersonalCloudHost:
         keys: ActorKeys,
         roster: Roster,
         settings: ClusterSettings,
-        store: DocumentStore,
+        store: Documents,
         conductor: ConductorAPI,
         as_of: dt.date | None = None,
     ) -> None:
