@@ -203,6 +203,9 @@ class ClusterSettings:
     max_query_age_s: float = 600.0
     batch_size: int = 1000
     query_timeout_s: float = 300.0
+    host_deadline_s: float = 60.0  # T waits for a host's answer this long, plus per instance asked:
+    host_deadline_per_item_s: float = 0.01  # past it the query fails (no subset is ever released)
+    shuffle_window: int = 8  # T forwards to each DA in windows of this many batches, each shuffled
     vocabulary: tuple[str, ...] = DEFAULT_VOCABULARY
     max_concepts: int = 16  # per subscription and per query
     max_groups: int = 128  # groups of one query (partial_bytes and result_bytes must hold them)
@@ -342,7 +345,14 @@ def _settings(raw: Any, base: Path | None = None) -> ClusterSettings:
         value = getattr(s, key)
         if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1:
             raise _config_error(f"cluster.{key} must be a number in [0, 1)")
-    for key in ("max_query_age_s", "query_timeout_s", "max_wait_s"):
+    _int_setting(s, "shuffle_window", 1, 10**6)
+    for key in (
+        "max_query_age_s",
+        "query_timeout_s",
+        "max_wait_s",
+        "host_deadline_s",
+        "host_deadline_per_item_s",
+    ):
         value = getattr(s, key)
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
             raise _config_error(f"cluster.{key} must be a positive number")

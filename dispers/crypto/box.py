@@ -1,4 +1,11 @@
-"""Sealing to one actor and opening as that actor; every opened plaintext is observed."""
+"""Sealing to one actor and opening as that actor; every opened plaintext is observed.
+
+A simulation may turn the sealed boxes off in its own processes (:func:`set_crypto`): a box
+is then the recipient's public key, 16 zero bytes and the plaintext in clear, of exactly the
+sealed length, and opening checks it was addressed to the opener. Everything else (padding,
+signatures, the observer hook) stays as it is. Nothing but ``dispers simulate --crypto off``
+turns it off, and its reports say so.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +24,25 @@ def sealed_size(plaintext_size: int) -> int:
     return plaintext_size + SEAL_OVERHEAD
 
 
+_CLEAR_TAG = bytes(SEAL_OVERHEAD - 32)
+_real_everywhere = True  # False once a simulation turned the boxes off in this process
+
+
+def set_crypto(real: bool) -> None:
+    """Seal and open for real (the default) or, in a simulation process only, in clear."""
+    global _real_everywhere
+    _real_everywhere = real
+
+
+def crypto_is_real() -> bool:
+    """Whether this process seals and opens for real."""
+    return _real_everywhere
+
+
 def seal(recipient: SealingPublicKey, plaintext: bytes) -> bytes:
     """Seal plaintext so that only the holder of recipient's private key can open it."""
+    if not _real_everywhere:
+        return recipient.raw + _CLEAR_TAG + plaintext
     box = nacl.public.SealedBox(nacl.public.PublicKey(recipient.raw))
     return bytes(box.encrypt(plaintext))
 
@@ -26,11 +50,12 @@ def seal(recipient: SealingPublicKey, plaintext: bytes) -> bytes:
 class Opener:
     """Opens boxes sealed to one actor; the only way an actor reads a sealed payload."""
 
-    __slots__ = ("actor", "_box")
+    __slots__ = ("actor", "_box", "_public")
 
     def __init__(self, actor: str, keypair: SealingKeyPair) -> None:
         self.actor = actor
         self._box = keypair.unseal_box()
+        self._public = keypair.public.raw
 
     def open(self, ciphertext: bytes, what: str) -> bytes:
         """Open one box; BAD_CIPHERTEXT names `what` and the actor, never the content."""
@@ -40,7 +65,12 @@ class Opener:
                 f"{what}: ciphertext is truncated (shorter than a sealed box)",
             )
         try:
-            plaintext = bytes(self._box.decrypt(bytes(ciphertext)))
+            if _real_everywhere:
+                plaintext = bytes(self._box.decrypt(bytes(ciphertext)))
+            elif bytes(ciphertext[:SEAL_OVERHEAD]) == self._public + _CLEAR_TAG:
+                plaintext = bytes(ciphertext[SEAL_OVERHEAD:])
+            else:
+                raise nacl.exceptions.CryptoError
         except nacl.exceptions.CryptoError:
             raise DispersError(
                 ErrorCode.BAD_CIPHERTEXT,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +13,7 @@ from contextlib import contextmanager
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.messages import QueryEnvelope, SubscriptionBatch
+from dispers.crypto.permute import secure_permutation
 from dispers.protocol.api import Peers
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import frame_size, verify_envelope
@@ -64,7 +64,6 @@ class Conductor:
         self._peers = peers
         self._executor = executor
         self._done = threading.Condition()
-        self._random = secrets.SystemRandom()
         self._long_polls = threading.BoundedSemaphore(max(1, settings.max_long_polls))
         if settings.max_long_polls == 0:
             self._long_polls.acquire()  # nobody waits
@@ -102,8 +101,8 @@ class Conductor:
         self._roster.get(caller).verify_key.verify(
             header.signing_bytes(), header.signature, "subscription batch"
         )
-        order = list(range(len(batch.items)))
-        self._random.shuffle(order)  # so CI, T and TF cannot pair items by arrival position
+        # So CI, T and TF cannot pair items by arrival position.
+        order = secure_permutation(len(batch.items)).tolist()
         shuffled = [batch.items[i] for i in order]
         batch_id = header.batch_id
         ci, t = self._peers.concept_indexor(), self._peers.target()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import base64
 import logging
-import secrets
+import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from dispers.core.codec import field, hex_bytes, loads_object
 from dispers.core.config import ClusterSettings, Roster
@@ -29,6 +29,7 @@ from dispers.core.spec import DataRequest
 from dispers.core.vocabulary import MAX_ADDRESS_LENGTH
 from dispers.crypto import ActorKeys, Opener, keyed_hash
 from dispers.crypto.box import sealed_size
+from dispers.crypto.permute import shuffled
 from dispers.protocol.api import Peers
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import (
@@ -84,7 +85,6 @@ class Target:
         self._staged: Staging[tuple[SubscriptionOp, list[tuple[bytes, str]]]] = Staging(
             settings.query_timeout_s
         )
-        self._random = secrets.SystemRandom()
 
     def pseudonym(self, address: str) -> bytes:
         """Keyed PRF of an address under T's secret: stable, so re-subscribing changes nothing."""
@@ -160,11 +160,17 @@ class Target:
         return request, request_bytes, signature
 
     def collect(self, caller: str, envelope: QueryEnvelope, sealed_pseudonyms: bytes) -> CollectReport:
-        """Ask every target for its item, then forward them shuffled and batched to the DAs.
+        """Ask every target for its item and forward the items to the DAs as answers arrive.
 
         Each host must answer exactly one item per instance asked, of the query's fixed
-        length, to the DA assigned to that instance; a host whose answer breaks any of that
-        loses its own items (counted unreachable), never anyone else's.
+        length, to the DA assigned to that instance; a host whose answer breaks any of that,
+        or that cannot be reached, loses its own items (counted unreachable), never anyone
+        else's. A host whose answer does not come within its deadline (``host_deadline_s`` plus
+        ``host_deadline_per_item_s`` per instance asked), or that finds the request expired,
+        fails the whole query: a result resting on whichever hosts were quick is never released.
+
+        Items reach each DA in windows of ``shuffle_window`` batches, each window in a fresh
+        random order, so an item's position tells a DA at most which window it came in.
         """
         authorize(self._roster, caller, "target.collect", callee=self.name)
         verify_envelope(envelope, self._roster, self._settings)
@@ -179,25 +185,26 @@ class Target:
         found = self._directory.lookup(list(dict.fromkeys(pseudonyms)))
         # A pseudonym TF knows but the directory does not (a batch whose settle never came)
         # is counted unreachable rather than failing everyone else's query.
-        addresses = [a for a in found if a is not None]
+        addresses = shuffled([a for a in found if a is not None])
         unknown = len(pseudonyms) - len(addresses)
 
         leaves = list(envelope.plan.leaves)
-        self._random.shuffle(addresses)
         by_host: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for i, address in enumerate(addresses):
             host, instance = split_address(address)
             by_host[host].append((instance, leaves[i % len(leaves)]))
-
         size = self._settings.batch_size
         jobs = [
             (host, items[j : j + size]) for host, items in by_host.items() for j in range(0, len(items), size)
         ]
-        per_da: dict[str, list[bytes]] = {leaf: [] for leaf in leaves}
-        unreachable = unknown
+        forwarder = _Forwarder(
+            self._peers, envelope.query_id, leaves, size, self._settings.shuffle_window * size
+        )
+        started: dict[int, float] = {}
 
-        def ask(job: tuple[str, list[tuple[str, str]]]) -> list[tuple[str, bytes]] | None:
-            host, items = job
+        def ask(index: int) -> list[tuple[str, bytes]] | None:
+            host, items = jobs[index]
+            started[index] = time.monotonic()
             req = ContributionRequest(
                 query_id=envelope.query_id,
                 querier=envelope.querier,
@@ -209,8 +216,12 @@ class Target:
             try:
                 batch = self._peers.personal_cloud(host).contribute(req)
             except DispersError as exc:
+                if exc.code is ErrorCode.EXPIRED:
+                    raise
                 log.warning("query %s: host %s failed: %s", envelope.query_id[:8], host, exc.code.value)
                 return None
+            if time.monotonic() - started[index] > self._deadline(len(items)):
+                raise _expired()
             problem = _check_answer(batch, req.aggregators, item_size)
             if problem:
                 log.warning("query %s: host %s answered %s; its items are dropped",
@@ -218,30 +229,106 @@ class Target:
                 return None
             return list(zip(batch.aggregators, batch.ciphertexts, strict=True))
 
-        with ThreadPoolExecutor(max_workers=min(8, max(1, len(jobs)))) as pool:
-            for job, pairs in zip(jobs, pool.map(ask, jobs), strict=True):
-                if pairs is None:
-                    unreachable += len(job[1])
-                    continue
-                for aggregator, ciphertext in pairs:
-                    per_da[aggregator].append(ciphertext)
-
-        def forward(leaf: str) -> None:
-            items = per_da[leaf]
-            self._random.shuffle(items)
-            da = self._peers.data_aggregator(leaf)
-            for j in range(0, len(items), size):
-                da.ingest(envelope.query_id, items[j : j + size])
-            da.end_ingest(envelope.query_id, len(items))
-
-        with ThreadPoolExecutor(max_workers=len(leaves)) as pool:
-            list(pool.map(forward, leaves))
+        unreachable = unknown
+        pool = ThreadPoolExecutor(max_workers=min(8, max(1, len(jobs))), thread_name_prefix="t-collect")
+        try:
+            pending = {pool.submit(ask, i): i for i in range(len(jobs))}
+            while pending:
+                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index = pending.pop(future)
+                    pairs = future.result()  # EXPIRED fails the query here
+                    if pairs is None:
+                        unreachable += len(jobs[index][1])
+                    else:
+                        forwarder.add(pairs)
+                now = time.monotonic()
+                if any(
+                    now - started[i] > self._deadline(len(jobs[i][1]))
+                    for i in pending.values()
+                    if i in started
+                ):
+                    raise _expired()
+            per_aggregator = forwarder.close()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            forwarder.abandon()
+            raise
+        pool.shutdown()
         return CollectReport(
             targets=len(pseudonyms),
-            forwarded=sum(len(v) for v in per_da.values()),
+            forwarded=sum(per_aggregator.values()),
             unreachable=unreachable,
-            per_aggregator=tuple((leaf, len(per_da[leaf])) for leaf in leaves),
+            per_aggregator=tuple((leaf, per_aggregator[leaf]) for leaf in leaves),
         )
+
+    def _deadline(self, items: int) -> float:
+        """How long a host may take to answer a request for `items` instances."""
+        return self._settings.host_deadline_s + self._settings.host_deadline_per_item_s * items
+
+
+def _expired() -> DispersError:
+    return DispersError(
+        ErrorCode.EXPIRED,
+        "a host's answer did not arrive before its deadline (or found the request expired): "
+        "the query fails rather than release a result on part of its targets",
+    )
+
+
+class _Forwarder:
+    """Forwards items to each leaf DA as they arrive: buffered per DA, a window at a time,
+    each window shuffled, in batches; one worker per DA keeps its batches in order."""
+
+    def __init__(self, peers: Peers, query_id: str, leaves: Sequence[str], batch: int, window: int) -> None:
+        self._peers = peers
+        self._query_id = query_id
+        self._batch = batch
+        self._window = max(window, batch)
+        self._buffers: dict[str, list[bytes]] = {leaf: [] for leaf in leaves}
+        self._counts: dict[str, int] = {leaf: 0 for leaf in leaves}
+        self._workers = {
+            leaf: ThreadPoolExecutor(max_workers=1, thread_name_prefix="t-forward") for leaf in leaves
+        }
+        self._sent: list[Future[int]] = []
+
+    def add(self, pairs: Sequence[tuple[str, bytes]]) -> None:
+        """Take one host's answer (each item with its DA); send every full window."""
+        for aggregator, ciphertext in pairs:
+            self._buffers[aggregator].append(ciphertext)
+        for leaf, buffer in self._buffers.items():
+            if len(buffer) >= self._window:
+                self._send(leaf, buffer[: self._window])
+                del buffer[: self._window]
+
+    def _send(self, leaf: str, items: list[bytes]) -> None:
+        items = shuffled(items)
+        self._counts[leaf] += len(items)
+        da = self._peers.data_aggregator(leaf)
+        for j in range(0, len(items), self._batch):
+            chunk = items[j : j + self._batch]
+            self._sent.append(self._workers[leaf].submit(da.ingest, self._query_id, chunk))
+        for future in [f for f in self._sent if f.done()]:
+            future.result()  # an ingest that failed fails the query now
+            self._sent.remove(future)
+
+    def close(self) -> dict[str, int]:
+        """Send what is left, wait for every batch, and close each DA's stream with its count."""
+        for leaf, buffer in self._buffers.items():
+            if buffer:
+                self._send(leaf, buffer)
+            buffer.clear()
+        for future in self._sent:
+            future.result()
+        self._sent.clear()
+        for leaf, worker in self._workers.items():
+            worker.shutdown()
+            self._peers.data_aggregator(leaf).end_ingest(self._query_id, self._counts[leaf])
+        return dict(self._counts)
+
+    def abandon(self) -> None:
+        """Stop sending (the query failed: the Conductor aborts the DAs)."""
+        for worker in self._workers.values():
+            worker.shutdown(wait=False, cancel_futures=True)
 
 
 def _check_answer(batch: ContributionBatch, asked: Sequence[str], item_size: int) -> str | None:

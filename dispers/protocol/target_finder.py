@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 
 from dispers.core.codec import field, hex_bytes
 from dispers.core.config import ClusterSettings, Roster
@@ -21,6 +20,7 @@ from dispers.core.messages import (
     signed_items_bytes,
 )
 from dispers.crypto import ActorKeys, Opener, seal
+from dispers.crypto.permute import shuffled
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import (
     ReplayGuard,
@@ -59,7 +59,6 @@ class TargetFinder:
         self._sets = sets
         self._t_key = roster.one(Role.TARGET).sealing_key
         self._replays = ReplayGuard(replay_memory_s(settings))
-        self._random = secrets.SystemRandom()
 
     def apply_subscriptions(
         self, caller: str, op: SubscriptionOp, batch_id: str, tokens: SignedItems, pseudonyms: SignedItems
@@ -156,7 +155,7 @@ class TargetFinder:
                 ErrorCode.TOO_FEW_TARGETS,
                 f"the query matches fewer than the cluster's k_min={self._settings.k_min} targets; refused",
             )
-        self._random.shuffle(targets)
+        targets = shuffled(targets)
         payload = {"query_id": envelope.query_id, "pseudonyms": pack(targets, PSEUDONYM_BYTES)}
         # Signed: the Conductor relays it and could otherwise hand T pseudonyms of its choice.
         sealed_pseudonyms = seal(self._t_key, sign_payload(self._keys.signing, self.name, payload))

@@ -28,6 +28,7 @@ from dispers.core.messages import (
 )
 from dispers.core.spec import DataRequest
 from dispers.crypto import ActorKeys, seal
+from dispers.crypto.permute import secure_permutation
 from dispers.protocol.api import ConductorAPI
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import CLOCK_SKEW_S, replay_memory_s, seal_padded
@@ -65,7 +66,6 @@ class PersonalCloudHost:
         # Per query, the instances that already answered: an instance answers a query once.
         self._answered: OrderedDict[str, tuple[float, set[str]]] = OrderedDict()
         self._lock = threading.Lock()
-        self._random = secrets.SystemRandom()
 
     def address(self, instance_id: str) -> str:
         """The address T stores for an instance of this host."""
@@ -202,8 +202,7 @@ class PersonalCloudHost:
         records = [layout.decline(request.query_id)] * n
         for k in np.flatnonzero(ok).tolist():
             records[fresh[k]] = layout.encode(request.query_id, int(groups[k]), [float(local.values[k])])
-        order = list(range(n))
-        self._random.shuffle(order)  # the host's own order: T cannot tie an item to a position
+        order = secure_permutation(n).tolist()  # the host's own order: T cannot tie an item to a position
         aggregators = tuple(request.aggregators[j] for j in order)
         ciphertexts = tuple(seal(da_keys[request.aggregators[j]], records[j]) for j in order)
         return ContributionBatch(aggregators, ciphertexts)
