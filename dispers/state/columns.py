@@ -79,6 +79,7 @@ class ColumnStore:
         if not len(self._birth) == len(self._female) == len(self._consent) == n:
             raise DispersError(ErrorCode.MALFORMED, "instance columns have different lengths")
         self._subscribed = np.zeros(n, dtype=bool)
+        self._offline = np.zeros(n, dtype=bool)
         self._kinds: dict[str, _Kind] = {}
         for kind, (owner, day, value) in measurements.items():
             measurement_kind(kind)
@@ -135,8 +136,16 @@ class ColumnStore:
         return len(self._sorted)
 
     def known(self, ids: Sequence[str]) -> npt.NDArray[np.bool_]:
-        """Whether each id is an instance of this store."""
-        return self._rows(ids)[1].copy()
+        """Whether each id is an instance of this store that its host can reach now."""
+        rows, found = self._rows(ids)
+        return found & ~self._offline[rows]
+
+    def set_offline(self, offline: npt.NDArray[np.bool_]) -> None:
+        """Per row (in the order the store was built), whether the instance is out of reach: a
+        simulated fault; its host, not finding it, answers a decline for it."""
+        if offline.shape != self._offline.shape:
+            raise DispersError(ErrorCode.MALFORMED, "one offline flag per instance")
+        self._offline = offline.astype(bool)
 
     def subscribed(self, ids: Sequence[str]) -> npt.NDArray[np.bool_]:
         """Whether each id is subscribed (False for unknown ids)."""

@@ -1,0 +1,348 @@
+"""`dispers simulate`: the real protocol objects over a population held as numpy columns in shards.
+
+The Conductor, CI, TF, T, the DAs and the Querier are the protocol objects of the services,
+in this process, over a metered in-process transport (:mod:`dispers.simulation.transport`);
+each personal-cloud host is the real host object inside a shard (a worker process, or a Ray
+actor), over its instances' columns. The driver relays each host's signed subscription batches
+to the Conductor, several batches in flight at once, then submits the scenario's query as the
+Querier, and compares what is released with the ground truth each shard computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import resource
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from dispers.core.cluster_files import ClusterLayout, write_cluster
+from dispers.core.config import ClusterConfig
+from dispers.core.errors import DispersError, ErrorCode
+from dispers.core.ids import Role
+from dispers.crypto import observe
+from dispers.crypto.box import crypto_is_real, set_crypto
+from dispers.crypto.keyfiles import read_key_file
+from dispers.protocol.api import ConductorAPI, QuerierAPI
+from dispers.protocol.assemble import Closer, assemble_actor
+from dispers.protocol.conductor import Conductor, run_inline
+from dispers.simulation.backends import ShardBackend, make_backend
+from dispers.simulation.ground_truth import GroupTruth
+from dispers.simulation.report import SimulationReport, group_errors
+from dispers.simulation.scenario import Scenario
+from dispers.simulation.shard import ShardSpec, ShardTruth, assign_blocks, block_sizes
+from dispers.simulation.transport import Meter, ShardHost, SimPeers, _Metered
+
+log = logging.getLogger(__name__)
+
+CRYPTO_MODES = ("real", "off")
+_INDEX = re.compile(r" \d+")
+
+
+def default_shards() -> int:
+    """One shard per core."""
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def scaled_settings(instances: int, scenario: Scenario) -> dict[str, float]:
+    """Deadlines that grow with the work instead of fixed ones: a query's age limit and the DAs'
+    state lifetime get 3 ms per instance on top of their defaults (600 s and 300 s)."""
+    extra = 0.003 * instances
+    return {
+        "max_query_age_s": 600.0 + extra,
+        "query_timeout_s": 300.0 + extra,
+        "host_deadline_s": float(scenario.host_deadline_s),
+    }
+
+
+@contextmanager
+def _crypto(real: bool) -> Iterator[None]:
+    before = crypto_is_real()
+    set_crypto(real)
+    try:
+        yield
+    finally:
+        set_crypto(before)
+
+
+@contextmanager
+def _observed() -> Iterator[Counter[tuple[str, str]]]:
+    seen: Counter[tuple[str, str]] = Counter()
+    lock = threading.Lock()
+
+    def count(actor: str, what: str, plaintext: bytes) -> None:
+        with lock:
+            seen[(actor, _INDEX.sub("", what))] += 1
+
+    observe.add_observer(count)
+    try:
+        yield seen
+    finally:
+        observe.remove_observer(count)
+
+
+def _progress(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return nullcontext(None)
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="inst", unit_scale=True, leave=True)
+
+
+@dataclass
+class _Cluster:
+    config: ClusterConfig
+    actors: dict[str, object]
+    closers: list[Closer]
+    meter: Meter
+
+    @property
+    def conductor(self) -> Conductor:
+        return cast(Conductor, self.actors["conductor"])
+
+    def querier(self) -> tuple[str, QuerierAPI]:
+        name = self.config.roster.by_role(Role.QUERIER)[0].name
+        return name, cast(QuerierAPI, _Metered(self.actors[name], name, name, Meter()))
+
+    def close(self) -> None:
+        for close in reversed(self.closers):
+            close()
+
+
+def _central_actors(
+    config: ClusterConfig, backend: ShardBackend, on_answer: Callable[[int], None]
+) -> _Cluster:
+    meter = Meter()
+    actors: dict[str, object] = {}
+    closers: list[Closer] = []
+    for entry in sorted(config.roster, key=lambda e: e.role is not Role.CONDUCTOR):
+        if entry.role is Role.PERSONAL_CLOUD:
+            continue
+        actors[entry.name] = assemble_actor(
+            config, entry.name, SimPeers(entry.name, actors, meter), run_inline, closers
+        )
+    for s, entry in enumerate(config.roster.by_role(Role.PERSONAL_CLOUD)):
+        actors[entry.name] = ShardHost(backend, s, on_answer)
+    return _Cluster(config, actors, closers, meter)
+
+
+def _shard_specs(config: ClusterConfig, scenario: Scenario, shards: int, crypto: bool) -> list[ShardSpec]:
+    n_blocks = len(block_sizes(scenario.instances))
+    runs = assign_blocks(n_blocks, shards)
+    specs = []
+    for s, entry in enumerate(config.roster.by_role(Role.PERSONAL_CLOUD)):
+        key_file = config.local_for(entry.name).key_file
+        assert key_file is not None
+        keys = read_key_file(key_file)
+        specs.append(
+            ShardSpec(
+                index=s,
+                host=entry.name,
+                sealing_private=keys.sealing.private_bytes(),
+                signing_seed=keys.signing.seed(),
+                secret=keys.secret,
+                roster=config.roster,
+                settings=config.settings,
+                blocks=tuple(runs[s]),
+                n_instances=scenario.instances,
+                seed=scenario.seed,
+                query=scenario.spec,
+                faults=scenario.faults,
+                crypto=crypto,
+            )
+        )
+    return specs
+
+
+def _subscribe(
+    cluster: _Cluster, backend: ShardBackend, sizes: list[int], batch: int, inflight: int, progress: bool
+) -> int:
+    """Relay every shard's subscription batches to the Conductor, `inflight` batches at once."""
+    hosts = [e.name for e in cluster.config.roster.by_role(Role.PERSONAL_CLOUD)]
+    jobs = []
+    for start in range(0, max(sizes), batch):  # round robin: every shard sealing at once
+        for s, size in enumerate(sizes):
+            if start < size:
+                jobs.append((s, start, min(size, start + batch)))
+    conductor = cluster.conductor
+
+    def run(job: tuple[int, int, int]) -> int:
+        s, start, stop = job
+        signed = backend.call(s, "subscription_batch", start, stop).result()
+        as_host = cast(ConductorAPI, _Metered(conductor, hosts[s], "conductor", cluster.meter))
+        applied = as_host.subscribe(signed)
+        backend.call(s, "confirm", start, stop).result()
+        return int(applied)
+
+    total = 0
+    with _progress(progress, sum(sizes), "subscribe") as bar, ThreadPoolExecutor(inflight) as pool:
+        for applied in pool.map(run, jobs):
+            total += applied
+            if bar is not None:
+                bar.update(applied)
+    return total
+
+
+def _truth(shards: list[ShardTruth], labels: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, int]]:
+    value = np.concatenate([t.value for t in shards])
+    group = np.concatenate([t.group for t in shards]).astype(np.int64)
+    eligible = np.concatenate([t.eligible for t in shards])
+    offline = np.concatenate([t.offline for t in shards])
+    declining = np.concatenate([t.declining for t in shards])
+    oob = np.concatenate([t.out_of_bounds for t in shards])
+    answering = eligible & ~offline & ~declining & ~oob
+    truth: dict[str, Any] = {}
+    for g, label in enumerate(labels):
+        truth[label] = {
+            "everyone": GroupTruth.of(value[eligible & (group == g)]),
+            "answering": GroupTruth.of(value[answering & (group == g)]),
+        }
+    counts = {
+        "eligible": int(eligible.sum()),
+        "answering": int(answering.sum()),
+        "offline": int((eligible & offline).sum()),
+        "declining": int((eligible & declining & ~offline).sum()),
+        "out_of_bounds": int((eligible & oob & ~offline & ~declining).sum()),
+    }
+    return truth, counts
+
+
+def simulate(
+    scenario: Scenario,
+    *,
+    shards: int | None = None,
+    backend: str = "local",
+    crypto: str = "real",
+    address: str | None = None,
+    inflight: int | None = None,
+    progress: bool = False,
+    num_cpus: int | None = None,
+) -> SimulationReport:
+    """Run the scenario's population and query through the protocol; return the report."""
+    if crypto not in CRYPTO_MODES:
+        raise DispersError(ErrorCode.CONFIG, f"unknown crypto mode {crypto!r}; expected real or off")
+    n_shards = shards or default_shards()
+    if n_shards < 1:
+        raise DispersError(ErrorCode.CONFIG, "--shards must be at least 1")
+    assign_blocks(len(block_sizes(scenario.instances)), n_shards)  # refuses too many shards early
+    real = crypto == "real"
+    answered = [0]
+    bar_holder: list[Any] = [None]
+    lock = threading.Lock()
+
+    def on_answer(n: int) -> None:
+        with lock:
+            answered[0] += n
+            if bar_holder[0] is not None:
+                bar_holder[0].update(n)
+
+    phases: dict[str, float] = {}
+    runner = make_backend(backend, address=address, num_cpus=num_cpus)
+    with tempfile.TemporaryDirectory(prefix="dispers-sim-") as tmp, _crypto(real), _observed() as seen:
+        config = write_cluster(
+            Path(tmp),
+            ClusterLayout(
+                leaf_aggregators=scenario.leaf_aggregators,
+                hosts=tuple(f"pc-{s}" for s in range(n_shards)),
+                k_min=scenario.k_min,
+                batch_size=scenario.batch_size,
+                backend="memory",
+                host_as_of=scenario.spec.as_of,
+                insecure=True,
+                dp=scenario.dp,
+                extra_settings=scaled_settings(scenario.instances, scenario),
+            ),
+        )
+        cluster = _central_actors(config, runner, on_answer)
+        try:
+            start = time.perf_counter()
+            runner.start(_shard_specs(config, scenario, n_shards, real))
+            sizes = [int(f.result()) for f in [runner.call(s, "ready") for s in range(n_shards)]]
+            phases["populate"] = time.perf_counter() - start
+
+            start = time.perf_counter()
+            subscribed = _subscribe(
+                cluster, runner, sizes, config.settings.batch_size, inflight or 2 * n_shards + 2, progress
+            )
+            phases["subscribe"] = time.perf_counter() - start
+            offline = sum(int(runner.call(s, "go_offline").result()) for s in range(n_shards))
+
+            start = time.perf_counter()
+            name, querier = cluster.querier()
+            with _progress(progress, subscribed, "query") as bar:
+                bar_holder[0] = bar
+                try:
+                    query_id = querier.submit(scenario.spec)
+                    outcome = querier.outcome(query_id)
+                finally:
+                    bar_holder[0] = None
+            phases["query"] = time.perf_counter() - start
+            record = cluster.conductor.record(query_id)
+
+            truth, truth_counts = _truth(
+                [runner.call(s, "truth").result() for s in range(n_shards)], scenario.spec.groups
+            )
+            usage = [runner.call(s, "usage").result() for s in range(n_shards)]
+        finally:
+            cluster.close()
+            runner.close()
+    opened: Counter[tuple[str, str]] = Counter(seen)
+    for u in usage:
+        for actor, what, n in u["opened"]:
+            opened[(actor, _INDEX.sub("", what))] += n
+    roles = {e.name: e.role.value for e in config.roster}
+    learned: dict[str, dict[str, Any]] = {
+        actor: {"role": role, "opened": {}} for actor, role in roles.items()
+    }
+    for (actor, what), n in sorted(opened.items()):
+        learned.setdefault(actor, {"role": roles.get(actor, "?"), "opened": {}})["opened"][what] = n
+    messages = cluster.meter.per_actor()
+    main_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    shard_peaks = [int(u["peak_rss"]) for u in usage]
+    result = outcome.result
+    return SimulationReport(
+        scenario=scenario.name,
+        instances=scenario.instances,
+        shards=n_shards,
+        backend=backend,
+        crypto=crypto,
+        dp=scenario.dp,
+        seed=scenario.seed,
+        faults=scenario.faults,
+        phases={
+            **phases,
+            **{f"query: {k}": v for k, v in record.phases.items()},
+        },
+        state=record.state,
+        error=None if record.error_code is None else f"{record.error_code}: {record.error_message}",
+        result=result,
+        truth=truth,
+        errors=group_errors(result, truth) if result is not None else {},
+        counts={
+            "subscribed": subscribed,
+            "offline_instances": offline,
+            "answers_from_hosts": answered[0],
+            **{f"conductor: {k}": v for k, v in record.counts.items()},
+            **{f"truth: {k}": v for k, v in truth_counts.items()},
+        },
+        messages=messages,
+        memory={
+            "driver_peak_bytes": main_peak,
+            "shard_peak_bytes": shard_peaks,
+            "total_peak_bytes": main_peak + sum(shard_peaks),
+        },  # fmt: skip
+        learned=learned,
+        querier=name,
+    )
