@@ -1,13 +1,16 @@
 """Sealing to one actor and opening as that actor; every opened plaintext is observed.
 
 A simulation may turn the sealed boxes off in its own processes (:func:`set_crypto`): a box
-is then the recipient's public key, 16 zero bytes and the plaintext in clear, of exactly the
-sealed length, and opening checks it was addressed to the opener. Everything else (padding,
+is then the recipient's public key, 16 random bytes (so two boxes of one plaintext differ, as
+real ones do) and the plaintext in clear, of exactly the sealed length, and opening checks it
+was addressed to the opener. Everything else (padding,
 signatures, the observer hook) stays as it is. Nothing but ``dispers simulate --crypto off``
 turns it off, and its reports say so.
 """
 
 from __future__ import annotations
+
+import os
 
 import nacl.exceptions
 import nacl.public
@@ -24,7 +27,7 @@ def sealed_size(plaintext_size: int) -> int:
     return plaintext_size + SEAL_OVERHEAD
 
 
-_CLEAR_TAG = bytes(SEAL_OVERHEAD - 32)
+_CLEAR_NONCE = SEAL_OVERHEAD - 32
 _real_everywhere = True  # False once a simulation turned the boxes off in this process
 
 
@@ -42,7 +45,7 @@ def crypto_is_real() -> bool:
 def seal(recipient: SealingPublicKey, plaintext: bytes) -> bytes:
     """Seal plaintext so that only the holder of recipient's private key can open it."""
     if not _real_everywhere:
-        return recipient.raw + _CLEAR_TAG + plaintext
+        return recipient.raw + os.urandom(_CLEAR_NONCE) + plaintext
     box = nacl.public.SealedBox(nacl.public.PublicKey(recipient.raw))
     return bytes(box.encrypt(plaintext))
 
@@ -67,7 +70,7 @@ class Opener:
         try:
             if _real_everywhere:
                 plaintext = bytes(self._box.decrypt(bytes(ciphertext)))
-            elif bytes(ciphertext[:SEAL_OVERHEAD]) == self._public + _CLEAR_TAG:
+            elif bytes(ciphertext[:32]) == self._public:
                 plaintext = bytes(ciphertext[SEAL_OVERHEAD:])
             else:
                 raise nacl.exceptions.CryptoError

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,6 +295,16 @@ def simulate(
                 [runner.call(s, "truth").result() for s in range(n_shards)], scenario.spec.groups
             )
             usage = [runner.call(s, "usage").result() for s in range(n_shards)]
+        except (BrokenExecutor, OSError) as exc:
+            raise DispersError(
+                ErrorCode.UNAVAILABLE, f"a shard's worker failed ({type(exc).__name__}); see its log above"
+            ) from None
+        except Exception as exc:
+            if type(exc).__module__.startswith("ray"):  # an actor died, or Ray itself
+                raise DispersError(
+                    ErrorCode.UNAVAILABLE, f"a Ray shard failed ({type(exc).__name__})"
+                ) from None
+            raise
         finally:
             cluster.close()
             runner.close()
