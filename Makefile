@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dispers
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: venv demo test lint typecheck protos check-protos bench bench-stats clean
+.PHONY: venv demo test test-long lint typecheck protos check-protos bench bench-stats bench-sim clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 	$(BIN)/dispers demo
 
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The long runs too (20,000-instance simulations in both crypto modes with 1, 2 and 3 shards).
+test-long: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -41,6 +45,9 @@ bench: $(STAMP)
 
 bench-stats: $(STAMP)
 	$(BIN)/python benchmarks/bench_stats.py
+
+bench-sim: $(STAMP)
+	$(BIN)/python benchmarks/bench_simulate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
