@@ -1,0 +1,171 @@
+"""`dispers simulate` at 10k, 100k and 1M instances, crypto real, beside the crypto floor.
+
+For each size, the heart-rate scenario runs through `dispers.simulation.simulate` (DP off, so
+nothing but the protocol is timed) with `--shards` shards (default 2). Its subscription and
+query phases are set beside the crypto floor for the same boxes, measured in the same run:
+plain PyNaCl sealing then opening, on one core and spread over two processes, exactly the
+boxes the protocol needs (per instance, subscribing: the padded concept list and address
+sealed by the host and opened by CI and T, CI's padded token list and T's padded pseudonym
+sealed to and opened by TF — 4 seals and 4 opens; querying: one 30-byte record per target
+sealed by its host and opened by a DA). The floor is timed on a sample of at most `--sample`
+instances and scaled to the full size (it is linear in the count of boxes); say so when
+quoting it. Also, with `--crypto-off`, the largest size once more with crypto off, beside the
+same statistic computed directly with numpy on the generated population.
+
+Prints the ratios, writes `--json` and a plot of time and memory against instances
+(`--plot`, default benchmarks/bench_simulate.png). Run: `make bench-sim`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import nacl.public
+import numpy as np
+
+from dispers.core.config import ClusterSettings
+from dispers.core.wire import ContributionLayout, padded_size
+from dispers.protocol.common import tokens_bytes
+from dispers.protocol.target_finder import PSEUDONYM_FRAME
+from dispers.simulation.driver import simulate
+from dispers.simulation.ground_truth import stats_by_group
+from dispers.simulation.population import PopulationSpec, concat, generate
+from dispers.simulation.scenario import load_scenario
+from dispers.simulation.shard import block_seed, block_sizes
+
+SETTINGS = ClusterSettings()
+SUBSCRIPTION_BOXES = [
+    padded_size(SETTINGS.concepts_bytes),
+    padded_size(SETTINGS.address_bytes),
+    padded_size(tokens_bytes(SETTINGS)),
+    padded_size(PSEUDONYM_FRAME),
+]
+QUERY_BOXES = [ContributionLayout(1).size]
+
+
+def _seal_open(sizes: list[int], count: int) -> float:
+    """Seconds to seal then open `count` boxes of each size, in this process."""
+    key = nacl.public.PrivateKey.generate()
+    sealer, opener = nacl.public.SealedBox(key.public_key), nacl.public.SealedBox(key)
+    messages = [b"x" * s for s in sizes]
+    start = time.perf_counter()
+    for message in messages:
+        for _ in range(count):
+            opener.decrypt(sealer.encrypt(message))
+    return time.perf_counter() - start
+
+
+def floor(sizes: list[int], count: int, sample: int, pool: ProcessPoolExecutor) -> tuple[float, float]:
+    """(one core, two processes) seconds for `count` instances' boxes, from a timed sample."""
+    m = min(count, sample)
+    one = _seal_open(sizes, m)
+    start = time.perf_counter()
+    list(pool.map(_seal_open, [sizes, sizes], [m // 2, m - m // 2]))
+    two = time.perf_counter() - start
+    return one * count / m, two * count / m
+
+
+def direct_numpy(n: int, seed: int, scenario: Any) -> float:
+    """Seconds to generate the same population and compute the statistic with numpy directly."""
+    spec = scenario.spec
+    start = time.perf_counter()
+    parts = [
+        generate(
+            PopulationSpec(n_instances=size, seed=block_seed(seed, b), as_of=spec.as_of, host=f"b{b:05d}")
+        )
+        for b, size in enumerate(block_sizes(n))
+    ]
+    stats_by_group(concat(*parts), spec.function, spec.params, spec.as_of,
+                   group_field="age", edges=spec.group_by.edges, bounds=spec.bounds)  # fmt: skip
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--sample", type=int, default=20_000, help="instances timed for the floor")
+    parser.add_argument("--scenario", default="simulations/heart_rate.toml")
+    parser.add_argument("--crypto-off", action="store_true", help="also the largest size with crypto off")
+    parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--plot", default="benchmarks/bench_simulate.png")
+    args = parser.parse_args()
+    scenario = load_scenario(args.scenario).with_overrides(dp=False)
+    rows: list[dict[str, Any]] = []
+    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (compare ratios)")
+    with ProcessPoolExecutor(2) as pool:
+        pool.submit(int).result()  # the workers are up before anything is timed
+        for n in [int(x) for x in args.sizes.split(",")]:
+            report = simulate(scenario.with_overrides(instances=n), shards=args.shards, crypto="real")
+            targets = report.counts["conductor: targets"]
+            sub1, sub2 = floor(SUBSCRIPTION_BOXES, n, args.sample, pool)
+            q1, q2 = floor(QUERY_BOXES, targets, args.sample, pool)
+            row = {
+                "instances": n, "shards": args.shards, "state": report.state,
+                "populate_s": report.phases["populate"], "subscribe_s": report.phases["subscribe"],
+                "query_s": report.phases["query"], "floor_subscribe_1core_s": sub1,
+                "floor_subscribe_2proc_s": sub2, "floor_query_1core_s": q1, "floor_query_2proc_s": q2,
+                "peak_bytes": report.memory["total_peak_bytes"],
+                "driver_peak_bytes": report.memory["driver_peak_bytes"],
+                "load_average": os.getloadavg()[0],
+            }  # fmt: skip
+            rows.append(row)
+            sub, query, gib = row["subscribe_s"], row["query_s"], 2**30
+            print(
+                f"{n:>9,}: populate {row['populate_s']:.1f} s; subscribe {sub:.1f} s = "
+                f"{sub / sub1:.2f} x floor(1 core {sub1:.1f} s) = "
+                f"{sub / sub2:.2f} x floor(2 proc {sub2:.1f} s); "
+                f"query {query:.1f} s = {query / q1:.2f} x floor(1 core {q1:.1f} s) = "
+                f"{query / q2:.2f} x floor(2 proc {q2:.1f} s); peak memory {row['peak_bytes'] / gib:.2f} GiB "
+                f"(driver {row['driver_peak_bytes'] / gib:.2f})",
+                flush=True,
+            )
+    if args.crypto_off and rows:
+        n = rows[-1]["instances"]
+        report = simulate(scenario.with_overrides(instances=n), shards=args.shards, crypto="off")
+        total = sum(report.phases[p] for p in ("populate", "subscribe", "query"))
+        direct = direct_numpy(n, scenario.seed, scenario)
+        print(
+            f"crypto off, {n:,}: whole run {total:.1f} s vs numpy directly {direct:.1f} s "
+            f"= {total / direct:.2f} x"
+        )
+        rows.append({"instances": n, "crypto": "off", "total_s": total, "numpy_direct_s": direct})
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    real = [r for r in rows if "populate_s" in r]
+    if args.plot and real:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n = np.array([r["instances"] for r in real])
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        for key, label in (("subscribe_s", "subscribe"), ("query_s", "query"), ("populate_s", "populate"),
+                           ("floor_subscribe_2proc_s", "floor: subscribe, 2 proc"),
+                           ("floor_query_2proc_s", "floor: query, 2 proc")):  # fmt: skip
+            left.loglog(n, [r[key] for r in real], "o-" if "floor" not in key else "x--", label=label)
+        left.set_xlabel("instances")
+        left.set_ylabel("seconds")
+        left.legend()
+        right.loglog(n, [r["peak_bytes"] / 2**30 for r in real], "o-", label="sum of peaks")
+        right.loglog(n, [r["driver_peak_bytes"] / 2**30 for r in real], "x--", label="driver")
+        right.set_xlabel("instances")
+        right.set_ylabel("GiB")
+        right.legend()
+        fig.suptitle(f"dispers simulate, crypto real, {args.shards} shards")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=100)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
