@@ -348,6 +348,7 @@ def simulate(
             **{f"truth: {k}": v for k, v in truth_counts.items()},
         },
         messages=messages,
+        busy=cluster.meter.busy_seconds(),
         memory={
             "driver_peak_bytes": main_peak,
             "shard_peak_bytes": shard_peaks,

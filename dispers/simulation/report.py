@@ -77,6 +77,7 @@ class SimulationReport:
     errors: dict[str, Any]
     counts: dict[str, int]
     messages: dict[str, dict[str, int]]
+    busy: dict[str, float]
     memory: dict[str, Any]
     learned: dict[str, dict[str, Any]]
     querier: str
@@ -104,6 +105,7 @@ class SimulationReport:
             "errors": self.errors,
             "counts": self.counts,
             "messages": self.messages,
+            "busy_s": self.busy,
             "memory": self.memory,
             "learned": self.learned,
         }
@@ -206,6 +208,8 @@ class SimulationReport:
             for a, m in self.messages.items()
         ]
         lines += ["", table(["actor", "messages in", "bytes in", "messages out", "bytes out"], rows)]
+        rows = [[op, f"{sec:.3f}"] for op, sec in self.busy.items()]
+        lines += ["", table(["operation (summed over calls, nested ones included)", "seconds"], rows)]
         rows = []
         for actor, info in self.learned.items():
             opened = info["opened"]

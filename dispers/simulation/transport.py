@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -51,10 +52,15 @@ class Meter:
         self._lock = threading.Lock()
         self.sent: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0])  # actor -> [messages, bytes]
         self.received: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0])
+        self.busy: defaultdict[str, float] = defaultdict(float)  # "callee.operation" -> seconds
 
-    def call(self, caller: str, callee: str, request: int, answer: int) -> None:
-        """One call: a request from caller to callee and an answer back."""
+    def call(
+        self, caller: str, callee: str, request: int, answer: int, op: str = "", seconds: float = 0.0
+    ) -> None:
+        """One call: a request from caller to callee and an answer back (and how long it took)."""
         with self._lock:
+            if op:
+                self.busy[f"{callee}.{op}"] += seconds
             for book, actor, size in (
                 (self.sent, caller, request),
                 (self.received, callee, request),
@@ -63,6 +69,12 @@ class Meter:
             ):
                 book[actor][0] += 1
                 book[actor][1] += size
+
+    def busy_seconds(self) -> dict[str, float]:
+        """Wall-clock seconds inside each operation ("actor.operation"), summed over calls
+        (nested calls count in both: T's collect includes the hosts' answers)."""
+        with self._lock:
+            return dict(sorted(self.busy.items(), key=lambda kv: -kv[1]))
 
     def per_actor(self) -> dict[str, dict[str, int]]:
         """actor -> messages and bytes sent and received."""
@@ -94,8 +106,12 @@ class _Metered:
             raise AttributeError(name)
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
             answer = attr(self._caller, *args, **kwargs)
-            self._meter.call(self._caller, self._callee, wire_size((args, kwargs)), wire_size(answer))
+            seconds = time.perf_counter() - start
+            self._meter.call(
+                self._caller, self._callee, wire_size((args, kwargs)), wire_size(answer), name, seconds
+            )
             return answer
 
         return call
