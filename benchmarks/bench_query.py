@@ -81,7 +81,7 @@ def main() -> int:
         researcher = config.roster.by_role(Role.QUERIER)[0].name
         querier = client_for(config, researcher, researcher, QuerierClient)
         start = time.perf_counter()
-        host.subscribe_all(SubscriptionOp.SUBSCRIBE)
+        host.subscribe_all(SubscriptionOp.SUBSCRIBE, args.instances)
         figures["subscribe_s"] = time.perf_counter() - start
         best = float("inf")
         outcome = None

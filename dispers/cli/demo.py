@@ -118,7 +118,7 @@ def run_demo(
         roster = config.roster
         t0 = time.perf_counter()
         host = client_for(config, "pc-1", "pc-1", PersonalCloudClient)  # the host's administrator
-        host.subscribe_all(SubscriptionOp.SUBSCRIBE)
+        host.subscribe_all(SubscriptionOp.SUBSCRIBE, instances)
         timings[f"subscribe {instances} instances"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         researcher = roster.by_role(Role.QUERIER)[0].name

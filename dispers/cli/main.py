@@ -116,9 +116,17 @@ def _subscribe(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     op = SubscriptionOp.UNSUBSCRIBE if args.unsubscribe else SubscriptionOp.SUBSCRIBE
+    # The deadline grows with the instances: count them when the host's store is on this machine.
+    instances = None
+    documents = config.local_for(args.host).documents
+    if documents is not None and documents.exists():
+        from dispers.state.documents import DocumentStore
+
+        with DocumentStore(documents) as store:
+            instances = store.count()
     # The host's own administrator: the call is made as the host.
     with client_for(config, args.host, args.host, PersonalCloudClient) as client:
-        count = client.subscribe_all(op)
+        count = client.subscribe_all(op, instances)
     print(f"{op.value}: {count} instances")
     return 0
 

@@ -66,7 +66,16 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 SHORT_DEADLINE_S = 60.0
 """Deadline of a call that does one actor's own work on one batch."""
 LONG_DEADLINE_S = 600.0
-"""Deadline of a call that fans out to other actors (collect, subscribe, submit, contribute)."""
+"""Deadline of a call that fans out to other actors (subscribe, submit), and the base of those
+whose work grows with the instances they touch (see work_deadline)."""
+PER_INSTANCE_DEADLINE_S = 0.005
+"""What each instance a call touches adds to its deadline (collect, contribute, subscribe_all):
+about 50 times what its boxes cost, so a million instances get 5,600 s, not a fixed 600 s."""
+
+
+def work_deadline(instances: int) -> float:
+    """The deadline of a call whose work grows with the number of instances it touches."""
+    return LONG_DEADLINE_S + PER_INSTANCE_DEADLINE_S * max(0, instances)
 
 
 CALLER_METADATA_KEY = "dispers-caller"
@@ -143,7 +152,7 @@ class _Client:
         self.peer = peer if peer is not None else (target if isinstance(target, str) else "peer")
         self._stub = type(self)._stub_type(self._channel)
 
-    def _call(self, method: str, fn: Callable[..., Any], request: Any, timeout_s: float) -> Any:
+    def _call(self, method: str, fn: Callable[..., Any], request: Any, timeout_s: float | None) -> Any:
         """Call one unary RPC; a failure becomes the DispersError the peer raised."""
         try:
             return fn(request, timeout=timeout_s)
@@ -298,8 +307,10 @@ class TargetClient(_Client):
         request = target_pb2.CollectRequest(
             envelope=convert.envelope_to_proto(envelope), sealed_pseudonyms=sealed_pseudonyms
         )
+        # The sealed list holds 32 bytes per target in base64 (43 characters): its length, public
+        # anyway, tells how many targets T will ask.
         response: target_pb2.CollectResponse = self._call(
-            "Collect", self._stub.Collect, request, LONG_DEADLINE_S
+            "Collect", self._stub.Collect, request, work_deadline(len(sealed_pseudonyms) // 43)
         )
         return convert.collect_report_from_proto(response.report)
 
@@ -369,15 +380,18 @@ class PersonalCloudClient(_Client):
         """Compute and seal the contributions of a batch of instances."""
         message = personal_cloud_pb2.ContributeRequest(request=convert.contribution_request_to_proto(request))
         response: personal_cloud_pb2.ContributeResponse = self._call(
-            "Contribute", self._stub.Contribute, message, LONG_DEADLINE_S
+            "Contribute", self._stub.Contribute, message, work_deadline(len(request.instance_ids))
         )
         return convert.contribution_batch_from_proto(response.batch)
 
-    def subscribe_all(self, op: SubscriptionOp) -> int:
-        """(Un)subscribe every instance the host serves."""
+    def subscribe_all(self, op: SubscriptionOp, instances: int | None = None) -> int:
+        """(Un)subscribe every instance the host serves. The deadline grows with `instances`
+        (how many the host serves, when the caller knows); without it there is none: the
+        host works through its batches and logs its progress."""
         request = personal_cloud_pb2.SubscribeAllRequest(op=convert.op_to_proto(op))
+        deadline = None if instances is None else work_deadline(instances)
         response: personal_cloud_pb2.SubscribeAllResponse = self._call(
-            "SubscribeAll", self._stub.SubscribeAll, request, LONG_DEADLINE_S
+            "SubscribeAll", self._stub.SubscribeAll, request, deadline
         )
         return response.changed
 
