@@ -172,7 +172,10 @@ class FieldSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier() or len(self.name) > MAX_FIELD_NAME:
-            raise malformed(f"data.fields: name {self.name!r} must be an identifier of at most {MAX_FIELD_NAME} characters")
+            raise malformed(
+                f"data.fields: name {self.name!r} must be an identifier "
+                f"of at most {MAX_FIELD_NAME} characters"
+            )
         if not isinstance(self.function, str) or not self.function:
             raise malformed(f"data.fields.{self.name}: function is required")
         if not isinstance(self.params, Mapping):
@@ -380,7 +383,9 @@ class AggregateSpec:
             if self.field_bounds[0] != self.bounds:
                 raise malformed(f"{what}: bounds are the first field's")
             if any(not n.isidentifier() or len(n) > MAX_FIELD_NAME for n in self.field_names):
-                raise malformed(f"{what}: field names must be identifiers of at most {MAX_FIELD_NAME} characters")
+                raise malformed(
+                    f"{what}: field names must be identifiers of at most {MAX_FIELD_NAME} characters"
+                )
         check_fields(self.names, self.stats, self.regression, what)
         check_histogram(self.bounds, self.stats, self.bins, self.quantiles, f"{what}: ")
 
@@ -641,7 +646,9 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
             if key in dat:
                 raise _spec_error(f"data.{key} goes with one field: with data.fields, each field has its own")
         if "bounds" in agg:
-            raise _spec_error("aggregate.bounds goes with one field: with data.fields, each field has its own")
+            raise _spec_error(
+                "aggregate.bounds goes with one field: with data.fields, each field has its own"
+            )
         fields = _fields(dat["fields"])
     elif not isinstance(dat.get("function"), str):
         raise _spec_error("data.function (or data.fields) is required")

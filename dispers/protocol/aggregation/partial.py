@@ -209,9 +209,8 @@ class Partial:
             clipped = obj.get("clipped", 0)
         except (KeyError, TypeError, ValueError):
             raise malformed("partial aggregate is malformed") from None
-        if count.shape != (n_groups,) or any(
-            a.shape != (n_groups, w) for a, w in ((mean, n_fields), (upper, n_upper), (lo, n_fields), (hi, n_fields))
-        ):
+        widths = ((mean, n_fields), (upper, n_upper), (lo, n_fields), (hi, n_fields))
+        if count.shape != (n_groups,) or any(a.shape != (n_groups, w) for a, w in widths):
             raise malformed("partial aggregate has the wrong number of groups or fields")
         if (count < 0).any() or any(v < 0 for v in dropped.values()):
             raise malformed("partial aggregate has negative counts")

@@ -41,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dispers.core.spec import HISTOGRAM_STATS, AggregateSpec, GroupResult, Privacy, QueryResult, ReleaseInfo
+from dispers.protocol.aggregation.derive import derive, finish, needed_fields
 from dispers.protocol.aggregation.dp import (
     Noise,
     add_noise,
@@ -49,7 +50,6 @@ from dispers.protocol.aggregation.dp import (
     interval_halfwidth,
     laplace_scale,
 )
-from dispers.protocol.aggregation.derive import derive, finish, needed_fields
 from dispers.protocol.aggregation.partial import (
     DROP_REASONS,
     Z95,
