@@ -94,18 +94,22 @@ class Partial:
         count = np.bincount(g, minlength=n_groups).astype(np.int64)
         safe = np.maximum(count, 1)
         mean = np.empty((n_groups, n_fields))
+        columns = np.ascontiguousarray(v.T)
         for f in range(n_fields):
-            sums = np.bincount(g, weights=v[:, f], minlength=n_groups)
+            sums = np.bincount(g, weights=columns[f], minlength=n_groups)
             mean[:, f] = np.where(count > 0, sums / safe, 0.0)
-        dev = v - mean[g]
+        dev = np.ascontiguousarray((v - mean[g]).T)  # (F, n): one contiguous row per field
         co = np.empty((n_groups, n_fields, n_fields))
         for f in range(n_fields):
             for h in range(f, n_fields):
-                co[:, f, h] = co[:, h, f] = np.bincount(g, weights=dev[:, f] * dev[:, h], minlength=n_groups)
-        lo = np.full((n_groups, n_fields), np.inf)
-        hi = np.full((n_groups, n_fields), -np.inf)
-        np.minimum.at(lo, g, v)
-        np.maximum.at(hi, g, v)
+                co[:, f, h] = co[:, h, f] = np.bincount(g, weights=dev[f] * dev[h], minlength=n_groups)
+        # One 1-d ufunc.at per field (a 2-d one is twenty times slower).
+        lo = np.full((n_fields, n_groups), np.inf)
+        hi = np.full((n_fields, n_groups), -np.inf)
+        for f in range(n_fields):
+            np.minimum.at(lo[f], g, columns[f])
+            np.maximum.at(hi[f], g, columns[f])
+        lo, hi = np.ascontiguousarray(lo.T), np.ascontiguousarray(hi.T)
         hist = None
         if edges:
             n_bins = len(edges) - 1
