@@ -44,6 +44,8 @@ def result_table(result: QueryResult, truth: Mapping[str, GroupTruth] | None = N
     order = ("count", "mean", "std", "min", "max", "sum", "var", "median")
     quantiles = sorted({k for g in result.groups for k in g.values if k.startswith("q")})
     stats = [s for s in (*order, *quantiles) if any(s in g.values for g in result.groups)]
+    # Several fields (hr.mean, cov(hr,weight), ols.weight ...): every other key, in release order.
+    stats += list(dict.fromkeys(k for g in result.groups for k in g.values if k not in stats))
     headers = ["group", *stats]
     if truth is not None:
         headers += ["true count", "true mean", "true std", "|Δ mean|"]
@@ -87,6 +89,8 @@ def result_table(result: QueryResult, truth: Mapping[str, GroupTruth] | None = N
         return f"< {result.k}" if n is None else str(n)
 
     extras.append(f"declined: {count(result.declined)}")
+    if result.clipped is not None:
+        extras.append(f"clipped to their bounds: {count(result.clipped)}")
     if result.dropped:
         extras.append(
             "dropped by the aggregators: "
