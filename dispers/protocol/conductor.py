@@ -8,6 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 from dispers.core.config import ClusterSettings, Roster
@@ -64,6 +65,7 @@ class Conductor:
         self._peers = peers
         self._executor = executor
         self._done = threading.Condition()
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="conductor-relay")
         self._long_polls = threading.BoundedSemaphore(max(1, settings.max_long_polls))
         if settings.max_long_polls == 0:
             self._long_polls.acquire()  # nobody waits
@@ -107,8 +109,14 @@ class Conductor:
         batch_id = header.batch_id
         ci, t = self._peers.concept_indexor(), self._peers.target()
         try:
-            tokens = ci.tokenize_subscriptions(batch_id, header.op, [s.sealed_concepts for s in shuffled])
-            pseudonyms = t.pseudonymize(header, [s.sealed_address for s in shuffled])
+            # CI and T work on their halves at once; both have answered (or failed) before
+            # anything is settled, so a drop never races a staging.
+            asked_t = self._pool.submit(t.pseudonymize, header, [s.sealed_address for s in shuffled])
+            try:
+                tokens = ci.tokenize_subscriptions(batch_id, header.op, [s.sealed_concepts for s in shuffled])
+            finally:
+                wait([asked_t])
+            pseudonyms = asked_t.result()
             receipt = self._peers.target_finder().apply_subscriptions(header.op, batch_id, tokens, pseudonyms)
         except DispersError as exc:
             for actor in (ci, t):
