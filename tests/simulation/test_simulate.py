@@ -13,13 +13,16 @@ The 20,000-instance runs of the issue take a minute or more with real crypto on 
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import date
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
+from dispers.cli.main import main
 from dispers.core.spec import parse_query_spec
 from dispers.simulation.driver import simulate
 from dispers.simulation.population import Population, PopulationSpec, generate
@@ -175,3 +178,19 @@ def test_answers_past_the_deadline_fail_the_query_loudly() -> None:
     assert report.state == "failed" and report.result is None
     assert report.error is not None and report.error.startswith("EXPIRED")
     assert "nothing was released" in report.render()
+
+
+def test_cli_writes_the_report_and_labels_crypto_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sim"
+    code = main(["simulate", "--instances", "1500", "--shards", "2", "--crypto", "off", "--dp", "off",
+                 "--output", str(out)])  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "crypto OFF" in text and "CRYPTO OFF: no box was sealed" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["crypto"] == "off" and "CRYPTO OFF" in report["crypto_note"]
+    assert report["learned"]["conductor"]["opened"] == {}
+    for name in ("result.png", "phases.png", "bytes.png", "learned.png"):
+        assert (out / name).stat().st_size > 1000
