@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,8 +25,8 @@ from dispers.state.documents import MEASUREMENT_KINDS, NO_DAY, MeasurementSummar
 if TYPE_CHECKING:
     from dispers.simulation.population import Population
 
-Column = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]
-"""A measurement kind's (owner row, epoch day, value) arrays."""
+Column = tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[np.float64]]
+"""A measurement kind's (owner row, epoch day, value) arrays (owner and day of any integer type)."""
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,12 @@ class _Kind:
     value: npt.NDArray[np.float64]
 
 
-def _csr(
-    n: int, owner: npt.NDArray[np.int64], day: npt.NDArray[np.int64], value: npt.NDArray[np.float64]
-) -> _Kind:
-    order = np.lexsort((day, owner))  # by owner, then day (stable: equal days keep their order)
+def _csr(n: int, owner: npt.NDArray[Any], day: npt.NDArray[Any], value: npt.NDArray[np.float64]) -> _Kind:
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(owner, minlength=n), out=indptr[1:])
+    if len(owner) < 2 or bool(np.all(owner[1:] >= owner[:-1])):  # already grouped by owner (generated so)
+        return _Kind(indptr, day.astype(np.int32, copy=False), np.asarray(value, dtype=np.float64))
+    order = np.argsort(owner, kind="stable")
     return _Kind(indptr, day[order].astype(np.int32), value[order].astype(np.float64))
 
 

@@ -74,3 +74,21 @@ def test_contributions_and_subscribed(stores: tuple[ColumnStore, DocumentStore, 
     assert columns.subscribed(ids).sum() == 10 + (ids[3] in ids[:10])
     with pytest.raises(DispersError):
         columns.set_subscribed(["nobody"], True)
+
+
+def test_measurements_in_any_row_order(stores: tuple[ColumnStore, DocumentStore, list[str]]) -> None:
+    columns, _, ids = stores
+    pop = generate(PopulationSpec(n_instances=300, seed=5, as_of=AS_OF))
+    order = np.random.default_rng(2).permutation(len(pop.hr_owner))
+    shuffled = ColumnStore(
+        pop.instance_ids, pop.birth_days, pop.female, pop.consent,
+        {"heart_rate": (pop.hr_owner[order].astype(np.int32), pop.hr_day[order], pop.hr_bpm[order])},
+    )  # fmt: skip
+    end = epoch_day(AS_OF)
+    a = shuffled.measurement_summary("heart_rate", ids, end - 30, end)
+    b = columns.measurement_summary("heart_rate", ids, end - 30, end)
+    np.testing.assert_array_equal(a.count, b.count)
+    np.testing.assert_allclose(a.sum, b.sum, rtol=1e-12)
+    np.testing.assert_allclose(a.latest, b.latest, rtol=1e-12)
+    with pytest.raises(DispersError):
+        shuffled.measurement_totals("steps", ids, end - 30, end)  # a kind it does not keep
