@@ -249,6 +249,7 @@ def simulate(
                 bar_holder[0].update(n)
 
     phases: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # the driver's CPU seconds per phase: above the wall time, it used both cores
     runner = make_backend(backend, address=address, num_cpus=num_cpus)
     with tempfile.TemporaryDirectory(prefix="dispers-sim-") as tmp, _crypto(real), _observed() as seen:
         config = write_cluster(
@@ -267,19 +268,21 @@ def simulate(
         )
         cluster = _central_actors(config, runner, on_answer)
         try:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             runner.start(_shard_specs(config, scenario, n_shards, real))
             sizes = [int(f.result()) for f in [runner.call(s, "ready") for s in range(n_shards)]]
             phases["populate"] = time.perf_counter() - start
+            cpu["populate"] = time.process_time() - cpu_start
 
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             subscribed = _subscribe(
                 cluster, runner, sizes, config.settings.batch_size, inflight or 2 * n_shards + 2, progress
             )
             phases["subscribe"] = time.perf_counter() - start
+            cpu["subscribe"] = time.process_time() - cpu_start
             offline = sum(int(runner.call(s, "go_offline").result()) for s in range(n_shards))
 
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             name, querier = cluster.querier()
             with _progress(progress, subscribed, "query") as bar:
                 bar_holder[0] = bar
@@ -289,6 +292,7 @@ def simulate(
                 finally:
                     bar_holder[0] = None
             phases["query"] = time.perf_counter() - start
+            cpu["query"] = time.process_time() - cpu_start
             record = cluster.conductor.record(query_id)
 
             truth, truth_counts = _truth(
@@ -349,6 +353,8 @@ def simulate(
         },
         messages=messages,
         busy=cluster.meter.busy_seconds(),
+        driver_cpu=cpu,
+        shard_cpu=[float(u["cpu_s"]) for u in usage],
         memory={
             "driver_peak_bytes": main_peak,
             "shard_peak_bytes": shard_peaks,

@@ -78,6 +78,8 @@ class SimulationReport:
     counts: dict[str, int]
     messages: dict[str, dict[str, int]]
     busy: dict[str, float]
+    driver_cpu: dict[str, float]  # the driver process's CPU seconds per phase
+    shard_cpu: list[float]  # each shard worker's CPU seconds, in all
     memory: dict[str, Any]
     learned: dict[str, dict[str, Any]]
     querier: str
@@ -106,6 +108,8 @@ class SimulationReport:
             "counts": self.counts,
             "messages": self.messages,
             "busy_s": self.busy,
+            "driver_cpu_s": self.driver_cpu,
+            "shard_cpu_s": self.shard_cpu,
             "memory": self.memory,
             "learned": self.learned,
         }
@@ -195,7 +199,12 @@ class SimulationReport:
             f"(offline {c.get('truth: offline', 0):,}, declining {c.get('truth: declining', 0):,}, "
             f"out of bounds {c.get('truth: out_of_bounds', 0):,})"
         )
-        lines += ["", table(["phase", "seconds"], [[k, f"{v:.3f}"] for k, v in self.phases.items()])]
+        rows = [
+            [k, f"{v:.3f}", f"{self.driver_cpu[k]:.3f}" if k in self.driver_cpu else ""]
+            for k, v in self.phases.items()
+        ]
+        lines += ["", table(["phase", "seconds", "driver CPU s"], rows)]
+        lines.append("shard workers' CPU seconds: " + ", ".join(f"{c:.1f}" for c in self.shard_cpu))
         lines += ["", table(["count", "value"], [[k, f"{v:,}"] for k, v in self.counts.items()])]
         rows = [
             [

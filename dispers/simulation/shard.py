@@ -302,4 +302,5 @@ class Shard:
         """This worker's peak memory (bytes) and the plaintexts opened in it, by (actor, kind)."""
         with self._seen_lock:
             seen = [[actor, what, n] for (actor, what), n in self._seen.items()]
-        return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "opened": seen}
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return {"peak_rss": own.ru_maxrss * 1024, "cpu_s": own.ru_utime + own.ru_stime, "opened": seen}
