@@ -233,7 +233,7 @@ def simulate(
     """Run the scenario's population and query through the protocol; return the report."""
     if crypto not in CRYPTO_MODES:
         raise DispersError(ErrorCode.CONFIG, f"unknown crypto mode {crypto!r}; expected real or off")
-    n_shards = shards or default_shards()
+    n_shards = default_shards() if shards is None else shards
     if n_shards < 1:
         raise DispersError(ErrorCode.CONFIG, "--shards must be at least 1")
     assign_blocks(len(block_sizes(scenario.instances)), n_shards)  # refuses too many shards early

@@ -75,6 +75,8 @@ def test_blocks_depend_on_the_population_only() -> None:
     [
         (["simulate", "--scenario", "nope.toml"], "error: CONFIG: scenario: no file nope.toml"),
         (["simulate", "--instances", "100", "--shards", "50", "--crypto", "off"], "shards for 1 blocks"),
+        (["simulate", "--instances", "100", "--shards", "0"], "--shards must be at least 1"),
+        (["simulate", "--scenario", "README.md"], "is not valid TOML"),
     ],
 )
 def test_simulate_errors_are_one_line(
