@@ -343,7 +343,9 @@ def simulate(
         error=None if record.error_code is None else f"{record.error_code}: {record.error_message}",
         result=result,
         truth=truth,
-        errors=group_errors(result, truth) if result is not None else {},
+        errors={}
+        if result is None
+        else group_errors(result, truth, scenario.spec.fields[0].name if scenario.spec.fields else None),
         counts={
             "subscribed": subscribed,
             "offline_instances": offline,

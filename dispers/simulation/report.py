@@ -33,8 +33,14 @@ def _num(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def group_errors(result: QueryResult, truth: Mapping[str, Mapping[str, GroupTruth]]) -> dict[str, Any]:
-    """Per group and statistic: released, both truths, the DP error and the dropout error."""
+def group_errors(
+    result: QueryResult, truth: Mapping[str, Mapping[str, GroupTruth]], field: str | None = None
+) -> dict[str, Any]:
+    """Per group and statistic: released, both truths, the DP error and the dropout error.
+
+    With several fields, the first one's (`field`: its name; the result names its statistics
+    ``<field>.mean``; the count is the group's).
+    """
     out: dict[str, Any] = {}
     for group in result.groups:
         t = truth.get(group.label)
@@ -44,7 +50,8 @@ def group_errors(result: QueryResult, truth: Mapping[str, Mapping[str, GroupTrut
         for stat in _COMPARED:
             everyone = _num(getattr(t["everyone"], stat))
             answering = _num(getattr(t["answering"], stat))
-            released = None if group.suppressed else _num(group.values.get(stat))
+            key = stat if field is None or stat == "count" else f"{field}.{stat}"
+            released = None if group.suppressed else _num(group.values.get(key))
             per[stat] = {
                 "released": released,
                 "answering": answering,

@@ -155,6 +155,8 @@ def block_truth(
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
     """(value, group, eligible) of each instance of one block, from the reference code."""
     values, has = local_values(pop, query.function, query.params, query.as_of)
+    for extra in query.fields[1:]:  # complete cases: an instance lacking any field declines
+        has = has & local_values(pop, extra.function, extra.params, query.as_of)[1]
     if query.group_by is None:
         group = np.zeros(pop.n_instances, dtype=np.int64)
     else:
@@ -190,7 +192,8 @@ class Shard:
         observe.add_observer(self._observe)
         query, faults = spec.query, spec.faults
         kind = measured_kind(query.function)
-        kinds = dict.fromkeys(["heart_rate", *([kind] if kind else [])])
+        read = [measured_kind(f.function) for f in query.all_fields]
+        kinds = dict.fromkeys(["heart_rate", *(k for k in read if k)])
         sizes = block_sizes(spec.n_instances)
         ids: list[str] = []
         birth, female, consent = [], [], []

@@ -194,3 +194,59 @@ def test_cli_writes_the_report_and_labels_crypto_off(
     assert report["learned"]["conductor"]["opened"] == {}
     for name in ("result.png", "phases.png", "bytes.png", "learned.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_several_fields_count_complete_cases_and_the_first_fields_mean() -> None:
+    spec = parse_query_spec(
+        {
+            "query": {"target": "age:25-50 OR age:50-100", "k": 10},
+            "data": {
+                "as_of": AS_OF.isoformat(),
+                "group_by": {"field": "age", "edges": [25, 50, 100]},
+                "fields": [
+                    {
+                        "name": "hr",
+                        "function": "mean_heart_rate",
+                        "params": {"window_days": 30},
+                        "bounds": [30, 220],
+                    },
+                    {
+                        "name": "w",
+                        "function": "mean_weight_kg",
+                        "params": {"window_days": 90},
+                        "bounds": [2, 400],
+                    },
+                ],
+            },
+            "aggregate": {"stats": ["count", "mean", "corr"]},
+        }
+    )
+    n, seed = 2_000, 3
+    report = simulate(
+        Scenario(name="fields", spec=spec, instances=n, seed=seed, dp=False, k_min=5), shards=2, crypto="off"
+    )
+    assert report.state == "done" and report.result is not None
+    end = (AS_OF - date(1970, 1, 1)).days
+    values, brackets = [], []
+    for b, size in enumerate(block_sizes(n)):
+        pop = generate(
+            PopulationSpec(n_instances=size, seed=block_seed(seed, b), as_of=AS_OF, host=f"b{b:05d}")
+        )
+        hr = (pop.hr_day > end - 30) & (pop.hr_day <= end)
+        count = np.bincount(pop.hr_owner[hr], minlength=size)
+        total = np.bincount(pop.hr_owner[hr], weights=pop.hr_bpm[hr], minlength=size)
+        w = (pop.weight_kg.day > end - 90) & (pop.weight_kg.day <= end)
+        weighed = np.bincount(pop.weight_kg.owner[w], minlength=size) > 0
+        ages = pop.ages_at(AS_OF)
+        bracket = np.where(ages < 50, 0, 1)
+        keep = pop.consent & (count > 0) & weighed & (ages >= 25) & (ages < 100)
+        values.append(total[keep] / count[keep])
+        brackets.append(bracket[keep])
+    value, bracket = np.concatenate(values), np.concatenate(brackets)
+    for i, label in enumerate(("25-50", "50-100")):
+        group = report.result.group(label)
+        assert group.values["count"] == int((bracket == i).sum())
+        assert math.isclose(
+            float(group.values["hr.mean"] or 0), float(value[bracket == i].mean()), rel_tol=1e-9
+        )
+        assert report.errors[label]["mean"]["released"] == group.values["hr.mean"]
