@@ -47,6 +47,18 @@ def _csr(n: int, owner: npt.NDArray[Any], day: npt.NDArray[Any], value: npt.NDAr
     return _Kind(indptr, day[order].astype(np.int32), value[order].astype(np.float64))
 
 
+def _ascii(ids: Sequence[str] | npt.NDArray[Any]) -> npt.NDArray[np.bytes_]:
+    """Ids as one byte string each (a quarter of numpy's unicode width); an id that is not
+    ASCII becomes "", which no id of a store is."""
+    if isinstance(ids, np.ndarray) and ids.dtype.kind == "S":
+        return ids
+    text = np.asarray(list(ids), dtype=str)
+    try:
+        return text.astype(np.bytes_) if len(text) else np.zeros(0, dtype="S1")
+    except UnicodeEncodeError:
+        return np.asarray([i.encode() if i.isascii() else b"" for i in text.tolist()], dtype=np.bytes_)
+
+
 def _check_ids(ids: Sequence[str]) -> None:
     if isinstance(ids, str) or not all(isinstance(i, str) for i in ids):
         raise DispersError(ErrorCode.MALFORMED, "instance ids must be a sequence of strings")
@@ -61,18 +73,18 @@ class ColumnStore:
 
     def __init__(
         self,
-        instance_ids: Sequence[str],
+        instance_ids: Sequence[str] | npt.NDArray[np.bytes_],
         birth_days: npt.ArrayLike,
         female: npt.ArrayLike,
         consent: npt.ArrayLike,
         measurements: Mapping[str, Column],
     ) -> None:
-        ids = np.asarray(list(instance_ids), dtype=str)
+        ids = _ascii(instance_ids)
         n = len(ids)
-        if len(np.unique(ids)) != n:
-            raise DispersError(ErrorCode.MALFORMED, "instance ids must be unique")
         self._order = np.argsort(ids, kind="stable").astype(np.int64)
         self._sorted = ids[self._order]
+        if n > 1 and bool((self._sorted[1:] == self._sorted[:-1]).any()):
+            raise DispersError(ErrorCode.MALFORMED, "instance ids must be unique")
         self._birth = np.asarray(birth_days, dtype=np.int64)
         self._female = np.asarray(female, dtype=bool)
         self._consent = np.asarray(consent, dtype=bool)
@@ -112,14 +124,13 @@ class ColumnStore:
         n = len(ids)
         if n == 0 or len(self._sorted) == 0:
             return np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
-        keys = np.asarray(ids, dtype=str)
-        width = self._sorted.dtype.itemsize // 4
-        too_long = np.char.str_len(keys) > width if keys.dtype.itemsize // 4 > width else None
-        keys = keys.astype(self._sorted.dtype)
+        keys = _ascii(ids)  # an id that is not ASCII matches nothing (it became "")
+        too_long = keys.dtype.itemsize > self._sorted.dtype.itemsize  # could not be an id here
         pos = np.searchsorted(self._sorted, keys).clip(0, len(self._sorted) - 1)
         found = self._sorted[pos] == keys
-        if too_long is not None:
-            found &= ~too_long
+        if too_long:
+            found &= np.char.str_len(keys) <= self._sorted.dtype.itemsize
+        found &= np.char.str_len(keys) > 0
         rows = np.where(found, self._order[pos], 0)
         self._last = (ids, rows, found)
         return rows, found
@@ -129,7 +140,7 @@ class ColumnStore:
 
     def instance_ids(self) -> list[str]:
         """Every instance id, sorted."""
-        return [str(i) for i in self._sorted.tolist()]
+        return [i.decode() for i in self._sorted.tolist()]
 
     def count(self) -> int:
         """The number of instances."""
