@@ -33,7 +33,7 @@ def test_identity_and_known(stores: tuple[ColumnStore, DocumentStore, list[str]]
     columns, sqlite, ids = stores
     for a, b in zip(columns.identity(ids), sqlite.identity(ids), strict=True):
         np.testing.assert_array_equal(a, b)
-    asked = [*ids[:5], "nobody", "x" * 200, "pc-1-i9999999"]
+    asked = [*ids[:5], "nobody", "x" * 200, "pc-1-i9999999", "nöbody", ""]
     np.testing.assert_array_equal(columns.known(asked), sqlite.known(asked))
     assert columns.instance_ids() == sqlite.instance_ids()
     with pytest.raises(DispersError) as err:
