@@ -31,6 +31,8 @@ PAIR_STATS = ("cov", "corr")
 MULTI_STATS = (*PAIR_STATS, "ols")
 """Statistics that need at least two fields."""
 MAX_QUANTILES = 16
+MAX_LABEL = 101
+"""Longest group label: two bucket labels of two 24-character floats each, joined by ' & '."""
 MAX_FIELD_NAME = 32
 """Longest field name: results must fit their fixed frame whatever the spec names."""
 DEFAULT_FIELD = "value"
@@ -214,13 +216,21 @@ class Regression:
         return cls(y, tuple(x))
 
 
+RESERVED_NAMES = ("ols", "cov", "corr", "se", "intercept", "r2")
+"""Words of the released keys (ols.se.x, cov(a,b) ...) that no field may be named."""
+
+
 def check_fields(
     names: tuple[str, ...], stats: tuple[str, ...], regression: Regression | None, key: str
 ) -> None:
-    """Field names are distinct; multi-field statistics have at least two fields; ols comes with
-    a regression over known, distinct fields, and a regression with ols. Errors name `key`."""
+    """Field names are distinct and not reserved; multi-field statistics have at least two
+    fields; ols comes with a regression over known, distinct fields, and a regression with ols.
+    Errors name `key`."""
     if len(set(names)) != len(names):
         raise malformed(f"{key}: field names must be distinct")
+    reserved = [n for n in names if n in RESERVED_NAMES]
+    if reserved:
+        raise malformed(f"{key}: {reserved[0]!r} is reserved (not a field name: {', '.join(RESERVED_NAMES)})")
     multi = [s for s in stats if s in MULTI_STATS]
     if multi and len(names) < 2:
         raise malformed(f"{key}: {', '.join(multi)} need at least two fields (data.fields)")

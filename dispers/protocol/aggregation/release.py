@@ -219,7 +219,11 @@ def release_dp(
             for key, (lo, hi) in intervals.items()
             if released.get(key) is not None and math.isfinite(lo[i]) and math.isfinite(hi[i])
         }
-        noise = {key: float(sd[i]) for key, sd in stds.items() if released.get(key) is not None}
+        noise = {
+            key: float(sd[i])
+            for key, sd in stds.items()
+            if released.get(key) is not None and math.isfinite(sd[i])
+        }
         histogram: tuple[float, ...] = ()
         if hist is not None:
             if "histogram" in spec.stats:
