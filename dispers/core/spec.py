@@ -858,12 +858,14 @@ class ReleaseInfo:
     delta: float = 0.0
     epsilon_left: float | None = None
     delta_left: float | None = None
+    accounting: str | None = None  # how the query's noised vectors compose: "basic" or "zcdp"
 
     def to_obj(self) -> dict[str, Any]:
         """JSON-able form."""
         return {
             "noised": self.noised, "mechanism": self.mechanism, "epsilon": self.epsilon,
             "delta": self.delta, "epsilon_left": self.epsilon_left, "delta_left": self.delta_left,
+            "accounting": self.accounting,
         }  # fmt: skip
 
     @classmethod
@@ -878,6 +880,7 @@ class ReleaseInfo:
             delta=float(obj.get("delta", 0.0)),
             epsilon_left=obj.get("epsilon_left"),
             delta_left=obj.get("delta_left"),
+            accounting=obj.get("accounting"),
         )
 
 

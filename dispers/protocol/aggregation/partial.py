@@ -432,7 +432,7 @@ def worst_case_sizes(
         dropped=dict.fromkeys(DROP_REASONS, big),
         declined=big,
         clipped=big,
-        privacy=ReleaseInfo(True, "gaussian", long_float, long_float, long_float, long_float),
+        privacy=ReleaseInfo(True, "gaussian", long_float, long_float, long_float, long_float, "basic"),
         plan={"root": "a" * 63, "depth": big, "leaves": big, "aggregators": big, "fan_out": big},
     )
     key, qid, signer = SigningKeyPair.generate(), new_query_id(), "a" * 63  # the longest name
