@@ -15,9 +15,11 @@ from dispers.core.ids import Role, new_query_id
 from dispers.core.messages import QueryEnvelope, request_signing_bytes
 from dispers.core.spec import AggregateSpec, DataRequest, QueryResult, QuerySpec
 from dispers.crypto import ActorKeys, Opener
+from dispers.protocol.aggregation.release import plan_noise
 from dispers.protocol.api import ConductorAPI, QuerierAPI, QueryOutcome
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import check_privacy, open_sealed_signed, seal_padded
+from dispers.protocol.instance.functions import FIELDS as GROUP_FIELDS
 from dispers.protocol.instance.functions import get_function, validate_params
 
 log = logging.getLogger(__name__)
@@ -70,16 +72,32 @@ class Querier:
         is sealed."""
         settings = self._settings
         for i, f in enumerate(spec.all_fields):
-            where = "data" if not spec.fields else f"data.fields[{i}]"
+            where = "data." if not spec.fields else f"data.fields[{i}]."
             try:
                 get_function(f.function)
+            except DispersError as exc:
+                raise DispersError(
+                    exc.code, f"query spec: {where}function: {exc.message} (`dispers functions` lists them)"
+                ) from None
+            try:
                 validate_params(f.function, f.params)
             except DispersError as exc:
-                raise DispersError(exc.code, f"query spec: {where}: {exc.message}") from None
+                raise DispersError(exc.code, f"query spec: {where}params: {exc.message}") from None
+        level, key = spec.group_by, "data.group_by"
+        while level is not None:
+            if level.field not in GROUP_FIELDS:
+                raise DispersError(
+                    ErrorCode.NOT_FOUND,
+                    f"query spec: {key}.field: unknown group-by field {level.field[:64]!r} "
+                    f"(the fields are: {', '.join(sorted(GROUP_FIELDS))})",
+                )
+            level, key = level.then, f"{key}.then"
         if len(spec.all_fields) > settings.max_fields:
-            raise malformed(f"query spec: at most {settings.max_fields} fields (cluster.max_fields)")
+            raise malformed(
+                f"query spec: data.fields: at most {settings.max_fields} fields (cluster.max_fields)"
+            )
         if spec.k < settings.k_min:
-            raise malformed(f"query spec: k={spec.k} is below the cluster minimum {settings.k_min}")
+            raise malformed(f"query spec: query.k = {spec.k} is below the cluster minimum {settings.k_min}")
         concepts, expression = spec.compiled()
         vocabulary = set(settings.vocabulary)
         for concept in concepts:
@@ -122,6 +140,11 @@ class Querier:
             regression=spec.regression,
             clip=spec.out_of_bounds == "clip",
         )  # fmt: skip
+        if settings.dp:
+            try:
+                plan_noise(agg, spec.privacy)  # bounds too narrow to calibrate: refused now, not at release
+            except DispersError as exc:
+                raise malformed(f"query spec: aggregate.bounds: {exc.message}") from None
         unsigned = QueryEnvelope(
             query_id=qid,
             querier=self.name,
