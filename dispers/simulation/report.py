@@ -290,7 +290,7 @@ class SimulationReport:
         ax.barh(actors, [sum(self.learned[a]["opened"].values()) for a in actors])
         ax.set_xscale("symlog")
         ax.set_xlabel("plaintexts opened")
-        ax.set_title("what each actor opened (observer hook)")
+        ax.set_title(f"what each actor opened (observer hook; {tag})")
         written.append(_save(fig, directory / "learned.png"))
         plt.close("all")
         return written
