@@ -87,6 +87,36 @@ def direct_numpy(n: int, seed: int, scenario: Any) -> float:
     return time.perf_counter() - start
 
 
+def plot(rows: list[dict[str, Any]], path: str, shards: int) -> None:
+    """Time and peak memory against instances, from the crypto-real rows."""
+    real = [r for r in rows if "populate_s" in r]
+    if not real:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = np.array([r["instances"] for r in real])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("subscribe_s", "subscribe"), ("query_s", "query"), ("populate_s", "populate"),
+                       ("floor_subscribe_2proc_s", "floor: subscribe, 2 proc"),
+                       ("floor_query_2proc_s", "floor: query, 2 proc")):  # fmt: skip
+        left.loglog(n, [r[key] for r in real], "o-" if "floor" not in key else "x--", label=label)
+    left.set_xlabel("instances")
+    left.set_ylabel("seconds")
+    left.legend()
+    right.loglog(n, [r["peak_bytes"] / 2**30 for r in real], "o-", label="sum of peaks")
+    right.loglog(n, [r["driver_peak_bytes"] / 2**30 for r in real], "x--", label="driver")
+    right.set_xlabel("instances")
+    right.set_ylabel("GiB")
+    right.legend()
+    fig.suptitle(f"dispers simulate, crypto real, {shards} shards (machine shared: see README)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
@@ -96,7 +126,11 @@ def main() -> int:
     parser.add_argument("--crypto-off", action="store_true", help="also the largest size with crypto off")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--plot", default="benchmarks/bench_simulate.png")
+    parser.add_argument("--replot", help="only redraw the plot from a --json file of earlier runs")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), args.plot, args.shards)
+        return 0
     scenario = load_scenario(args.scenario).with_overrides(dp=False)
     rows: list[dict[str, Any]] = []
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (compare ratios)")
@@ -139,31 +173,8 @@ def main() -> int:
         rows.append({"instances": n, "crypto": "off", "total_s": total, "numpy_direct_s": direct})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    real = [r for r in rows if "populate_s" in r]
-    if args.plot and real:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        n = np.array([r["instances"] for r in real])
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        for key, label in (("subscribe_s", "subscribe"), ("query_s", "query"), ("populate_s", "populate"),
-                           ("floor_subscribe_2proc_s", "floor: subscribe, 2 proc"),
-                           ("floor_query_2proc_s", "floor: query, 2 proc")):  # fmt: skip
-            left.loglog(n, [r[key] for r in real], "o-" if "floor" not in key else "x--", label=label)
-        left.set_xlabel("instances")
-        left.set_ylabel("seconds")
-        left.legend()
-        right.loglog(n, [r["peak_bytes"] / 2**30 for r in real], "o-", label="sum of peaks")
-        right.loglog(n, [r["driver_peak_bytes"] / 2**30 for r in real], "x--", label="driver")
-        right.set_xlabel("instances")
-        right.set_ylabel("GiB")
-        right.legend()
-        fig.suptitle(f"dispers simulate, crypto real, {args.shards} shards")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=100)
-        print(f"wrote {args.plot}")
+    if args.plot:
+        plot(rows, args.plot, args.shards)
     return 0
 
 
