@@ -39,7 +39,7 @@ def wire_size(obj: object) -> int:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return sum(wire_size(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     if isinstance(obj, tuple | list | set | frozenset):
-        return sum(wire_size(x) for x in obj)
+        return sum(len(x) if type(x) is bytes else wire_size(x) for x in obj)
     if isinstance(obj, Mapping):
         return sum(wire_size(k) + wire_size(v) for k, v in obj.items())
     return 0
