@@ -83,9 +83,14 @@ def _observed() -> Iterator[Counter[tuple[str, str]]]:
     seen: Counter[tuple[str, str]] = Counter()
     lock = threading.Lock()
 
+    kinds: dict[str, str] = {}  # "subscription 12 concepts" -> "subscription concepts"
+
     def count(actor: str, what: str, plaintext: bytes) -> None:
+        kind = kinds.get(what)
+        if kind is None:
+            kind = kinds[what] = _INDEX.sub("", what)
         with lock:
-            seen[(actor, _INDEX.sub("", what))] += 1
+            seen[(actor, kind)] += 1
 
     observe.add_observer(count)
     try:
