@@ -264,6 +264,7 @@ def _simulate(args: argparse.Namespace) -> int:
         backend=args.backend,
         crypto=args.crypto,
         address=args.address,
+        inflight=args.inflight,
         progress=sys.stderr.isatty() and not args.json,
     )
     if args.json:
@@ -384,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="real libsodium boxes (default) or off, for quick statistical studies",
     )
     s.add_argument("--shards", type=int, help="worker shards (default: one per core)")
+    s.add_argument(
+        "--inflight", type=int, help="subscription batches in flight (default: shards, at least 2)"
+    )
     s.add_argument(
         "--backend",
         choices=("local", "ray"),

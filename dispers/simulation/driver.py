@@ -243,6 +243,8 @@ def simulate(
     if n_shards < 1:
         raise DispersError(ErrorCode.CONFIG, "--shards must be at least 1")
     assign_blocks(len(block_sizes(scenario.instances)), n_shards)  # refuses too many shards early
+    if inflight is not None and inflight < 1:
+        raise DispersError(ErrorCode.CONFIG, "--inflight must be at least 1")
     real = crypto == "real"
     answered = [0]
     bar_holder: list[Any] = [None]
@@ -282,7 +284,7 @@ def simulate(
 
             start, cpu_start = time.perf_counter(), time.process_time()
             subscribed = _subscribe(
-                cluster, runner, sizes, config.settings.batch_size, inflight or 2 * n_shards + 2, progress
+                cluster, runner, sizes, config.settings.batch_size, inflight or max(2, n_shards), progress
             )
             phases["subscribe"] = time.perf_counter() - start
             cpu["subscribe"] = time.process_time() - cpu_start
