@@ -8,6 +8,7 @@ A backend starts one worker per :class:`ShardSpec` and calls methods of the
 from __future__ import annotations
 
 import multiprocessing
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -109,6 +110,8 @@ class RayBackend(ShardBackend):
                 kwargs["address"] = self._address
             else:
                 kwargs["num_cpus"] = self._num_cpus
+                # Ray waits 30 s for its control server by default: too short on a loaded machine.
+                os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "180")
             try:
                 ray.init(**kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:

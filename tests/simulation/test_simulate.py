@@ -115,9 +115,12 @@ def test_20000_instances_equal_direct_computation_whatever_the_shards_and_crypto
     run_sizes(20_000)
 
 
-def test_ray_backend_two_shards_gives_the_same_result() -> None:
+def test_ray_backend_two_shards_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ray")
     import ray
+
+    # Ray waits 30 s for its control server's port by default: too short on a loaded machine.
+    monkeypatch.setenv("RAY_gcs_server_port_wait_time_s", "180")
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
