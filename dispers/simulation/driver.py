@@ -31,6 +31,7 @@ from dispers.core.cluster_files import ClusterLayout, write_cluster
 from dispers.core.config import ClusterConfig
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
+from dispers.core.spec import QuerySpec
 from dispers.crypto import observe
 from dispers.crypto.box import crypto_is_real, set_crypto
 from dispers.crypto.keyfiles import read_key_file
@@ -201,7 +202,8 @@ def _subscribe(
     return total
 
 
-def _truth(shards: list[ShardTruth], labels: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, int]]:
+def _truth(shards: list[ShardTruth], spec: QuerySpec) -> tuple[dict[str, Any], dict[str, int]]:
+    labels = spec.groups
     value = np.concatenate([t.value for t in shards])
     group = np.concatenate([t.group for t in shards]).astype(np.int64)
     eligible = np.concatenate([t.eligible for t in shards])
@@ -209,11 +211,15 @@ def _truth(shards: list[ShardTruth], labels: tuple[str, ...]) -> tuple[dict[str,
     declining = np.concatenate([t.declining for t in shards])
     oob = np.concatenate([t.out_of_bounds for t in shards])
     answering = eligible & ~offline & ~declining & ~oob
+    answered = value
+    if spec.out_of_bounds == "clip":  # the DAs count the out-of-bounds values at the upper bound
+        answering = eligible & ~offline & ~declining
+        answered = np.where(oob, spec.bounds[1], value)
     truth: dict[str, Any] = {}
     for g, label in enumerate(labels):
         truth[label] = {
             "everyone": GroupTruth.of(value[eligible & (group == g)]),
-            "answering": GroupTruth.of(value[answering & (group == g)]),
+            "answering": GroupTruth.of(answered[answering & (group == g)]),
         }
     counts = {
         "eligible": int(eligible.sum()),
@@ -308,7 +314,7 @@ def simulate(
             record = cluster.conductor.record(query_id)
 
             truth, truth_counts = _truth(
-                [runner.call(s, "truth").result() for s in range(n_shards)], scenario.spec.groups
+                [runner.call(s, "truth").result() for s in range(n_shards)], scenario.spec
             )
             usage = [runner.call(s, "usage").result() for s in range(n_shards)]
         except (BrokenExecutor, OSError) as exc:

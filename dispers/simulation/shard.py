@@ -155,8 +155,18 @@ def block_truth(
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
     """(value, group, eligible) of each instance of one block, from the reference code."""
     values, has = local_values(pop, query.function, query.params, query.as_of)
+    clip = query.out_of_bounds == "clip"
+    lo, hi = query.bounds
+    # As the DAs do with a value outside the declared bounds: clip it, or drop the item.
+    if clip:
+        values = np.clip(values, lo, hi)
+    else:
+        has = has & (values >= lo) & (values <= hi)
     for extra in query.fields[1:]:  # complete cases: an instance lacking any field declines
-        has = has & local_values(pop, extra.function, extra.params, query.as_of)[1]
+        more, held = local_values(pop, extra.function, extra.params, query.as_of)
+        has = has & held
+        if not clip:
+            has = has & (more >= extra.bounds[0]) & (more <= extra.bounds[1])
     if query.group_by is None:
         group = np.zeros(pop.n_instances, dtype=np.int64)
     else:
