@@ -53,7 +53,7 @@ def scenario(n: int, faults: Faults | None = None, **kw: object) -> Scenario:
 
 
 def expected(
-    n: int, seed: int, faults: Faults | None = None
+    n: int, seed: int, faults: Faults | None = None, bounds: tuple[float, float] = (30.0, 220.0)
 ) -> tuple[dict[str, tuple[int, float, float]], int]:
     """Per age bracket (count, mean, std) of the answering instances' 30-day mean heart rate,
     and how many eligible instances were offline."""
@@ -76,7 +76,8 @@ def expected(
         bracket[(ages < EDGES[0]) | (ages >= EDGES[-1])] = -1
         eligible = pop.consent & (count > 0) & (bracket >= 0)
         offline_all += int((eligible & offline).sum())
-        keep = eligible & ~offline & ~declining & ~oob
+        mean = np.divide(total, count, out=np.full(size, np.nan), where=count > 0)
+        keep = eligible & ~offline & ~declining & ~oob & (mean >= bounds[0]) & (mean <= bounds[1])
         values.append(total[keep] / count[keep])
         brackets.append(bracket[keep])
     value, bracket = np.concatenate(values), np.concatenate(brackets)
@@ -253,3 +254,17 @@ def test_several_fields_count_complete_cases_and_the_first_fields_mean() -> None
             float(group.values["hr.mean"] or 0), float(value[bracket == i].mean()), rel_tol=1e-9
         )
         assert report.errors[label]["mean"]["released"] == group.values["hr.mean"]
+
+
+def test_values_outside_narrow_bounds_are_dropped_as_the_das_do() -> None:
+    spec = parse_query_spec(
+        {**SPEC.to_obj(), "aggregate": {"bounds": [60.0, 80.0], "stats": ["count", "mean", "std"]}}
+    )
+    truth, _ = expected(2_000, 3, bounds=(60.0, 80.0))
+    report = simulate(
+        Scenario(name="narrow", spec=spec, instances=2_000, seed=3, dp=False, k_min=5), shards=2, crypto="off"
+    )
+    check(report, truth)
+    assert report.result is not None and (report.result.dropped["out_of_bounds"] or 0) > 0
+    for per in report.errors.values():  # the report's own truth applies the bounds too
+        assert abs(per["mean"]["dp_error"]) < 1e-9
