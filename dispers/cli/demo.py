@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,8 +22,8 @@ from dispers.core.ids import Role
 from dispers.core.messages import SubscriptionOp
 from dispers.core.spec import QuerySpec, load_query_spec
 from dispers.protocol.api import QueryOutcome
-from dispers.simulation.ground_truth import GroupTruth, mean_heart_rate_by_age
-from dispers.simulation.population import PopulationSpec, generate
+from dispers.simulation.ground_truth import GroupTruth, stats_by_group
+from dispers.simulation.population import Population, PopulationSpec, generate
 from dispers.state.documents import DocumentStore
 from dispers.transport.grpc_client import open_channel
 
@@ -35,7 +36,7 @@ class DemoReport:
 
     config: ClusterConfig
     spec: QuerySpec
-    truth: dict[str, GroupTruth]
+    truth: dict[str, GroupTruth] | None
     timings: dict[str, float]
     outcome: QueryOutcome
 
@@ -81,6 +82,37 @@ def running_cluster(config: ClusterConfig, logs: Path, *, ready_timeout_s: float
                 proc.kill()
 
 
+def demo_truth(population: Population, spec: QuerySpec) -> dict[str, GroupTruth] | None:
+    """The spec's statistics computed directly from the generated population: its target, its
+    function and parameters, its groups (numeric edges of one field) and its bounds; None for
+    a grouping by categories or by two fields."""
+    group_by = spec.group_by
+    if group_by is not None and (group_by.then is not None or group_by.categories):
+        return None
+    return stats_by_group(
+        population,
+        spec.function,
+        spec.params,
+        spec.as_of,
+        group_field=group_by.field if group_by is not None else None,
+        edges=group_by.edges if group_by is not None else None,
+        bounds=spec.bounds,
+        target=spec.target,
+    )
+
+
+def _fresh_workdir(workdir: Path) -> None:
+    """Let the demo run again in the same directory: a previous demo's stores and logs go (its
+    keys and config are written anew); a directory that is not a dispers cluster is refused."""
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / "cluster.toml").is_file():
+            raise DispersError(
+                ErrorCode.CONFIG, f"{workdir} is not empty and holds no cluster.toml: pick another --workdir"
+            )
+        for sub in ("state", "logs", "run"):
+            shutil.rmtree(workdir / sub, ignore_errors=True)
+
+
 def run_demo(
     *,
     instances: int = 10_000,
@@ -101,6 +133,7 @@ def run_demo(
 
     spec = load_query_spec(spec_path)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="dispers-demo-"))
+    _fresh_workdir(workdir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     config = write_cluster(workdir, ClusterLayout(leaf_aggregators=leaf_aggregators, host_as_of=spec.as_of))
@@ -128,23 +161,18 @@ def run_demo(
         host.close()
         querier.close()
 
-    if spec.group_by is None or spec.function != "mean_heart_rate":
-        raise DispersError(ErrorCode.CONFIG, "the demo's ground truth covers mean_heart_rate grouped by age")
-    truth = mean_heart_rate_by_age(
-        population,
-        edges=spec.group_by.edges,
-        window_days=int(spec.params.get("window_days", 30)),
-        as_of=spec.as_of,
-        bounds=spec.bounds,
-    )
+    truth = demo_truth(population, spec)
     say()
-    say(f"Query: {spec.function} {dict(spec.params)} where {spec.target}, by {spec.group_by.field}")
+    by = f", by {spec.group_by.field}" if spec.group_by is not None else ""
+    say(f"Query: {spec.function} {dict(spec.params)} where {spec.target}{by}")
     say(counts_line(outcome.record))
     if outcome.result is None:
         say(f"no result: {outcome.record.error_code}: {outcome.record.error_message}")
     else:
         say()
         say(result_table(outcome.result, truth))
+        if truth is None:
+            say("(no ground truth for a grouping by categories or by two fields)")
     say()
     # The phases are the Conductor's (its operator's view, from its store): a querier is not
     # shown them, since the collect phase's time grows with the number of targets.

@@ -18,7 +18,7 @@ from dispers.crypto import ActorKeys, Opener
 from dispers.protocol.api import ConductorAPI, QuerierAPI, QueryOutcome
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import check_privacy, open_sealed_signed, seal_padded
-from dispers.protocol.instance.functions import get_function, validate_params
+from dispers.protocol.instance.functions import FIELDS, FUNCTIONS, validate_params
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Querier:
         """Seal every part of the query to its reader, padded to the cluster's fixed sizes, and
         sign the whole. A concept outside the public vocabulary is refused before anything
         is sealed."""
-        get_function(spec.function)
+        check_spec_names(spec)
         validate_params(spec.function, spec.params)
         settings = self._settings
         if spec.k < settings.k_min:
@@ -79,8 +79,8 @@ class Querier:
             if concept not in vocabulary:
                 raise DispersError(
                     ErrorCode.UNKNOWN_CONCEPT,
-                    f"query spec: concept {concept!r} is not in the cluster's vocabulary "
-                    "(`dispers concepts` lists it)",
+                    f"query spec: concept {concept[:64]!r} is not in the cluster's vocabulary "
+                    f"(`dispers concepts` lists it: {', '.join(settings.vocabulary)})",
                 )
         check_privacy(spec.privacy, spec.stats, settings, what="query spec")
         if spec.bins and len(spec.bins) - 1 > settings.max_bins:
@@ -178,6 +178,26 @@ class Querier:
         if record.state == "done" and record.sealed_result is not None:
             result = self.open_result(query_id, record.sealed_result)
         return QueryOutcome(record, result)
+
+
+def check_spec_names(spec: QuerySpec) -> None:
+    """Refuse a function or group-by field that is not registered, listing the valid ones (the
+    public registries: no person's data), before anything is sealed or any host is asked."""
+    if spec.function not in FUNCTIONS:
+        raise DispersError(
+            ErrorCode.NOT_FOUND,
+            f"query spec: unknown function {spec.function[:64]!r} (`dispers functions` lists them: "
+            f"{', '.join(sorted(FUNCTIONS))})",
+        )
+    group_by = spec.group_by
+    while group_by is not None:
+        if group_by.field not in FIELDS:
+            raise DispersError(
+                ErrorCode.NOT_FOUND,
+                f"query spec: unknown group-by field {group_by.field[:64]!r} "
+                f"(valid: {', '.join(sorted(FIELDS))})",
+            )
+        group_by = group_by.then
 
 
 def run_query(querier: QuerierAPI, spec: QuerySpec, *, timeout_s: float = 300.0) -> QueryOutcome:
