@@ -424,7 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = min(level, logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.fn(args))
+        code = int(args.fn(args))
+        sys.stdout.flush()  # here, where a reader that went away is caught, not at exit
+        return code
     except DispersError as exc:
         print(f"error: {exc.code.value}: {exc.message}", file=sys.stderr)
         return 2

@@ -7,7 +7,8 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 from dispers.core.config import ClusterConfig
 from dispers.core.errors import DispersError, ErrorCode
@@ -111,8 +112,15 @@ def _import(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with bar(os.path.getsize(path), desc=f"checking {path.name}", unit="B", unit_scale=True) as progress:
 
-        def wrap(handle: Any) -> Any:
-            return progress.wrapattr(handle, "read")  # counts what csv and json read
+        def wrap(handle: IO[str]) -> Iterator[str]:
+            pending = 0
+            for line in handle:  # counts characters read (bytes, for ASCII files)
+                pending += len(line)
+                if pending > 1 << 16:
+                    progress.update(pending)
+                    pending = 0
+                yield line
+            progress.update(pending)
 
         batch = read_import_file(
             path, file_format_name=args.format, vocabulary=config.settings.vocabulary, wrap=wrap

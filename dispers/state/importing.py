@@ -261,7 +261,7 @@ class _Checker:
         values.append(value)
 
 
-def _csv_rows(handle: IO[str], errors: _Errors) -> Iterator[tuple[int, dict[str, Any]]]:
+def _csv_rows(handle: Iterable[str], errors: _Errors) -> Iterator[tuple[int, dict[str, Any]]]:
     reader = csv.DictReader(handle)
     header = reader.fieldnames
     if not header:
@@ -278,7 +278,7 @@ def _csv_rows(handle: IO[str], errors: _Errors) -> Iterator[tuple[int, dict[str,
         yield reader.line_num, row
 
 
-def _jsonl_rows(handle: IO[str], errors: _Errors) -> Iterator[tuple[int, dict[str, Any]]]:
+def _jsonl_rows(handle: Iterable[str], errors: _Errors) -> Iterator[tuple[int, dict[str, Any]]]:
     for number, text in enumerate(handle, start=1):
         if not text.strip():
             continue
@@ -312,19 +312,19 @@ def read_import_file(
     *,
     file_format_name: str | None = None,
     vocabulary: Iterable[str] | None = None,
-    wrap: Callable[[IO[str]], IO[str]] | None = None,
+    wrap: Callable[[IO[str]], Iterable[str]] | None = None,
 ) -> ImportBatch:
     """Read and check a whole file; MALFORMED naming every bad row (line, column) if any.
 
     ``vocabulary``: the cluster's concepts, which cohorts must be part of (None: not checked).
-    ``wrap`` may wrap the open file (a progress bar counting what is read).
+    ``wrap`` may turn the open file into the lines to read (a progress bar counting them).
     """
     path = Path(path)
     fmt = file_format(path, file_format_name)
     checker = _Checker(path.name, vocabulary)
     try:
         with open(path, encoding="utf-8-sig", newline="") as raw:
-            handle = wrap(raw) if wrap is not None else raw
+            handle: Iterable[str] = wrap(raw) if wrap is not None else raw
             rows = _csv_rows(handle, checker.errors) if fmt == "csv" else _jsonl_rows(handle, checker.errors)
             for line, row in rows:
                 checker.row(line, row)
@@ -369,7 +369,7 @@ def import_file(
     *,
     file_format_name: str | None = None,
     vocabulary: Sequence[str] | None = None,
-    wrap: Callable[[IO[str]], IO[str]] | None = None,
+    wrap: Callable[[IO[str]], Iterable[str]] | None = None,
 ) -> ImportReport:
     """Check a whole file, then write it in one transaction (see the module docstring)."""
     batch = read_import_file(path, file_format_name=file_format_name, vocabulary=vocabulary, wrap=wrap)
