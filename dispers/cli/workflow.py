@@ -6,8 +6,8 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 from dispers.core.config import ClusterConfig

@@ -4,9 +4,9 @@ and the CLI's friction fixed (one clear line for every error, no traceback)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -119,7 +119,7 @@ def test_up_import_query_ps_down_over_real_processes(
 
 
 def test_down_stops_only_processes_that_are_still_ours(tmp_path: Path) -> None:
-    config = write_cluster(tmp_path / "c", ClusterLayout(leaf_aggregators=1, insecure=True))
+    write_cluster(tmp_path / "c", ClusterLayout(leaf_aggregators=1, insecure=True))
     ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -219,7 +219,7 @@ def test_demo_spec_ground_truth_applies_the_target_and_the_demo_runs_again(tmp_p
     )
     workdir = tmp_path / "demo"
     for _ in range(2):  # the second run reuses the workdir
-        report = run_demo(instances=600, workdir=workdir, spec_path=spec, out=open(os.devnull, "w"))
+        report = run_demo(instances=600, workdir=workdir, spec_path=spec, out=io.StringIO())
         assert report.outcome.record.state == "done" and report.truth is not None
         # Only the target's bracket has anyone in the truth, as in the cluster.
         assert report.truth["12-25"].count == 0 and report.truth["50-100"].count == 0

@@ -85,8 +85,9 @@ def test_a_bad_row_is_named_by_line_and_column_and_nothing_is_written(tmp_path: 
     message = info.value.message
     assert info.value.code is ErrorCode.MALFORMED
     assert "nothing imported" in message
-    for where in ("line 3, column birth_date", "line 4, column sex", "line 5, column value",
-                  "line 6, column kind", "line 7, column consent", "line 8:", "line 9, column cohorts"):  # fmt: skip
+    named = ("line 3, column birth_date", "line 4, column sex", "line 5, column value", "line 6, column kind",
+             "line 7, column consent", "line 8:", "line 9, column cohorts")  # fmt: skip
+    for where in named:
         assert where in message, where
     assert "line 2:" not in message and "line 2," not in message
     assert "987654" not in message  # a value never appears in an error

@@ -17,7 +17,9 @@ from dispers.results import ROW_COLUMNS, Result, all_suppressed
 SPEC = parse_query_spec({
     "query": {"target": "age:25-50", "k": 10},
     "data": {"function": "mean_heart_rate", "group_by": {"field": "age", "edges": [12, 25, 50]}},
-    "aggregate": {"bounds": [30.0, 220.0], "stats": ["count", "mean", "histogram"], "bins": [30.0, 100.0, 220.0]},
+    "aggregate": {
+        "bounds": [30.0, 220.0], "stats": ["count", "mean", "histogram"], "bins": [30.0, 100.0, 220.0],
+    },
 })  # fmt: skip
 PRIVACY = ReleaseInfo(noised=True, mechanism="laplace", epsilon=1.0, epsilon_left=9.0, delta_left=1e-5)
 
