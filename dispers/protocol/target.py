@@ -195,6 +195,7 @@ class Target:
         ]
         per_da: dict[str, list[bytes]] = {leaf: [] for leaf in leaves}
         unreachable = unknown
+        refusals: list[ErrorCode] = []  # the codes of hosts that refused (never their messages)
 
         def ask(job: tuple[str, list[tuple[str, str]]]) -> list[tuple[str, bytes]] | None:
             host, items = job
@@ -210,6 +211,7 @@ class Target:
                 batch = self._peers.personal_cloud(host).contribute(req)
             except DispersError as exc:
                 log.warning("query %s: host %s failed: %s", envelope.query_id[:8], host, exc.code.value)
+                refusals.append(exc.code)
                 return None
             problem = _check_answer(batch, req.aggregators, item_size)
             if problem:
@@ -225,6 +227,15 @@ class Target:
                     continue
                 for aggregator, ciphertext in pairs:
                     per_da[aggregator].append(ciphertext)
+
+        if jobs and len(refusals) == len(jobs):
+            # No host answered at all: the query's own request is at fault (or every host is
+            # down), and an empty release would only hide it. Only the code travels: a host's
+            # message stays in its own log.
+            code = Counter(refusals).most_common(1)[0][0]
+            raise DispersError(
+                code, f"every host refused the data request ({code.value}); the hosts' logs say why"
+            )
 
         def forward(leaf: str) -> None:
             items = per_da[leaf]

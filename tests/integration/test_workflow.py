@@ -228,3 +228,33 @@ def test_demo_spec_ground_truth_applies_the_target_and_the_demo_runs_again(tmp_p
         released = report.outcome.result.group("25-50")
         lo, hi = released.intervals["count"]
         assert abs(released.values["count"] - report.truth["25-50"].count) <= 2 * (hi - lo)  # type: ignore[operator]
+
+
+def test_a_request_every_host_refuses_fails_the_query_with_the_hosts_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dispers.client import result_of
+    from dispers.core.errors import DispersError, ErrorCode
+    from dispers.protocol.instance.host import PersonalCloudHost
+    from dispers.protocol.querier import run_query as run_query_outcome
+    from tests.integration.conftest import local_world
+    from tests.integration.world import heart_rate_spec as world_spec
+    from tests.integration.world import make_setup
+
+    world = local_world(make_setup(tmp_path / "c", n=120))
+    try:
+        world.subscribe()
+
+        def refuse(self: PersonalCloudHost, caller: str, request: object) -> object:
+            raise DispersError(ErrorCode.MALFORMED, "data request: secret-detail-of-the-host")
+
+        monkeypatch.setattr(PersonalCloudHost, "contribute", refuse)
+        outcome = run_query_outcome(world.querier, world_spec(), timeout_s=60)
+        record = outcome.record
+        assert record.state == "failed" and record.error_code == "MALFORMED"
+        assert "every host refused the data request" in (record.error_message or "")
+        assert "secret-detail" not in (record.error_message or "")  # a host's message stays with it
+        with pytest.raises(dispers.QueryFailed, match="every host refused"):
+            result_of(outcome)
+    finally:
+        world.close()
