@@ -435,9 +435,15 @@ class DocumentStore:
                     raise DispersError(
                         ErrorCode.NOT_FOUND, f"import_documents: {missing} owners are not on this host"
                     )
-                self._conn.executemany(
-                    "DELETE FROM measurements WHERE instance_id = ? AND kind = ? AND day = ?", list(keys)
-                )
+                held = self._conn.execute(
+                    "SELECT 1 FROM json_each(?) AS b WHERE EXISTS "
+                    "(SELECT 1 FROM measurements AS m WHERE m.instance_id = b.value) LIMIT 1",
+                    (json.dumps(list(dict.fromkeys(m[0] for m in measured))),),
+                ).fetchone()
+                if held is not None:  # nothing to replace for people without measurements yet
+                    self._conn.executemany(
+                        "DELETE FROM measurements WHERE instance_id = ? AND kind = ? AND day = ?", list(keys)
+                    )
                 self._conn.executemany(
                     "INSERT INTO measurements (instance_id, kind, day, value) VALUES (?, ?, ?, ?)", measured
                 )

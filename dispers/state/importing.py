@@ -23,7 +23,7 @@ import datetime as dt
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -97,8 +97,8 @@ class _Errors:
         )
 
 
-def _text(row: Mapping[str, Any], key: str) -> str | None:
-    value = row.get(key)
+def _text(value: Any) -> str | None:
+    """A cell as stripped text (None if empty); JSON numbers and booleans as their text."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -108,14 +108,22 @@ def _text(row: Mapping[str, Any], key: str) -> str | None:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    return None
+    return "?"  # a list or an object where text belongs: refused by the check of its column
 
 
-def _date(text: str) -> dt.date | None:
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError:
-        return None
+@dataclass(frozen=True)
+class Row:
+    """One row, whatever the format: each column as text (None when empty); cohorts as given."""
+
+    line: int
+    instance: str | None
+    birth_date: str | None
+    sex: str | None
+    consent: str | None
+    cohorts: Any
+    kind: str | None
+    date: str | None
+    value: Any  # text, or a JSON number
 
 
 class _Checker:
@@ -126,61 +134,68 @@ class _Checker:
         self.errors = _Errors(source)
         self._vocabulary = None if vocabulary is None else frozenset(vocabulary)
         self._people: dict[str, int] = {}  # instance -> line of its person row
+        self._days: dict[str, int | None] = {}  # date text -> epoch day (None: not a date)
 
     def _cohort_names(self) -> str:
         names = sorted(c.partition(":")[2] for c in self._vocabulary or () if c.startswith("cohort:"))
         return ", ".join(names) if names else "none: add cohort:<name> to [cluster] vocabulary"
 
-    def row(self, line: int, row: Mapping[str, Any]) -> None:
+    def _day(self, text: str) -> int | None:
+        day = self._days.get(text, -1)
+        if day == -1:
+            try:
+                day = epoch_day(dt.date.fromisoformat(text))
+            except ValueError:
+                day = None
+            if len(self._days) < 100_000:
+                self._days[text] = day
+        return day
+
+    def row(self, r: Row) -> None:
         errors = self.errors
         before = errors.count
-        unknown = sorted(str(k) for k in row if k not in COLUMNS)
-        for key in unknown:
-            errors.add(line, key[:40], f"unknown column (known: {', '.join(COLUMNS)})")
-        instance = _text(row, "instance")
+        line, instance = r.line, r.instance
         if instance is None:
             errors.add(line, "instance", "missing")
         elif not INSTANCE_ID.match(instance):
             errors.add(line, "instance", "must be 1 to 128 of A-Z a-z 0-9 _ . @ : -")
-        person = [c for c in PERSON_COLUMNS if row.get(c) not in (None, "", [])]
-        measured = [c for c in MEASUREMENT_COLUMNS if _text(row, c) is not None]
+        person = r.birth_date is not None or r.sex is not None or r.consent is not None or bool(r.cohorts)
+        measured = r.kind is not None or r.date is not None or _text(r.value) is not None
         if person and measured:
             errors.add(line, None, "a row is a person or a measurement, not both")
             return
         if not person and not measured:
-            if errors.count == before:
-                errors.add(line, None, "neither a person (birth_date, sex, consent) nor a measurement "
-                                       "(kind, date, value)")  # fmt: skip
+            errors.add(line, None, "neither a person (birth_date, sex, consent) nor a measurement "
+                                   "(kind, date, value)")  # fmt: skip
             return
         if person:
-            self._person(line, instance, row)
+            self._person(r)
         else:
-            self._measurement(line, instance, row)
+            self._measurement(r)
         if instance is not None and errors.count == before:
             self.batch.first_line.setdefault(instance, line)
         self.batch.rows += 1
 
-    def _person(self, line: int, instance: str | None, row: Mapping[str, Any]) -> None:
+    def _person(self, r: Row) -> None:
         errors = self.errors
         before = errors.count
-        born_text = _text(row, "birth_date")
-        born = None if born_text is None else _date(born_text)
-        if born_text is None:
+        line, instance = r.line, r.instance
+        born = None if r.birth_date is None else self._day(r.birth_date)
+        if r.birth_date is None:
             errors.add(line, "birth_date", "missing")
         elif born is None:
             errors.add(line, "birth_date", "not a date YYYY-MM-DD")
-        sex = _text(row, "sex")
+        sex = r.sex.upper() if r.sex is not None else None
         if sex is None:
             errors.add(line, "sex", "missing")
-        elif sex.upper() not in ("F", "M"):
+        elif sex not in ("F", "M"):
             errors.add(line, "sex", "must be F or M")
-        consent_text = _text(row, "consent")
-        consent = None if consent_text is None else _YES.get(consent_text.lower())
-        if consent_text is None:
+        consent = None if r.consent is None else _YES.get(r.consent.lower())
+        if r.consent is None:
             errors.add(line, "consent", "missing")
         elif consent is None:
             errors.add(line, "consent", "must be yes or no (true/false, 1/0)")
-        raw = row.get("cohorts")
+        raw = r.cohorts
         if raw in (None, ""):
             names: list[str] = []
         elif isinstance(raw, str):
@@ -211,86 +226,111 @@ class _Checker:
         self._people[instance] = line
         b = self.batch
         b.person_ids.append(instance)
-        b.birth_days.append(epoch_day(born))
-        b.sex.append(sex.upper())
+        b.birth_days.append(born)
+        b.sex.append(sex)
         b.consent.append(consent)
         for concept in dict.fromkeys(concepts):
             b.cohort_ids.append(instance)
             b.cohorts.append(concept)
 
-    def _measurement(self, line: int, instance: str | None, row: Mapping[str, Any]) -> None:
+    def _measurement(self, r: Row) -> None:
         errors = self.errors
         before = errors.count
-        kind_name = _text(row, "kind")
-        kind = MEASUREMENT_KINDS.get(kind_name or "")
-        if kind_name is None:
+        line = r.line
+        kind = MEASUREMENT_KINDS.get(r.kind or "")
+        if r.kind is None:
             errors.add(line, "kind", "missing")
         elif kind is None:
             errors.add(
                 line, "kind", f"unknown measurement kind (known: {', '.join(sorted(MEASUREMENT_KINDS))})"
             )
-        day_text = _text(row, "date")
-        day = None if day_text is None else _date(day_text)
-        if day_text is None:
+        day = None if r.date is None else self._day(r.date)
+        if r.date is None:
             errors.add(line, "date", "missing")
         elif day is None:
             errors.add(line, "date", "not a date YYYY-MM-DD")
-        raw = row.get("value")
+        raw = r.value
         value: float | None = None
-        if isinstance(raw, bool):
-            value = None
-        elif isinstance(raw, int | float):
-            value = float(raw)
-        elif isinstance(raw, str) and raw.strip():
+        if isinstance(raw, str) and raw.strip():
             try:
                 value = float(raw)
             except ValueError:
                 value = None
-        if _text(row, "value") is None:
+        elif isinstance(raw, int | float) and not isinstance(raw, bool):
+            value = float(raw)
+        if _text(raw) is None:
             errors.add(line, "value", "missing")
         elif value is None or not math.isfinite(value):
             errors.add(line, "value", "not a finite number")
         elif kind is not None and not kind.lo <= value <= kind.hi:
             errors.add(line, "value", f"outside [{kind.lo:g}, {kind.hi:g}] {kind.unit} for {kind.name}")
-        if errors.count != before or instance is None:
+        if errors.count != before or r.instance is None:
             return
         assert kind is not None and day is not None and value is not None
         ids, days, values = self.batch.measurements.setdefault(kind.name, ([], [], []))
-        ids.append(instance)
-        days.append(epoch_day(day))
+        ids.append(r.instance)
+        days.append(day)
         values.append(value)
 
 
-def _csv_rows(handle: Iterable[str], errors: _Errors) -> Iterator[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(handle)
-    header = reader.fieldnames
+def _csv_rows(handle: Iterable[str], errors: _Errors) -> Iterator[Row]:
+    reader = csv.reader(handle)
+    header = next(reader, None)
     if not header:
         errors.add(1, None, "an empty file: the first line names the columns")
         return
+    header = [h.strip() for h in header]
     if len(set(header)) != len(header):
         errors.add(1, None, "a column is named twice")
         return
-    for row in reader:
-        extra = row.pop(None, None)
-        if extra:
-            errors.add(reader.line_num, None, "more cells than the header has columns")
+    unknown = [h for h in header if h not in COLUMNS]
+    for name in unknown:
+        errors.add(1, name[:40], f"unknown column (known: {', '.join(COLUMNS)})")
+    if unknown:
+        return
+    width = len(header)
+    at = {name: header.index(name) if name in header else None for name in COLUMNS}
+
+    def cell(cells: list[str], name: str) -> str | None:
+        i = at[name]
+        if i is None:
+            return None
+        text = cells[i].strip()
+        return text or None
+
+    for cells in reader:
+        line = reader.line_num
+        if len(cells) != width:
+            if not any(c.strip() for c in cells):
+                continue  # a blank line
+            errors.add(line, None, f"{len(cells)} cells where the header names {width} columns")
             continue
-        yield reader.line_num, row
+        yield Row(line, cell(cells, "instance"), cell(cells, "birth_date"), cell(cells, "sex"),
+                  cell(cells, "consent"), cell(cells, "cohorts"), cell(cells, "kind"), cell(cells, "date"),
+                  cell(cells, "value"))  # fmt: skip
 
 
-def _jsonl_rows(handle: Iterable[str], errors: _Errors) -> Iterator[tuple[int, dict[str, Any]]]:
-    for number, text in enumerate(handle, start=1):
+def _jsonl_rows(handle: Iterable[str], errors: _Errors) -> Iterator[Row]:
+    for line, text in enumerate(handle, start=1):
         if not text.strip():
             continue
         try:
             obj = json.loads(text)
         except ValueError:
-            errors.add(number, None, "not a JSON object")
+            errors.add(line, None, "not a JSON object")
             continue
         if not isinstance(obj, dict):
-            errors.add(number, None, "not a JSON object")
+            errors.add(line, None, "not a JSON object")
             continue
-        yield number, obj
+        unknown = sorted(str(k) for k in obj if k not in COLUMNS)
+        for key in unknown:
+            errors.add(line, key[:40], f"unknown column (known: {', '.join(COLUMNS)})")
+        if unknown:
+            continue
+        get = obj.get
+        yield Row(line, _text(get("instance")), _text(get("birth_date")), _text(get("sex")),
+                  _text(get("consent")), get("cohorts"), _text(get("kind")), _text(get("date")),
+                  get("value"))  # fmt: skip
 
 
 def file_format(path: Path, declared: str | None = None) -> str:
@@ -326,8 +366,8 @@ def read_import_file(
         with open(path, encoding="utf-8-sig", newline="") as raw:
             handle: Iterable[str] = wrap(raw) if wrap is not None else raw
             rows = _csv_rows(handle, checker.errors) if fmt == "csv" else _jsonl_rows(handle, checker.errors)
-            for line, row in rows:
-                checker.row(line, row)
+            for row in rows:
+                checker.row(row)
     except UnicodeDecodeError:
         raise DispersError(ErrorCode.MALFORMED, f"{path.name}: not UTF-8 text") from None
     except csv.Error as exc:

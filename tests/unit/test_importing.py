@@ -150,7 +150,7 @@ def test_files_that_are_not_csv_or_json_lines_are_refused_clearly(tmp_path: Path
             import_file(store, path)
         path = tmp_path / "x.csv"
         path.write_text("instance,colour\na,blue\n")
-        with pytest.raises(DispersError, match="line 2, column colour: unknown column"):
+        with pytest.raises(DispersError, match="line 1, column colour: unknown column"):
             import_file(store, path)
         with pytest.raises(DispersError, match="cannot tell the format"):
             import_file(store, tmp_path / "x.xlsx")
