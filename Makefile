@@ -5,7 +5,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dispers
-PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+# pip shows its progress on a terminal and is quiet when piped (CI); $(shell) takes stdout, so
+# stderr tells whether make runs on a terminal.
+QUIET  := $(shell test -t 2 || echo -q)
+PIP    := $(BIN)/python -m pip --disable-pip-version-check $(QUIET)
 
 .PHONY: venv demo test lint typecheck protos check-protos bench bench-stats clean
 
