@@ -121,6 +121,12 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args)
     role = Role.parse(args.role)
     if args.name:
+        same_role = [e.name for e in config.roster.by_role(role)]
+        if args.name not in same_role:
+            raise DispersError(
+                ErrorCode.NOT_FOUND,
+                f"no {role.value} named {args.name!r} (there are: {', '.join(same_role)})",
+            )
         entry = config.roster.require(args.name, role)
     else:
         candidates = config.roster.by_role(role)
@@ -177,9 +183,13 @@ def _querier_name(config: ClusterConfig, chosen: str | None) -> str:
     """The querier a command acts as: the one named, or the first of the roster."""
     from dispers.core.ids import Role
 
-    if chosen:
-        return config.roster.require(chosen, Role.QUERIER).name
-    return config.roster.by_role(Role.QUERIER)[0].name
+    queriers = [e.name for e in config.roster.by_role(Role.QUERIER)]
+    if chosen and chosen not in queriers or not queriers:
+        raise DispersError(
+            ErrorCode.UNAUTHORIZED,
+            f"{chosen!r} is not a querier of this cluster (queriers: {', '.join(queriers) or 'none'})",
+        )
+    return chosen or queriers[0]
 
 
 def _budget(args: argparse.Namespace) -> int:
