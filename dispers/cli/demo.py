@@ -85,9 +85,9 @@ def running_cluster(config: ClusterConfig, logs: Path, *, ready_timeout_s: float
 def demo_truth(population: Population, spec: QuerySpec) -> dict[str, GroupTruth] | None:
     """The spec's statistics computed directly from the generated population: its target, its
     function and parameters, its groups (numeric edges of one field) and its bounds; None for
-    a grouping by categories or by two fields."""
+    a grouping by categories or by two fields, or several fields per contribution."""
     group_by = spec.group_by
-    if group_by is not None and (group_by.then is not None or group_by.categories):
+    if spec.fields or (group_by is not None and (group_by.then is not None or group_by.categories)):
         return None
     return stats_by_group(
         population,
@@ -172,7 +172,7 @@ def run_demo(
         say()
         say(result_table(outcome.result, truth))
         if truth is None:
-            say("(no ground truth for a grouping by categories or by two fields)")
+            say("(no ground truth for several fields, or a grouping by categories or by two fields)")
     say()
     # The phases are the Conductor's (its operator's view, from its store): a querier is not
     # shown them, since the collect phase's time grows with the number of targets.

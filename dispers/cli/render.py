@@ -99,6 +99,8 @@ def result_table(result: QueryResult, truth: Mapping[str, GroupTruth] | None = N
         return f"< {result.k}" if n is None else str(n)
 
     extras.append(f"declined: {count(result.declined)}")
+    if result.clipped is not None:
+        extras.append(f"clipped to their bounds: {count(result.clipped)}")
     if result.dropped:
         extras.append(
             "dropped by the aggregators: "

@@ -207,13 +207,14 @@ class ClusterSettings:
     max_concepts: int = 16  # per subscription and per query
     max_groups: int = 128  # groups of one query (partial_bytes and result_bytes must hold them)
     max_bins: int = 32  # histogram bins of one query
+    max_fields: int = 4  # values per contribution of one query (data.fields)
     concepts_bytes: int = 2048  # a subscription's or a query's concept list (JSON)
     address_bytes: int = 512  # an instance address and its nonce (JSON)
     expression_bytes: int = 1024  # a query's target expression
     request_bytes: int = 4096  # the data request sealed to T
     spec_bytes: int = 4096  # the aggregate spec sealed to each DA
-    partial_bytes: int = 131072  # a partial aggregate sealed to a parent DA
-    result_bytes: int = 524288  # the result sealed to Q (intervals, histograms, quantiles included)
+    partial_bytes: int = 196608  # a partial aggregate sealed to a parent DA
+    result_bytes: int = 2097152  # the result sealed to Q (intervals, histograms, quantiles included)
     max_long_polls: int = 4  # Status calls allowed to wait at once; more answer at once
     max_wait_s: float = 30.0  # the longest one Status call waits
     dp: bool = True  # the cluster's policy: noise every release (off only for simulations and tests)
@@ -331,6 +332,7 @@ def _settings(raw: Any, base: Path | None = None) -> ClusterSettings:
     _int_setting(s, "max_concepts", 1, 1024)
     _int_setting(s, "max_groups", 1, 100_000)
     _int_setting(s, "max_bins", 1, 100_000)
+    _int_setting(s, "max_fields", 1, 64)
     _int_setting(s, "max_long_polls", 0, 1024)
     for key in _SIZE_KEYS:
         _int_setting(s, key, 64, 64 * 1024 * 1024)

@@ -18,7 +18,7 @@ from dispers.crypto import ActorKeys, Opener
 from dispers.protocol.api import ConductorAPI, QuerierAPI, QueryOutcome
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import check_privacy, open_sealed_signed, seal_padded
-from dispers.protocol.instance.functions import FIELDS, FUNCTIONS, validate_params
+from dispers.protocol.instance.functions import FIELDS, FUNCTIONS, get_function, validate_params
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,16 @@ class Querier:
         sign the whole. A concept outside the public vocabulary is refused before anything
         is sealed."""
         check_spec_names(spec)
-        validate_params(spec.function, spec.params)
         settings = self._settings
+        for i, f in enumerate(spec.all_fields):
+            where = "data" if not spec.fields else f"data.fields[{i}]"
+            try:
+                get_function(f.function)
+                validate_params(f.function, f.params)
+            except DispersError as exc:
+                raise DispersError(exc.code, f"query spec: {where}: {exc.message}") from None
+        if len(spec.all_fields) > settings.max_fields:
+            raise malformed(f"query spec: at most {settings.max_fields} fields (cluster.max_fields)")
         if spec.k < settings.k_min:
             raise malformed(f"query spec: k={spec.k} is below the cluster minimum {settings.k_min}")
         concepts, expression = spec.compiled()
@@ -100,12 +108,17 @@ class Querier:
             group_by=spec.group_by,
             aggregators=plan.leaves,
             issued_at=time.time(),
+            extra_fields=tuple((f.function, dict(f.params)) for f in spec.all_fields[1:]),
         )
         request_bytes = dumps(request.to_obj())
         signature = self._keys.signing.sign(request_signing_bytes(request_bytes))
         agg = AggregateSpec(
             qid, spec.k, spec.bounds, spec.stats, spec.groups, request.layout.n_fields,
             bins=spec.bins, quantiles=spec.quantiles,
+            field_names=tuple(f.name for f in spec.fields),
+            field_bounds=tuple(f.bounds for f in spec.fields),
+            regression=spec.regression,
+            clip=spec.out_of_bounds == "clip",
         )  # fmt: skip
         unsigned = QueryEnvelope(
             query_id=qid,
@@ -183,12 +196,14 @@ class Querier:
 def check_spec_names(spec: QuerySpec) -> None:
     """Refuse a function or group-by field that is not registered, listing the valid ones (the
     public registries: no person's data), before anything is sealed or any host is asked."""
-    if spec.function not in FUNCTIONS:
-        raise DispersError(
-            ErrorCode.NOT_FOUND,
-            f"query spec: unknown function {spec.function[:64]!r} (`dispers functions` lists them: "
-            f"{', '.join(sorted(FUNCTIONS))})",
-        )
+    for i, f in enumerate(spec.all_fields):
+        if f.function not in FUNCTIONS:
+            where = "data.function" if not spec.fields else f"data.fields[{i}].function"
+            raise DispersError(
+                ErrorCode.NOT_FOUND,
+                f"query spec: {where}: unknown function {f.function[:64]!r} (`dispers functions` lists "
+                f"them: {', '.join(sorted(FUNCTIONS))})",
+            )
     group_by = spec.group_by
     while group_by is not None:
         if group_by.field not in FIELDS:
