@@ -62,7 +62,9 @@ def test_up_import_query_ps_down_over_real_processes(
         # From here on no --config: the cluster `up` started is the default.
         assert main(["import", "--host", "pc-1", str(source)]) == 0
         assert main(["subscribe"]) == 0
-        capsys.readouterr()
+        quiet = capsys.readouterr()
+        assert quiet.err == ""  # no progress bar when not on a terminal
+        assert "imported people.csv into pc-1: 150 people" in quiet.out
         out_dir = tmp_path / "results"
         assert main(["query", str(spec), "--output", str(out_dir), "--format", "json"]) == 0
         first_query_s = time.perf_counter() - t0
