@@ -476,6 +476,44 @@ class Privacy:
         )
 
 
+@dataclass(frozen=True)
+class PlanSpec:
+    """How the query's tree of aggregators is planned from the roster: `leaves` leaf DAs, or
+    enough leaves that `expected_targets` make at most `max_per_leaf` items each; no DA with
+    more than `fan_out` children. The plan depends on the spec and the roster only, never on
+    how many targets the query really has (that would tell the querier a count)."""
+
+    leaves: int | None = None
+    max_per_leaf: int | None = None
+    expected_targets: int | None = None
+    fan_out: int = 8
+
+    def __post_init__(self) -> None:
+        for key in ("leaves", "max_per_leaf", "expected_targets", "fan_out"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise malformed(f"plan.{key} must be a positive integer")
+        if self.fan_out < 2:
+            raise malformed("plan.fan_out must be at least 2")
+        if (self.leaves is None) == (self.max_per_leaf is None):
+            raise malformed("plan needs exactly one of leaves and max_per_leaf")
+        if (self.max_per_leaf is None) != (self.expected_targets is None):
+            raise malformed("plan.max_per_leaf goes with plan.expected_targets")
+
+    @property
+    def n_leaves(self) -> int:
+        """How many leaf DAs the plan has."""
+        if self.leaves is not None:
+            return self.leaves
+        assert self.max_per_leaf is not None and self.expected_targets is not None
+        return -(-self.expected_targets // self.max_per_leaf)
+
+    def to_obj(self) -> dict[str, Any]:
+        """The spec-file form."""
+        keys = ("leaves", "max_per_leaf", "expected_targets", "fan_out")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
 OUT_OF_BOUNDS = ("drop", "clip")
 
 
@@ -501,6 +539,7 @@ class QuerySpec:
     fields: tuple[FieldSpec, ...] = ()  # several values per contribution
     regression: Regression | None = None  # with the ols stat
     out_of_bounds: str = "drop"  # or "clip": what a DA does with a value outside its bounds
+    plan: PlanSpec | None = None  # the aggregator tree; None: the roster's own
 
     def __post_init__(self) -> None:
         if self.fields:
@@ -554,12 +593,15 @@ class QuerySpec:
             aggregate["regression"] = self.regression.to_obj()
         if self.out_of_bounds != "drop":
             aggregate["out_of_bounds"] = self.out_of_bounds
-        return {
+        out = {
             "query": {"target": self.target, "k": self.k},
             "data": data,
             "aggregate": aggregate,
             "privacy": self.privacy.to_obj(),
         }
+        if self.plan is not None:
+            out["plan"] = self.plan.to_obj()
+        return out
 
 
 _SPEC_TABLES = {
@@ -567,6 +609,7 @@ _SPEC_TABLES = {
     "data": {"function", "as_of", "params", "group_by", "fields"},
     "aggregate": {"stats", "bounds", "bins", "quantiles", "regression", "out_of_bounds"},
     "privacy": {"epsilon", "delta", "mechanism"},
+    "plan": {"leaves", "max_per_leaf", "expected_targets", "fan_out"},
 }
 
 
@@ -712,6 +755,12 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
     out_of_bounds = agg.get("out_of_bounds", "drop")
     if out_of_bounds not in OUT_OF_BOUNDS:
         raise _spec_error(f"aggregate.out_of_bounds must be one of {', '.join(OUT_OF_BOUNDS)}")
+    plan = None
+    if "plan" in data:
+        try:
+            plan = PlanSpec(**data["plan"])
+        except DispersError as exc:
+            raise _spec_error(exc.message) from None
     try:
         regression = Regression.from_obj(agg.get("regression"), "aggregate.regression")
         spec = QuerySpec(
@@ -729,6 +778,7 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
             fields=fields,
             regression=regression,
             out_of_bounds=out_of_bounds,
+            plan=plan,
         )
     except DispersError as exc:
         raise _spec_error(exc.message.removeprefix("query spec: ")) from None
@@ -833,6 +883,7 @@ class QueryResult:
     declined: int | None = None  # instances that declined; None: fewer than k
     privacy: ReleaseInfo = field(default_factory=lambda: ReleaseInfo(noised=False))
     clipped: int | None = None  # contributions clipped to their bounds; None: fewer than k, or not clipping
+    plan: Mapping[str, Any] | None = None  # the aggregator tree's shape: root, depth, leaves, fan-out
 
     def group(self, label: str) -> GroupResult:
         """The group labelled `label`."""
@@ -852,6 +903,7 @@ class QueryResult:
             "declined": self.declined,
             "privacy": self.privacy.to_obj(),
             "clipped": self.clipped,
+            "plan": None if self.plan is None else dict(self.plan),
         }
 
     @classmethod
@@ -867,4 +919,5 @@ class QueryResult:
             declined=obj.get("declined"),
             privacy=ReleaseInfo.from_obj(obj.get("privacy", {"noised": False})),
             clipped=obj.get("clipped"),
+            plan=obj.get("plan"),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -317,6 +318,7 @@ class DataAggregator:
                     result = release_dp(state.partial, state.spec, state.envelope.privacy, left=state.left)
                 else:
                     result = state.partial.release(state.spec)
+                result = dataclasses.replace(result, plan=state.envelope.plan.summary())
                 return seal_signed(
                         state.envelope.querier_sealing_key, self._keys.signing, self.name,
                         {"query_id": query_id, "result": result.to_obj()},

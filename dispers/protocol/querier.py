@@ -98,7 +98,10 @@ class Querier:
         if len(concepts) > settings.max_concepts:
             raise malformed(f"query spec: the target names more than {settings.max_concepts} concepts")
         roster = self.roster()
-        plan = roster.da_plan()
+        if spec.plan is None:
+            plan = roster.da_plan()
+        else:
+            plan = roster.plan_tree(spec.plan.n_leaves, spec.plan.fan_out)
         qid = query_id or new_query_id()
         request = DataRequest(
             query_id=qid,

@@ -400,6 +400,7 @@ def worst_case_sizes(
         declined=big,
         clipped=big,
         privacy=ReleaseInfo(True, "gaussian", long_float, long_float, long_float, long_float),
+        plan={"root": "a" * 63, "depth": big, "leaves": big, "aggregators": big, "fan_out": big},
     )
     key, qid, signer = SigningKeyPair.generate(), new_query_id(), "a" * 63  # the longest name
     partial_len = len(sign_payload(key, signer, {"query_id": qid, "partial": partial.to_obj()}))
