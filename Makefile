@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-dispers
 QUIET  := $(shell test -t 2 || echo -q)
 PIP    := $(BIN)/python -m pip --disable-pip-version-check $(QUIET)
 
-.PHONY: venv demo test lint typecheck protos check-protos bench bench-stats clean
+.PHONY: venv demo test lint typecheck protos check-protos bench bench-stats bench-import clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: $(STAMP)
 
 bench-stats: $(STAMP)
 	$(BIN)/python benchmarks/bench_stats.py
+
+bench-import: $(STAMP)
+	$(BIN)/python benchmarks/bench_import.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
