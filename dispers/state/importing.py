@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.vocabulary import validate_concept
@@ -111,8 +111,7 @@ def _text(value: Any) -> str | None:
     return "?"  # a list or an object where text belongs: refused by the check of its column
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     """One row, whatever the format: each column as text (None when empty); cohorts as given."""
 
     line: int
@@ -289,15 +288,8 @@ def _csv_rows(handle: Iterable[str], errors: _Errors) -> Iterator[Row]:
     if unknown:
         return
     width = len(header)
-    at = {name: header.index(name) if name in header else None for name in COLUMNS}
-
-    def cell(cells: list[str], name: str) -> str | None:
-        i = at[name]
-        if i is None:
-            return None
-        text = cells[i].strip()
-        return text or None
-
+    # Where each column of Row is in a line (a column the header lacks reads an empty cell).
+    at = [header.index(name) if name in header else width for name in COLUMNS]
     for cells in reader:
         line = reader.line_num
         if len(cells) != width:
@@ -305,9 +297,9 @@ def _csv_rows(handle: Iterable[str], errors: _Errors) -> Iterator[Row]:
                 continue  # a blank line
             errors.add(line, None, f"{len(cells)} cells where the header names {width} columns")
             continue
-        yield Row(line, cell(cells, "instance"), cell(cells, "birth_date"), cell(cells, "sex"),
-                  cell(cells, "consent"), cell(cells, "cohorts"), cell(cells, "kind"), cell(cells, "date"),
-                  cell(cells, "value"))  # fmt: skip
+        cells.append("")
+        values = [cells[i].strip() or None for i in at]
+        yield Row(line, *values)
 
 
 def _jsonl_rows(handle: Iterable[str], errors: _Errors) -> Iterator[Row]:
