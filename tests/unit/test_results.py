@@ -114,3 +114,27 @@ def test_csv_text_parses_back_to_the_rows() -> None:
     report = Result(released(), SPEC)
     back = list(csv.DictReader(io.StringIO(report.to_csv())))
     assert [r["statistic"] for r in back] == [r["statistic"] for r in report.rows()]
+
+
+def test_without_pandas_the_dataframe_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from dispers.core.errors import DispersError
+
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if it were not installed
+    report = Result(released(), SPEC)
+    with pytest.raises(DispersError, match="pip install pandas"):
+        report.to_dataframe()
+    assert len(report.rows()) == 2 * (3 + 2)  # 3 statistics and 2 histogram bins a group: no pandas needed
+
+
+def test_a_spec_may_be_given_as_a_mapping_a_path_or_a_spec(tmp_path: Path) -> None:
+    from dispers.client import as_spec
+
+    path = tmp_path / "s.toml"
+    path.write_text('[query]\ntarget = "age:25-50"\nk = 10\n[data]\nfunction = "mean_heart_rate"\n'
+                    '[aggregate]\nbounds = [30.0, 220.0]\nstats = ["count"]\n')  # fmt: skip
+    from_path = as_spec(path)
+    assert from_path == as_spec(str(path)) == as_spec(from_path)
+    assert as_spec({"query": {"target": "age:25-50", "k": 10}, "data": {"function": "mean_heart_rate"},
+                    "aggregate": {"bounds": [30.0, 220.0], "stats": ["count"]}}) == from_path  # fmt: skip
