@@ -161,7 +161,7 @@ def up(
             start_id = process_start_id(proc.pid) or ""
             started.append(Started(entry.name, entry.role.value, proc.pid, start_id, str(log_path)))
             proc.returncode = 0  # not waited for here: `down` stops it (and Popen must not warn)
-        _write_state(directory, started)  # before waiting: an interrupted `up` can still be downed
+            _write_state(directory, started)  # at once: an interrupted `up` can still be downed
         _wait_healthy(config, started, ready_timeout_s, on_ready)
     except BaseException:
         stop(started)
