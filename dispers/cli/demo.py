@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -12,8 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import grpc
 
 from dispers.core.cluster_files import ClusterLayout, write_cluster
 from dispers.core.config import ClusterConfig
@@ -25,7 +21,6 @@ from dispers.protocol.api import QueryOutcome
 from dispers.simulation.ground_truth import GroupTruth, stats_by_group
 from dispers.simulation.population import Population, PopulationSpec, generate
 from dispers.state.documents import DocumentStore
-from dispers.transport.grpc_client import open_channel
 
 DEFAULT_SPEC = Path(__file__).resolve().parent / "heart_rate.toml"
 
@@ -42,44 +37,16 @@ class DemoReport:
 
 
 @contextmanager
-def running_cluster(config: ClusterConfig, logs: Path, *, ready_timeout_s: float = 60.0) -> Iterator[None]:
-    """Start `dispers serve` for every actor as its own process; stop them all on exit."""
-    assert config.path is not None
-    logs.mkdir(parents=True, exist_ok=True)
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def running_cluster(config: ClusterConfig, *, ready_timeout_s: float = 60.0) -> Iterator[None]:
+    """Start `dispers serve` for every actor as its own process, as `dispers up` does (logs in
+    the cluster's logs/, each actor healthy before this yields); stop exactly those on exit."""
+    from dispers.cli.processes import down, up
+
+    up(config, ready_timeout_s=ready_timeout_s)
     try:
-        for entry in config.roster:
-            log = open(logs / f"{entry.name}.log", "wb")  # noqa: SIM115 (closed with the process)
-            cmd = [sys.executable, "-m", "dispers.cli.main", "serve", entry.role.value,
-                   "--config", str(config.path), "--name", entry.name]  # fmt: skip
-            procs.append((entry.name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
-            log.close()
-        deadline = time.monotonic() + ready_timeout_s
-        # Readiness is a completed (mutual TLS) handshake, made as the first querier.
-        identity = config.tls_identity(config.roster.by_role(Role.QUERIER)[0].name)
-        for entry in config.roster:
-            with open_channel(entry.endpoint, identity=identity, server_name=entry.name) as channel:
-                remaining = max(0.1, deadline - time.monotonic())
-                try:
-                    grpc.channel_ready_future(channel).result(timeout=remaining)
-                except grpc.FutureTimeoutError:
-                    dead = [n for n, p in procs if p.poll() is not None]
-                    raise DispersError(
-                        ErrorCode.UNAVAILABLE,
-                        f"{entry.name} did not start within {ready_timeout_s:.0f} s"
-                        + (f" (exited: {', '.join(dead)}; see {logs})" if dead else ""),
-                    ) from None
         yield
     finally:
-        for _, proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for _, proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        down(config)
 
 
 def demo_truth(population: Population, spec: QuerySpec) -> dict[str, GroupTruth] | None:
@@ -109,6 +76,9 @@ def _fresh_workdir(workdir: Path) -> None:
             raise DispersError(
                 ErrorCode.CONFIG, f"{workdir} is not empty and holds no cluster.toml: pick another --workdir"
             )
+        from dispers.cli.processes import read_state, stop
+
+        stop(read_state(workdir))  # a previous demo interrupted before it stopped its actors
         for sub in ("state", "logs", "run"):
             shutil.rmtree(workdir / sub, ignore_errors=True)
 
@@ -146,7 +116,7 @@ def run_demo(
     say(f"cluster in {workdir} ({len(config.roster.entries)} actors), {instances} instances (seed {seed})")
 
     t0 = time.perf_counter()
-    with running_cluster(config, workdir / "logs"):
+    with running_cluster(config):
         timings["start 9 gRPC server processes"] = time.perf_counter() - t0
         roster = config.roster
         t0 = time.perf_counter()
