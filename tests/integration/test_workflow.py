@@ -260,3 +260,37 @@ def test_a_request_every_host_refuses_fails_the_query_with_the_hosts_code(
             result_of(outcome)
     finally:
         world.close()
+
+
+def test_a_json_lines_file_gives_the_numbers_computed_from_its_rows(tmp_path: Path) -> None:
+    from dispers.client import run_query
+    from dispers.core.messages import SubscriptionOp
+    from dispers.core.spec import load_query_spec
+    from dispers.state.documents import DocumentStore
+    from dispers.state.importing import import_file
+    from dispers.transport.local import LocalCluster
+    from tests.import_data import write_jsonl
+
+    config = write_cluster(
+        tmp_path / "c", ClusterLayout(k_min=5, host_as_of=AS_OF, dp=False, cohorts=("cohort:study-42",))
+    )
+    people = make_people(90, seed=5)
+    documents = config.local_for("pc-1").documents
+    assert documents is not None
+    with DocumentStore(documents) as store:
+        import_file(
+            store, write_jsonl(people, tmp_path / "people.jsonl"), vocabulary=config.settings.vocabulary
+        )
+    spec = tmp_path / "s.toml"
+    spec.write_text(heart_rate_spec(k=5))
+    cluster = LocalCluster.from_config(config)
+    try:
+        cluster.host_admin("pc-1").subscribe_all(SubscriptionOp.SUBSCRIBE)
+        result = run_query(cluster.querier(), load_query_spec(spec), timeout_s=60)
+    finally:
+        cluster.close()
+    expected = expected_mean_heart_rate_by_age(people, [12, 25, 50, 100])
+    for group in result.groups:
+        count, mean = expected[group.label]
+        assert group.values["count"] == count
+        assert math.isclose(group.values["mean"] or 0.0, mean, rel_tol=1e-9)
