@@ -87,6 +87,10 @@ def _down(args: argparse.Namespace) -> int:
 
     config = load_cluster(args)
     stopped, skipped = down(config, grace_s=args.grace)
+    if not stopped and not skipped:
+        assert config.path is not None
+        print(f"nothing to stop: `dispers up` recorded no process for {Path(config.path).resolve().parent}")
+        return 0
     print(f"stopped {len(stopped)} actors" + (f" ({', '.join(s.name for s in stopped)})" if stopped else ""))
     for record in skipped:
         print(f"  {record.name}: pid {record.pid} is no longer the process `up` started: left alone")
