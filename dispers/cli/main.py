@@ -58,7 +58,14 @@ def _keygen(args: argparse.Namespace) -> int:
 def _init(args: argparse.Namespace) -> int:
     from dispers.core.cluster_files import ClusterLayout, write_cluster
 
+    from dispers.cli.processes import is_ours, read_state
+
     existing = Path(args.directory) / "cluster.toml"
+    if existing.exists() and any(is_ours(r) for r in read_state(Path(args.directory).resolve())):
+        raise DispersError(
+            ErrorCode.FAILED_PRECONDITION,
+            f"the cluster in {args.directory} is up: `dispers down --config {existing}` first",
+        )
     if existing.exists() and not args.force:
         raise DispersError(
             ErrorCode.FAILED_PRECONDITION,
