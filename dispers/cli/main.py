@@ -56,9 +56,8 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from dispers.core.cluster_files import ClusterLayout, write_cluster
-
     from dispers.cli.processes import is_ours, read_state
+    from dispers.core.cluster_files import ClusterLayout, write_cluster
 
     existing = Path(args.directory) / "cluster.toml"
     if existing.exists() and any(is_ours(r) for r in read_state(Path(args.directory).resolve())):
