@@ -59,6 +59,8 @@ def test_up_import_query_ps_down_over_real_processes(
         assert len(records) == 9 and all(is_ours(r) for r in records)
         assert main(["up", str(directory)]) == 2  # already up: refused, nothing started twice
         assert "already up" in capsys.readouterr().err
+        assert main(["init", str(directory), "--force"]) == 2  # never new keys under a live cluster
+        assert "is up" in capsys.readouterr().err
         # From here on no --config: the cluster `up` started is the default.
         assert main(["import", "--host", "pc-1", str(source)]) == 0
         assert main(["subscribe"]) == 0
