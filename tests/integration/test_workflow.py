@@ -20,6 +20,8 @@ from dispers.cli.main import main
 from dispers.cli.processes import Started, down, is_ours, process_start_id, read_state
 from dispers.core.cluster_files import ClusterLayout, write_cluster
 from dispers.core.config import load_config
+from dispers.simulation.population import PopulationSpec, generate
+from dispers.state.documents import DocumentStore
 from tests.import_data import AS_OF, expected_mean_heart_rate_by_age, heart_rate_spec, make_people, write_csv
 
 
@@ -222,16 +224,25 @@ def test_demo_spec_ground_truth_applies_the_target_and_the_demo_runs_again(tmp_p
         )
     )
     workdir = tmp_path / "demo"
-    for _ in range(2):  # the second run reuses the workdir
-        report = run_demo(instances=600, workdir=workdir, spec_path=spec, out=io.StringIO())
-        assert report.outcome.record.state == "done" and report.truth is not None
-        # Only the target's bracket has anyone in the truth, as in the cluster.
-        assert report.truth["12-25"].count == 0 and report.truth["50-100"].count == 0
-        assert report.truth["25-50"].count > 50
-        assert report.outcome.result is not None
-        released = report.outcome.result.group("25-50")
-        lo, hi = released.intervals["count"]
-        assert abs(released.values["count"] - report.truth["25-50"].count) <= 2 * (hi - lo)  # type: ignore[operator]
+    # What an earlier demo leaves in its workdir (cluster, a populated host, stores, logs), made
+    # without starting one: the demo must run again over it.
+    earlier = write_cluster(workdir, ClusterLayout(host_as_of=AS_OF))
+    documents = earlier.local_for("pc-1").documents
+    assert documents is not None
+    with DocumentStore(documents) as store:
+        generate(PopulationSpec(n_instances=600, as_of=AS_OF)).write(store)
+    (workdir / "logs").mkdir()
+    (workdir / "logs" / "conductor.log").write_text("an earlier run\n")
+    report = run_demo(instances=600, workdir=workdir, spec_path=spec, out=io.StringIO())
+    assert report.outcome.record.state == "done" and report.truth is not None
+    # Only the target's bracket has anyone in the truth, as in the cluster.
+    assert report.truth["12-25"].count == 0 and report.truth["50-100"].count == 0
+    assert report.truth["25-50"].count > 50
+    assert report.outcome.result is not None
+    released = report.outcome.result.group("25-50")
+    lo, hi = released.intervals["count"]
+    assert abs(released.values["count"] - report.truth["25-50"].count) <= 2 * (hi - lo)  # type: ignore[operator]
+    assert "an earlier run" not in (workdir / "logs" / "conductor.log").read_text()
 
 
 def test_a_request_every_host_refuses_fails_the_query_with_the_hosts_code(
@@ -268,7 +279,6 @@ def test_a_json_lines_file_gives_the_numbers_computed_from_its_rows(tmp_path: Pa
     from dispers.client import run_query
     from dispers.core.messages import SubscriptionOp
     from dispers.core.spec import load_query_spec
-    from dispers.state.documents import DocumentStore
     from dispers.state.importing import import_file
     from dispers.transport.local import LocalCluster
     from tests.import_data import write_jsonl
