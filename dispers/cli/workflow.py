@@ -129,6 +129,10 @@ def _import(args: argparse.Namespace) -> int:
         batch = read_import_file(
             path, file_format_name=args.format, vocabulary=config.settings.vocabulary, wrap=wrap
         )
+    if args.dry_run:
+        print(f"{path.name} is valid: {batch.rows} rows ({len(batch.person_ids)} people, "
+              f"{batch.n_measurements} measurements); nothing written (--dry-run)")  # fmt: skip
+        return 0
     with DocumentStore(documents) as store:
         report = import_batch(store, batch, path.name)
     seconds = time.perf_counter() - t0
@@ -214,6 +218,7 @@ def add_commands(sub: Any) -> None:
     s.add_argument("file", help="a .csv or .jsonl file (schema: README, 'Your own data')")
     s.add_argument("--host", default="pc-1", help="the personal-cloud host that keeps them (default pc-1)")
     s.add_argument("--format", choices=["csv", "jsonl"], help="the file's format (default: from its suffix)")
+    s.add_argument("--dry-run", action="store_true", help="check the whole file, write nothing")
     s.add_argument("--config", help=CONFIG_HELP)
     s.set_defaults(fn=_import)
 

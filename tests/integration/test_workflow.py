@@ -64,6 +64,8 @@ def test_up_import_query_ps_down_over_real_processes(
         assert main(["init", str(directory), "--force"]) == 2  # never new keys under a live cluster
         assert "is up" in capsys.readouterr().err
         # From here on no --config: the cluster `up` started is the default.
+        assert main(["import", "--host", "pc-1", str(source), "--dry-run"]) == 0
+        assert "is valid: " in capsys.readouterr().out
         assert main(["import", "--host", "pc-1", str(source)]) == 0
         assert main(["subscribe"]) == 0
         quiet = capsys.readouterr()
