@@ -28,6 +28,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
         return "-"
     if float(value).is_integer() and abs(value) < 1e15:
         return str(int(value))
+    if abs(value) < 10 ** -(digits - 1):  # a slope of -0.0004 must not print as -0.000
+        return f"{value:.{digits}g}"
     return f"{value:.{digits}f}"
 
 

@@ -15,10 +15,12 @@ from dispers.core.ids import Role, new_query_id
 from dispers.core.messages import QueryEnvelope, request_signing_bytes
 from dispers.core.spec import AggregateSpec, DataRequest, QueryResult, QuerySpec
 from dispers.crypto import ActorKeys, Opener
+from dispers.protocol.aggregation.release import plan_noise
 from dispers.protocol.api import ConductorAPI, QuerierAPI, QueryOutcome
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import check_privacy, open_sealed_signed, seal_padded
-from dispers.protocol.instance.functions import FIELDS, FUNCTIONS, get_function, validate_params
+from dispers.protocol.instance.functions import FIELDS as GROUP_FIELDS
+from dispers.protocol.instance.functions import FUNCTIONS, get_function, validate_params
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +70,34 @@ class Querier:
         """Seal every part of the query to its reader, padded to the cluster's fixed sizes, and
         sign the whole. A concept outside the public vocabulary is refused before anything
         is sealed."""
-        check_spec_names(spec)
         settings = self._settings
         for i, f in enumerate(spec.all_fields):
-            where = "data" if not spec.fields else f"data.fields[{i}]"
+            where = "data." if not spec.fields else f"data.fields[{i}]."
             try:
                 get_function(f.function)
+            except DispersError as exc:
+                raise DispersError(
+                    exc.code, f"query spec: {where}function: {exc.message} (`dispers functions` lists them)"
+                ) from None
+            try:
                 validate_params(f.function, f.params)
             except DispersError as exc:
-                raise DispersError(exc.code, f"query spec: {where}: {exc.message}") from None
+                raise DispersError(exc.code, f"query spec: {where}params: {exc.message}") from None
+        level, key = spec.group_by, "data.group_by"
+        while level is not None:
+            if level.field not in GROUP_FIELDS:
+                raise DispersError(
+                    ErrorCode.NOT_FOUND,
+                    f"query spec: {key}.field: unknown group-by field {level.field[:64]!r} "
+                    f"(the fields are: {', '.join(sorted(GROUP_FIELDS))})",
+                )
+            level, key = level.then, f"{key}.then"
         if len(spec.all_fields) > settings.max_fields:
-            raise malformed(f"query spec: at most {settings.max_fields} fields (cluster.max_fields)")
+            raise malformed(
+                f"query spec: data.fields: at most {settings.max_fields} fields (cluster.max_fields)"
+            )
         if spec.k < settings.k_min:
-            raise malformed(f"query spec: k={spec.k} is below the cluster minimum {settings.k_min}")
+            raise malformed(f"query spec: query.k = {spec.k} is below the cluster minimum {settings.k_min}")
         concepts, expression = spec.compiled()
         vocabulary = set(settings.vocabulary)
         for concept in concepts:
@@ -123,6 +140,11 @@ class Querier:
             regression=spec.regression,
             clip=spec.out_of_bounds == "clip",
         )  # fmt: skip
+        if settings.dp:
+            try:
+                plan_noise(agg, spec.privacy)  # bounds too narrow to calibrate: refused now, not at release
+            except DispersError as exc:
+                raise malformed(f"query spec: aggregate.bounds: {exc.message}") from None
         unsigned = QueryEnvelope(
             query_id=qid,
             querier=self.name,
@@ -197,25 +219,26 @@ class Querier:
 
 
 def check_spec_names(spec: QuerySpec) -> None:
-    """Refuse a function or group-by field that is not registered, listing the valid ones (the
-    public registries: no person's data), before anything is sealed or any host is asked."""
+    """The names Querier.build checks, checked where the researcher is, before any actor is
+    asked (the CLI and dispers.Client): an unknown function or group-by field is refused with
+    the valid ones listed (the public registries: no person's data)."""
     for i, f in enumerate(spec.all_fields):
         if f.function not in FUNCTIONS:
-            where = "data.function" if not spec.fields else f"data.fields[{i}].function"
+            where = "data." if not spec.fields else f"data.fields[{i}]."
             raise DispersError(
                 ErrorCode.NOT_FOUND,
-                f"query spec: {where}: unknown function {f.function[:64]!r} (`dispers functions` lists "
-                f"them: {', '.join(sorted(FUNCTIONS))})",
+                f"query spec: {where}function: unknown local function {f.function[:64]!r} "
+                f"(`dispers functions` lists them: {', '.join(sorted(FUNCTIONS))})",
             )
-    group_by = spec.group_by
-    while group_by is not None:
-        if group_by.field not in FIELDS:
+    level, key = spec.group_by, "data.group_by"
+    while level is not None:
+        if level.field not in GROUP_FIELDS:
             raise DispersError(
                 ErrorCode.NOT_FOUND,
-                f"query spec: unknown group-by field {group_by.field[:64]!r} "
-                f"(valid: {', '.join(sorted(FIELDS))})",
+                f"query spec: {key}.field: unknown group-by field {level.field[:64]!r} "
+                f"(the fields are: {', '.join(sorted(GROUP_FIELDS))})",
             )
-        group_by = group_by.then
+        level, key = level.then, f"{key}.then"
 
 
 def run_query(querier: QuerierAPI, spec: QuerySpec, *, timeout_s: float = 300.0) -> QueryOutcome:

@@ -173,11 +173,11 @@ def test_errors_are_one_line_and_name_the_valid_choices(
     spec.write_text(heart_rate_spec(k=10).replace('field = "age"', 'field = "agee"'))
     assert main(["query", str(spec)]) == 2  # refused before any cluster is needed
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown group-by field 'agee' (valid: age, sex)" in err
+    assert err.count("\n") == 1 and "unknown group-by field 'agee' (the fields are: age, sex)" in err
     spec.write_text(heart_rate_spec(k=10).replace("mean_heart_rate", "mean_hart_rate"))
     assert main(["query", str(spec)]) == 2
     err = capsys.readouterr().err
-    assert "unknown function 'mean_hart_rate'" in err and "mean_heart_rate" in err
+    assert "unknown local function 'mean_hart_rate'" in err and "mean_heart_rate" in err
     assert main(["ps"]) == 2  # no cluster anywhere: says how to name one
     assert "dispers up DIR" in capsys.readouterr().err
     assert main(["import", str(tmp_path / "missing.csv"), "--config", str(tmp_path / "nope")]) == 2
