@@ -93,8 +93,8 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _populate(args: argparse.Namespace) -> int:
-    from dispers.cli.progress import bar
-    from dispers.simulation.population import PopulationSpec, generate
+    from dispers.cli.progress import bar, spinner
+    from dispers.simulation.population import MEASURED_KINDS, PopulationSpec, generate
     from dispers.state.documents import DocumentStore
 
     config = _load(args)
@@ -107,15 +107,18 @@ def _populate(args: argparse.Namespace) -> int:
         as_of=dt.date.fromisoformat(args.as_of),
         host=args.host,
     )
-    with bar(3, desc="populate", unit="step") as progress:
-        progress.set_postfix_str("generating")
+    with spinner(f"populate: generating {args.instances} instances"):
         population = generate(spec)
-        progress.update()
-        progress.set_postfix_str("writing")
-        with DocumentStore(documents) as store:
-            progress.update()
-            population.write(store)
-        progress.update()
+    rows = population.n_instances + sum(len(population.series(k)) for k in MEASURED_KINDS)
+    with (
+        bar(rows, desc="populate: writing", unit="row", unit_scale=True) as progress,
+        DocumentStore(documents) as store,
+    ):
+
+        def wrote(n: int) -> None:
+            progress.update(n)
+
+        population.write(store, on_rows=wrote)
     print(f"wrote {population.n_instances} instances to {documents}")
     return 0
 
