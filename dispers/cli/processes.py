@@ -259,6 +259,7 @@ class ActorStatus:
     pid: int | None
     process: str  # running, exited, not started
     health: str  # healthy, or why not
+    log: str | None  # the log file `up` gave it
 
 
 def status(config: ClusterConfig) -> list[ActorStatus]:
@@ -280,5 +281,6 @@ def status(config: ClusterConfig) -> list[ActorStatus]:
         except DispersError as exc:
             health = "unreachable" if exc.code is ErrorCode.UNAVAILABLE else exc.code.value.lower()
         pid = record.pid if record is not None else None
-        out.append(ActorStatus(entry.name, entry.role.value, entry.endpoint, pid, process, health))
+        log_path = record.log if record is not None else None
+        out.append(ActorStatus(entry.name, entry.role.value, entry.endpoint, pid, process, health, log_path))
     return out
