@@ -235,9 +235,8 @@ class Target:
             # down), and an empty release would only hide it. Only the code travels: a host's
             # message stays in its own log.
             code = Counter(refusals).most_common(1)[0][0]
-            raise DispersError(
-                code, f"every host refused the data request ({code.value}); the hosts' logs say why"
-            )
+            how = "was unreachable" if code is ErrorCode.UNAVAILABLE else "refused the data request"
+            raise DispersError(code, f"every host {how} ({code.value}); the hosts' logs say why")
 
         def forward(leaf: str) -> None:
             items = per_da[leaf]
