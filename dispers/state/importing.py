@@ -134,6 +134,7 @@ class _Checker:
         self._vocabulary = None if vocabulary is None else frozenset(vocabulary)
         self._people: dict[str, int] = {}  # instance -> line of its person row
         self._days: dict[str, int | None] = {}  # date text -> epoch day (None: not a date)
+        self._ids: dict[str, str] = {}
 
     def _cohort_names(self) -> str:
         names = sorted(c.partition(":")[2] for c in self._vocabulary or () if c.startswith("cohort:"))
@@ -267,7 +268,8 @@ class _Checker:
             return
         assert kind is not None and day is not None and value is not None
         ids, days, values = self.batch.measurements.setdefault(kind.name, ([], [], []))
-        ids.append(r.instance)
+        # One string per person, not per row: a million rows of a few thousand people stay small.
+        ids.append(self._ids.setdefault(r.instance, r.instance))
         days.append(day)
         values.append(value)
 
