@@ -5,9 +5,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dispers
-PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+# pip shows its progress on a terminal and is quiet when piped (CI); $(shell) takes stdout, so
+# stderr tells whether make runs on a terminal.
+QUIET  := $(shell test -t 2 || echo -q)
+PIP    := $(BIN)/python -m pip --disable-pip-version-check $(QUIET)
 
-.PHONY: venv demo test test-long lint typecheck protos check-protos bench bench-stats bench-sim clean
+.PHONY: venv demo test test-long lint typecheck protos check-protos bench bench-stats bench-import bench-sim clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +48,9 @@ bench: $(STAMP)
 
 bench-stats: $(STAMP)
 	$(BIN)/python benchmarks/bench_stats.py
+
+bench-import: $(STAMP)
+	$(BIN)/python benchmarks/bench_import.py
 
 bench-sim: $(STAMP)
 	$(BIN)/python benchmarks/bench_simulate.py

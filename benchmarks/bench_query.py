@@ -76,7 +76,7 @@ def main() -> int:
         population.write(store)
 
     figures: dict[str, float] = {}
-    with running_cluster(config, workdir / "logs"):
+    with running_cluster(config):
         host = client_for(config, "pc-1", "pc-1", PersonalCloudClient)
         researcher = config.roster.by_role(Role.QUERIER)[0].name
         querier = client_for(config, researcher, researcher, QuerierClient)

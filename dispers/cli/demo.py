@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -12,8 +11,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from dispers.core.cluster_files import ClusterLayout, write_cluster
 from dispers.core.config import ClusterConfig
 from dispers.core.errors import DispersError, ErrorCode
@@ -21,10 +18,9 @@ from dispers.core.ids import Role
 from dispers.core.messages import SubscriptionOp
 from dispers.core.spec import QuerySpec, load_query_spec
 from dispers.protocol.api import QueryOutcome
-from dispers.simulation.ground_truth import GroupTruth, mean_heart_rate_by_age
-from dispers.simulation.population import PopulationSpec, generate
+from dispers.simulation.ground_truth import GroupTruth, stats_by_group
+from dispers.simulation.population import Population, PopulationSpec, generate
 from dispers.state.documents import DocumentStore
-from dispers.transport.grpc_client import open_channel
 
 DEFAULT_SPEC = Path(__file__).resolve().parent / "heart_rate.toml"
 
@@ -35,50 +31,56 @@ class DemoReport:
 
     config: ClusterConfig
     spec: QuerySpec
-    truth: dict[str, GroupTruth]
+    truth: dict[str, GroupTruth] | None
     timings: dict[str, float]
     outcome: QueryOutcome
 
 
 @contextmanager
-def running_cluster(config: ClusterConfig, logs: Path, *, ready_timeout_s: float = 60.0) -> Iterator[None]:
-    """Start `dispers serve` for every actor as its own process; stop them all on exit."""
-    assert config.path is not None
-    logs.mkdir(parents=True, exist_ok=True)
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def running_cluster(config: ClusterConfig, *, ready_timeout_s: float = 60.0) -> Iterator[None]:
+    """Start `dispers serve` for every actor as its own process, as `dispers up` does (logs in
+    the cluster's logs/, each actor healthy before this yields); stop exactly those on exit."""
+    from dispers.cli.processes import down, up
+
+    up(config, ready_timeout_s=ready_timeout_s)
     try:
-        for entry in config.roster:
-            log = open(logs / f"{entry.name}.log", "wb")  # noqa: SIM115 (closed with the process)
-            cmd = [sys.executable, "-m", "dispers.cli.main", "serve", entry.role.value,
-                   "--config", str(config.path), "--name", entry.name]  # fmt: skip
-            procs.append((entry.name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
-            log.close()
-        deadline = time.monotonic() + ready_timeout_s
-        # Readiness is a completed (mutual TLS) handshake, made as the first querier.
-        identity = config.tls_identity(config.roster.by_role(Role.QUERIER)[0].name)
-        for entry in config.roster:
-            with open_channel(entry.endpoint, identity=identity, server_name=entry.name) as channel:
-                remaining = max(0.1, deadline - time.monotonic())
-                try:
-                    grpc.channel_ready_future(channel).result(timeout=remaining)
-                except grpc.FutureTimeoutError:
-                    dead = [n for n, p in procs if p.poll() is not None]
-                    raise DispersError(
-                        ErrorCode.UNAVAILABLE,
-                        f"{entry.name} did not start within {ready_timeout_s:.0f} s"
-                        + (f" (exited: {', '.join(dead)}; see {logs})" if dead else ""),
-                    ) from None
         yield
     finally:
-        for _, proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for _, proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        down(config)
+
+
+def demo_truth(population: Population, spec: QuerySpec) -> dict[str, GroupTruth] | None:
+    """The spec's statistics computed directly from the generated population: its target, its
+    function and parameters, its groups (numeric edges of one field) and its bounds; None for
+    a grouping by categories or by two fields, or several fields per contribution."""
+    group_by = spec.group_by
+    if spec.fields or (group_by is not None and (group_by.then is not None or group_by.categories)):
+        return None
+    return stats_by_group(
+        population,
+        spec.function,
+        spec.params,
+        spec.as_of,
+        group_field=group_by.field if group_by is not None else None,
+        edges=group_by.edges if group_by is not None else None,
+        bounds=spec.bounds,
+        target=spec.target,
+    )
+
+
+def _fresh_workdir(workdir: Path) -> None:
+    """Let the demo run again in the same directory: a previous demo's stores and logs go (its
+    keys and config are written anew); a directory that is not a dispers cluster is refused."""
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / "cluster.toml").is_file():
+            raise DispersError(
+                ErrorCode.CONFIG, f"{workdir} is not empty and holds no cluster.toml: pick another --workdir"
+            )
+        from dispers.cli.processes import read_state, stop
+
+        stop(read_state(workdir))  # a previous demo interrupted before it stopped its actors
+        for sub in ("state", "logs", "run"):
+            shutil.rmtree(workdir / sub, ignore_errors=True)
 
 
 def run_demo(
@@ -101,6 +103,7 @@ def run_demo(
 
     spec = load_query_spec(spec_path)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="dispers-demo-"))
+    _fresh_workdir(workdir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     config = write_cluster(workdir, ClusterLayout(leaf_aggregators=leaf_aggregators, host_as_of=spec.as_of))
@@ -113,7 +116,7 @@ def run_demo(
     say(f"cluster in {workdir} ({len(config.roster.entries)} actors), {instances} instances (seed {seed})")
 
     t0 = time.perf_counter()
-    with running_cluster(config, workdir / "logs"):
+    with running_cluster(config):
         timings["start 9 gRPC server processes"] = time.perf_counter() - t0
         roster = config.roster
         t0 = time.perf_counter()
@@ -128,23 +131,18 @@ def run_demo(
         host.close()
         querier.close()
 
-    if spec.group_by is None or spec.function != "mean_heart_rate":
-        raise DispersError(ErrorCode.CONFIG, "the demo's ground truth covers mean_heart_rate grouped by age")
-    truth = mean_heart_rate_by_age(
-        population,
-        edges=spec.group_by.edges,
-        window_days=int(spec.params.get("window_days", 30)),
-        as_of=spec.as_of,
-        bounds=spec.bounds,
-    )
+    truth = demo_truth(population, spec)
     say()
-    say(f"Query: {spec.function} {dict(spec.params)} where {spec.target}, by {spec.group_by.field}")
+    by = f", by {spec.group_by.field}" if spec.group_by is not None else ""
+    say(f"Query: {spec.function} {dict(spec.params)} where {spec.target}{by}")
     say(counts_line(outcome.record))
     if outcome.result is None:
         say(f"no result: {outcome.record.error_code}: {outcome.record.error_message}")
     else:
         say()
         say(result_table(outcome.result, truth))
+        if truth is None:
+            say("(no ground truth for several fields, or a grouping by categories or by two fields)")
     say()
     # The phases are the Conductor's (its operator's view, from its store): a querier is not
     # shown them, since the collect phase's time grows with the number of targets.

@@ -1,4 +1,11 @@
-"""The `dispers` command: keygen, init, populate, serve, subscribe, concepts, query, status, demo."""
+"""dispers: privacy-preserving queries over personal clouds.
+
+A researcher's workflow: `dispers up DIR` (a local cluster, each actor its own process),
+`dispers populate` or `dispers import` (data in), `dispers subscribe`, `dispers concepts` and
+`dispers functions` (what a query may name), `dispers query SPEC --output DIR` (results as JSON,
+CSV and plots), `dispers ps`, `dispers down`. `--config` is optional: DISPERS_CONFIG,
+./cluster.toml or the cluster `dispers up` started.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,9 +23,17 @@ from dispers.core.errors import DispersError, ErrorCode
 
 if TYPE_CHECKING:
     from dispers.core.config import ClusterConfig
+    from dispers.core.spec import QueryResult, QuerySpec
     from dispers.transport.grpc_client import QuerierClient
 
 log = logging.getLogger("dispers.cli")
+
+
+def _load(args: argparse.Namespace) -> ClusterConfig:
+    """The cluster config a command acts on: --config, or the default cluster."""
+    from dispers.cli.workflow import load_cluster
+
+    return load_cluster(args)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -40,8 +56,20 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
+    from dispers.cli.processes import is_ours, read_state
     from dispers.core.cluster_files import ClusterLayout, write_cluster
 
+    existing = Path(args.directory) / "cluster.toml"
+    if existing.exists() and any(is_ours(r) for r in read_state(Path(args.directory).resolve())):
+        raise DispersError(
+            ErrorCode.FAILED_PRECONDITION,
+            f"the cluster in {args.directory} is up: `dispers down --config {existing}` first",
+        )
+    if existing.exists() and not args.force:
+        raise DispersError(
+            ErrorCode.FAILED_PRECONDITION,
+            f"{existing} exists: a cluster lives there (its keys and ports); pass --force to replace it",
+        )
     config = write_cluster(
         Path(args.directory),
         ClusterLayout(
@@ -65,11 +93,11 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _populate(args: argparse.Namespace) -> int:
-    from dispers.core.config import load_config
-    from dispers.simulation.population import PopulationSpec, generate
+    from dispers.cli.progress import bar, spinner
+    from dispers.simulation.population import MEASURED_KINDS, PopulationSpec, generate
     from dispers.state.documents import DocumentStore
 
-    config = load_config(args.config)
+    config = _load(args)
     documents = config.local_for(args.host).documents
     if documents is None:
         raise DispersError(ErrorCode.CONFIG, f"actor {args.host!r} has no documents path")
@@ -79,21 +107,35 @@ def _populate(args: argparse.Namespace) -> int:
         as_of=dt.date.fromisoformat(args.as_of),
         host=args.host,
     )
-    population = generate(spec)
-    with DocumentStore(documents) as store:
-        population.write(store)
+    with spinner(f"populate: generating {args.instances} instances"):
+        population = generate(spec)
+    rows = population.n_instances + sum(len(population.series(k)) for k in MEASURED_KINDS)
+    with (
+        bar(rows, desc="populate: writing", unit="row", unit_scale=True) as progress,
+        DocumentStore(documents) as store,
+    ):
+
+        def wrote(n: int) -> None:
+            progress.update(n)
+
+        population.write(store, on_rows=wrote)
     print(f"wrote {population.n_instances} instances to {documents}")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from dispers.core.config import load_config
     from dispers.core.ids import Role
     from dispers.services.server import serve_forever
 
-    config = load_config(args.config)
+    config = _load(args)
     role = Role.parse(args.role)
     if args.name:
+        same_role = [e.name for e in config.roster.by_role(role)]
+        if args.name not in same_role:
+            raise DispersError(
+                ErrorCode.NOT_FOUND,
+                f"no {role.value} named {args.name!r} (there are: {', '.join(same_role)})",
+            )
         entry = config.roster.require(args.name, role)
     else:
         candidates = config.roster.by_role(role)
@@ -110,11 +152,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _subscribe(args: argparse.Namespace) -> int:
-    from dispers.core.config import load_config
+    from dispers.cli.progress import spinner
     from dispers.core.messages import SubscriptionOp
     from dispers.transport.grpc_client import PersonalCloudClient, client_for
 
-    config = load_config(args.config)
+    config = _load(args)
     op = SubscriptionOp.UNSUBSCRIBE if args.unsubscribe else SubscriptionOp.SUBSCRIBE
     # The deadline grows with the instances: count them when the host's store is on this machine.
     instances = None
@@ -125,18 +167,20 @@ def _subscribe(args: argparse.Namespace) -> int:
         with DocumentStore(documents) as store:
             instances = store.count()
     # The host's own administrator: the call is made as the host.
-    with client_for(config, args.host, args.host, PersonalCloudClient) as client:
+    with (
+        spinner(f"{op.value}: {args.host}'s instances"),
+        client_for(config, args.host, args.host, PersonalCloudClient) as client,
+    ):
         count = client.subscribe_all(op, instances)
     print(f"{op.value}: {count} instances")
     return 0
 
 
 def _concepts(args: argparse.Namespace) -> int:
-    from dispers.core.config import load_config
     from dispers.core.ids import Role
     from dispers.transport.grpc_client import ConductorClient, client_for
 
-    config = load_config(args.config)
+    config = _load(args)
     if args.offline:
         concepts = config.settings.vocabulary
     else:
@@ -156,16 +200,19 @@ def _querier_name(config: ClusterConfig, chosen: str | None) -> str:
     """The querier a command acts as: the one named, or the first of the roster."""
     from dispers.core.ids import Role
 
-    if chosen:
-        return config.roster.require(chosen, Role.QUERIER).name
-    return config.roster.by_role(Role.QUERIER)[0].name
+    queriers = [e.name for e in config.roster.by_role(Role.QUERIER)]
+    if chosen and chosen not in queriers or not queriers:
+        raise DispersError(
+            ErrorCode.UNAUTHORIZED,
+            f"{chosen!r} is not a querier of this cluster (queriers: {', '.join(queriers) or 'none'})",
+        )
+    return chosen or queriers[0]
 
 
 def _budget(args: argparse.Namespace) -> int:
-    from dispers.core.config import load_config
     from dispers.transport.grpc_client import DataAggregatorClient, client_for
 
-    config = load_config(args.config)
+    config = _load(args)
     name = _querier_name(config, args.querier)
     root = config.roster.da_plan().root
     with client_for(config, name, root, DataAggregatorClient) as client:
@@ -189,51 +236,87 @@ def _budget(args: argparse.Namespace) -> int:
 
 def _querier_client(args: argparse.Namespace) -> QuerierClient:
     """A client of the chosen Querier service, calling as that querier (its certificate)."""
-    from dispers.core.config import load_config
     from dispers.transport.grpc_client import QuerierClient, client_for
 
-    config = load_config(args.config)
+    config = _load(args)
     name = _querier_name(config, args.querier)
     return client_for(config, name, name, QuerierClient)
 
 
-def _print_outcome(outcome: object, as_json: bool) -> int:
-    from dispers.cli.render import counts_line, phase_table, result_table
-    from dispers.protocol.api import QueryOutcome
+def _emit(
+    args: argparse.Namespace,
+    *,
+    query_id: str,
+    state: str,
+    result: QueryResult | None,
+    spec: QuerySpec | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> int:
+    """Print a query's end in the chosen format (and write --output files); the exit code."""
+    from dispers.cli.render import result_table
+    from dispers.results import Result, all_suppressed
 
-    assert isinstance(outcome, QueryOutcome)
-    record = outcome.record
-    if as_json:
+    fmt = "json" if getattr(args, "json", False) else args.format
+    report = Result(result, spec) if result is not None else None
+    if report is not None and getattr(args, "output", None):
+        written = report.write(args.output)
+        print(f"wrote {', '.join(p.name for p in written)} to {args.output}", file=sys.stderr)
+    if fmt == "json":
         print(json.dumps({
-            "query_id": record.query_id, "state": record.state, "phases": record.phases,
-            "counts": record.counts, "error_code": record.error_code, "error_message": record.error_message,
-            "result": outcome.result.to_obj() if outcome.result else None,
-        }, indent=2))  # fmt: skip
-    else:
-        print(counts_line(record))
-        if outcome.result is not None:
-            print(result_table(outcome.result))
-        elif record.error_code:
-            print(f"{record.error_code}: {record.error_message}")
-        if record.phases:  # the Conductor's operator view; a querier is shown none
-            print(phase_table(record))
-    return 0 if record.state == "done" else 1
+            "query_id": query_id, "state": state, "phases": {}, "counts": {},
+            "error_code": error_code, "error_message": error_message,
+            "result": result.to_obj() if result is not None else None,
+            "rows": report.rows() if report is not None else None,
+        }, indent=2, default=str))  # fmt: skip
+    elif fmt == "csv" and report is not None:
+        sys.stdout.write(report.to_csv())
+    elif fmt == "table":
+        print(f"query {query_id}: {state}")
+        if result is not None:
+            print(result_table(result))
+    if result is None:
+        if state in ("refused", "failed"):
+            print(f"error: {error_code}: query {state}: {error_message}", file=sys.stderr)
+        else:
+            print(f"error: query {query_id} has not finished (still {state}): `dispers status {query_id}`",
+                  file=sys.stderr)  # fmt: skip
+        return 1
+    if all_suppressed(result):
+        print(
+            f"note: every group is suppressed (its noised count is under k = {result.k}, or it has too few "
+            "contributors): nothing was released; widen the target or the groups",
+            file=sys.stderr if fmt != "table" else sys.stdout,
+        )
+    return 0
 
 
 def _query(args: argparse.Namespace) -> int:
+    from dispers.cli.progress import spinner
+    from dispers.client import run_query
+    from dispers.core.errors import QueryFailed
     from dispers.core.spec import load_query_spec
-    from dispers.protocol.querier import run_query
+    from dispers.protocol.querier import check_spec_names
 
     spec = load_query_spec(args.spec)
-    with _querier_client(args) as client:
-        outcome = run_query(client, spec, timeout_s=args.timeout)
-    return _print_outcome(outcome, args.json)
+    check_spec_names(spec)  # before any cluster is asked: unknown names list the valid ones
+    with _querier_client(args) as client, spinner("query: submitting") as shown:
+        try:
+            result = run_query(
+                client, spec, timeout_s=args.timeout, on_state=lambda st: shown.describe(f"query: {st}")
+            )
+        except QueryFailed as exc:
+            return _emit(args, query_id=exc.query_id, state=exc.state, result=None, spec=spec,
+                         error_code=exc.code.value, error_message=exc.reason)  # fmt: skip
+    return _emit(args, query_id=result.query_id, state="done", result=result, spec=spec)
 
 
 def _status(args: argparse.Namespace) -> int:
     with _querier_client(args) as client:
         outcome = client.outcome(args.query_id, wait_s=args.wait)
-    return _print_outcome(outcome, args.json)
+    record = outcome.record
+    return _emit(args, query_id=record.query_id, state=record.state, result=outcome.result,
+                 error_code=record.error_code, error_message=record.error_message)  # fmt: skip
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -292,56 +375,52 @@ def _scenario_path(name: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    p = argparse.ArgumentParser(prog="dispers", description=__doc__)
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    sub = p.add_subparsers(dest="command", required=True)
+    from dispers.cli.workflow import CONFIG_HELP, add_commands
 
-    s = sub.add_parser("keygen", help="generate one actor's key file (mode 0600)")
-    s.add_argument("name")
-    s.add_argument("--role", default="querier")
-    s.add_argument("--out", default="keys")
-    s.add_argument("--force", action="store_true", help="overwrite an existing key file")
-    s.set_defaults(fn=_keygen)
+    p = argparse.ArgumentParser(
+        prog="dispers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    p.add_argument("--version", action="version", version=f"dispers {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("init", help="write keys, TLS certificates and cluster.toml for a loopback cluster")
-    s.add_argument("directory")
-    s.add_argument("--leaf-aggregators", type=int, default=2)
-    s.add_argument("--hosts", nargs="+", default=["pc-1"])
-    s.add_argument("--k-min", type=int, default=10)
-    s.add_argument("--backend", choices=["memory", "sqlite"], default="sqlite")
+    s.add_argument("directory", help="where to write the cluster (created if missing)")
+    s.add_argument(
+        "--leaf-aggregators", type=int, default=2, help="data aggregators under the root (default 2)"
+    )
+    s.add_argument("--hosts", nargs="+", default=["pc-1"], help="personal-cloud host names (default pc-1)")
+    s.add_argument("--k-min", type=int, default=10, help="the smallest k a query may use (default 10)")
+    s.add_argument("--backend", choices=["memory", "sqlite"], default="sqlite", help="actors' stores")
     s.add_argument("--as-of", help="hosts derive concepts as of this date (default: today)")
     s.add_argument(
         "--insecure",
         action="store_true",
         help="no CA or certificates: plain channels, unauthenticated callers (loopback only)",
     )
+    s.add_argument("--force", action="store_true", help="replace an existing cluster (new keys and ports)")
     s.set_defaults(fn=_init)
 
+    add_commands(sub)  # up, ps, down, import, functions, fields
+
     s = sub.add_parser("populate", help="fill a host's document store with a synthetic population")
-    s.add_argument("--config", required=True)
-    s.add_argument("--host", default="pc-1")
-    s.add_argument("--instances", type=int, default=10_000)
-    s.add_argument("--seed", type=int, default=7)
-    s.add_argument("--as-of", default="2026-11-01")
+    s.add_argument("--config", help=CONFIG_HELP)
+    s.add_argument("--host", default="pc-1", help="the personal-cloud host to fill (default pc-1)")
+    s.add_argument("--instances", type=int, default=10_000, help="how many people (default 10000)")
+    s.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    s.add_argument("--as-of", default="2026-11-01", help="the population's 'today' (default 2026-11-01)")
     s.set_defaults(fn=_populate)
 
-    s = sub.add_parser("serve", help="serve one actor of the cluster over gRPC")
-    s.add_argument("role", help="querier, conductor, concept_indexor, target_finder, target, "
-                                "data_aggregator or personal_cloud")  # fmt: skip
-    s.add_argument("--config", required=True)
-    s.add_argument("--name", help="which actor of that role (required when there are several)")
-    s.set_defaults(fn=_serve)
-
     s = sub.add_parser("subscribe", help="ask a host to (un)subscribe all its instances")
-    s.add_argument("--config", required=True)
-    s.add_argument("--host", default="pc-1")
-    s.add_argument("--unsubscribe", action="store_true")
+    s.add_argument("--config", help=CONFIG_HELP)
+    s.add_argument("--host", default="pc-1", help="the personal-cloud host (default pc-1)")
+    s.add_argument("--unsubscribe", action="store_true", help="every instance leaves every set")
     s.set_defaults(fn=_subscribe)
 
     s = sub.add_parser(
         "concepts", help="list the cluster's public concept vocabulary (what queries may name)"
     )
-    s.add_argument("--config", required=True)
+    s.add_argument("--config", help=CONFIG_HELP)
     s.add_argument(
         "--as", dest="as_", metavar="NAME", help="ask the Conductor as this actor (default: a querier)"
     )
@@ -349,24 +428,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a JSON list")
     s.set_defaults(fn=_concepts)
 
+    for name, fn, helptext in (("query", _query, "run a query spec and print or write its result"),
+                               ("status", _status, "show a query's state and result")):  # fmt: skip
+        s = sub.add_parser(name, help=helptext)
+        if name == "query":
+            s.add_argument("spec", help="the query spec (TOML; see README)")
+        else:
+            s.add_argument("query_id", help="the id `dispers query` printed")
+        s.add_argument("--config", help=CONFIG_HELP)
+        s.add_argument("--querier", help="querier name (default: the first in the roster)")
+        s.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                       help="what to print: a table (default), JSON, or CSV rows")  # fmt: skip
+        s.add_argument("--json", action="store_true", help="the same as --format json")
+        s.add_argument("--output", metavar="DIR",
+                       help="also write result.json, result.csv and a PNG per statistic in DIR")  # fmt: skip
+        if name == "query":
+            s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+        else:
+            s.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the query to end")
+        s.set_defaults(fn=fn)
+
     s = sub.add_parser("budget", help="show a querier's privacy budget: spent and left")
-    s.add_argument("--config", required=True)
+    s.add_argument("--config", help=CONFIG_HELP)
     s.add_argument("--querier", help="querier name (default: the first in the roster)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=_budget)
 
-    for name, fn, helptext in (("query", _query, "submit a query spec to the Querier and print the result"),
-                               ("status", _status, "show a query's state and result")):  # fmt: skip
-        s = sub.add_parser(name, help=helptext)
-        s.add_argument("spec" if name == "query" else "query_id")
-        s.add_argument("--config", required=True)
-        s.add_argument("--querier", help="querier name (default: the first in the roster)")
-        s.add_argument("--json", action="store_true", help="print JSON instead of tables")
-        if name == "query":
-            s.add_argument("--timeout", type=float, default=600.0)
-        else:
-            s.add_argument("--wait", type=float, default=0.0)
-        s.set_defaults(fn=fn)
+    s = sub.add_parser("serve", help="serve one actor of the cluster over gRPC (what `up` runs per actor)")
+    s.add_argument("role", help="querier, conductor, concept_indexor, target_finder, target, "
+                                "data_aggregator or personal_cloud")  # fmt: skip
+    s.add_argument("--config", help=CONFIG_HELP)
+    s.add_argument("--name", help="which actor of that role (required when there are several)")
+    s.set_defaults(fn=_serve)
+
+    s = sub.add_parser("keygen", help="generate one actor's key file (mode 0600)")
+    s.add_argument("name", help="the actor's roster name")
+    s.add_argument("--role", default="querier", help="its role (default querier)")
+    s.add_argument("--out", default="keys", help="directory of the key file (default keys/)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    s.set_defaults(fn=_keygen)
 
     s = sub.add_parser(
         "simulate", help="run a scenario's population and query through the real protocol, in shards"
@@ -401,29 +501,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_simulate)
 
     s = sub.add_parser("demo", help="the heart-rate query over 9 gRPC processes, against ground truth")
-    s.add_argument("--instances", type=int, default=10_000)
-    s.add_argument("--seed", type=int, default=7)
+    s.add_argument("--instances", type=int, default=10_000, help="synthetic people (default 10000)")
+    s.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     s.add_argument("--workdir", help="where to write keys, config, stores and logs (default: a temp dir)")
     s.add_argument("--spec", help="query spec file (default: the heart-rate query)")
-    s.add_argument("--leaf-aggregators", type=int, default=2)
+    s.add_argument("--leaf-aggregators", type=int, default=2, help="data aggregators under the root")
     s.set_defaults(fn=_demo)
     return p
 
 
+def _version() -> str:
+    from dispers.services.health import package_version
+
+    return package_version()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point."""
+    """Entry point: every error is one line on stderr (exit 2), never a traceback."""
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     if args.command == "serve":
         level = min(level, logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.fn(args))
+        code = int(args.fn(args))
+        sys.stdout.flush()  # here, where a reader that went away is caught, not at exit
+        return code
     except DispersError as exc:
         print(f"error: {exc.code.value}: {exc.message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`dispers ... | head`): stop quietly, and keep Python from
+        # complaining again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a file or directory the user named: one line, not a traceback
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from dispers.core.spec import GroupResult, QueryResult
 from dispers.simulation.ground_truth import GroupTruth
 from dispers.state.queries import QueryRecord
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned first column, right-aligned others."""
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, left: Collection[int] = (0,)) -> str:
+    """Columns numbered in `left` left-aligned (the first by default), the others right-aligned."""
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
-            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            str(c).ljust(w) if i in left else str(c).rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
 
@@ -33,30 +33,40 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def _with_interval(group: GroupResult, stat: str) -> str:
-    value = _fmt(group.values.get(stat))
+def _with_interval(group: GroupResult, stat: str, value: float | None) -> str:
+    shown = _fmt(value)
     interval = group.intervals.get(stat)
-    if interval is None:
-        return value
-    return f"{value} ±{_fmt((interval[1] - interval[0]) / 2)}"
+    if interval is None or value is None:
+        return shown
+    return f"{shown} ±{_fmt((interval[1] - interval[0]) / 2)}"
+
+
+ORDER = ("count", "mean", "std", "min", "max", "sum", "var", "median")
 
 
 def result_table(result: QueryResult, truth: Mapping[str, GroupTruth] | None = None) -> str:
-    """Per group: the released statistics, and the ground truth when known."""
-    order = ("count", "mean", "std", "min", "max", "sum", "var", "median")
-    quantiles = sorted({k for g in result.groups for k in g.values if k.startswith("q")})
-    stats = [s for s in (*order, *quantiles) if any(s in g.values for g in result.groups)]
-    # Several fields (hr.mean, cov(hr,weight), ols.weight ...): every other key, in release order.
-    stats += list(dict.fromkeys(k for g in result.groups for k in g.values if k not in stats))
-    headers = ["group", *stats]
+    """Per group: every released statistic (whatever the release carries), and the ground truth
+    when known; suppressed groups say so, with no number."""
+    from dispers.results import group_statistics
+
+    scalars = [group_statistics(g.to_obj()) for g in result.groups]
+    seen: list[str] = []
+    for sc in scalars:
+        seen += [k for k in sc if k not in seen]
+    stats = [s for s in ORDER if s in seen] + [s for s in seen if s not in ORDER]
+    headers = ["group", *(stats or ["released"])]
     if truth is not None:
         headers += ["true count", "true mean", "true std", "|Δ mean|"]
     rows = []
-    for g in result.groups:
+    for g, sc in zip(result.groups, scalars, strict=True):
         if g.suppressed:
-            row = [g.label, *(["suppressed (< k)"] + [""] * (len(stats) - 1))]
+            row = [
+                g.label,
+                "suppressed (< k)",
+                *([""] * (len(headers) - 2 - (4 if truth is not None else 0))),
+            ]
         else:
-            row = [g.label, *(_with_interval(g, s) for s in stats)]
+            row = [g.label, *(_with_interval(g, s, sc.get(s)) for s in stats)] if stats else [g.label, "-"]
         if truth is not None:
             t = truth.get(g.label)
             if t is None:

@@ -40,3 +40,20 @@ class DispersError(Exception):
 def malformed(message: str) -> DispersError:
     """Shorthand for the most common error."""
     return DispersError(ErrorCode.MALFORMED, message)
+
+
+class QueryFailed(DispersError):
+    """A query that ended without a result: refused (for example too few targets), failed (a
+    budget overspent, an actor unavailable), or not finished in time. `code` and `message` are
+    the Conductor's record of why; `state` is the query's last state."""
+
+    def __init__(
+        self, code: ErrorCode, message: str, *, query_id: str = "", state: str = "", reason: str = ""
+    ) -> None:
+        super().__init__(code, message)
+        self.query_id = query_id
+        self.state = state
+        self.reason = reason or message  # the Conductor's record of why, without the query id
+
+    def __reduce__(self) -> tuple[type[DispersError], tuple[ErrorCode, str]]:
+        return (type(self), (self.code, self.message))

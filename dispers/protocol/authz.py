@@ -47,6 +47,7 @@ AUTHORIZATION: Mapping[str, Allowed] = MappingProxyType(
         "personal_cloud.subscribe_all": SELF,
         "querier.submit": SELF,
         "querier.outcome": SELF,
+        "health.check": ANY_MEMBER,  # which actor serves here: public roster facts only
     }
 )
 

@@ -20,7 +20,7 @@ from dispers.protocol.api import ConductorAPI, QuerierAPI, QueryOutcome
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import check_privacy, open_sealed_signed, seal_padded
 from dispers.protocol.instance.functions import FIELDS as GROUP_FIELDS
-from dispers.protocol.instance.functions import get_function, validate_params
+from dispers.protocol.instance.functions import FUNCTIONS, get_function, validate_params
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ class Querier:
             if concept not in vocabulary:
                 raise DispersError(
                     ErrorCode.UNKNOWN_CONCEPT,
-                    f"query spec: concept {concept!r} is not in the cluster's vocabulary "
-                    "(`dispers concepts` lists it)",
+                    f"query spec: concept {concept[:64]!r} is not in the cluster's vocabulary "
+                    f"(`dispers concepts` lists it: {', '.join(settings.vocabulary)})",
                 )
         check_privacy(spec.privacy, spec.stats, settings, what="query spec")
         if spec.bins and len(spec.bins) - 1 > settings.max_bins:
@@ -216,6 +216,29 @@ class Querier:
         if record.state == "done" and record.sealed_result is not None:
             result = self.open_result(query_id, record.sealed_result)
         return QueryOutcome(record, result)
+
+
+def check_spec_names(spec: QuerySpec) -> None:
+    """The names Querier.build checks, checked where the researcher is, before any actor is
+    asked (the CLI and dispers.Client): an unknown function or group-by field is refused with
+    the valid ones listed (the public registries: no person's data)."""
+    for i, f in enumerate(spec.all_fields):
+        if f.function not in FUNCTIONS:
+            where = "data." if not spec.fields else f"data.fields[{i}]."
+            raise DispersError(
+                ErrorCode.NOT_FOUND,
+                f"query spec: {where}function: unknown local function {f.function[:64]!r} "
+                f"(`dispers functions` lists them: {', '.join(sorted(FUNCTIONS))})",
+            )
+    level, key = spec.group_by, "data.group_by"
+    while level is not None:
+        if level.field not in GROUP_FIELDS:
+            raise DispersError(
+                ErrorCode.NOT_FOUND,
+                f"query spec: {key}.field: unknown group-by field {level.field[:64]!r} "
+                f"(the fields are: {', '.join(sorted(GROUP_FIELDS))})",
+            )
+        level, key = level.then, f"{key}.then"
 
 
 def run_query(querier: QuerierAPI, spec: QuerySpec, *, timeout_s: float = 300.0) -> QueryOutcome:

@@ -203,6 +203,7 @@ class Target:
             self._peers, envelope.query_id, leaves, size, self._settings.shuffle_window * size
         )
         started: dict[int, float] = {}
+        refusals: list[ErrorCode] = []  # the codes of hosts that refused (never their messages)
 
         def ask(index: int) -> list[tuple[str, bytes]] | None:
             host, items = jobs[index]
@@ -221,6 +222,7 @@ class Target:
                 if exc.code is ErrorCode.EXPIRED:
                     raise
                 log.warning("query %s: host %s failed: %s", envelope.query_id[:8], host, exc.code.value)
+                refusals.append(exc.code)
                 return None
             if time.monotonic() - started[index] > self._deadline(len(items)):
                 raise _expired()
@@ -251,6 +253,13 @@ class Target:
                     if i in started
                 ):
                     raise _expired()
+            if jobs and len(refusals) == len(jobs):
+                # No host answered at all (so nothing was forwarded): the query's own request is
+                # at fault (or every host is down), and an empty release would only hide it.
+                # Only the code travels: a host's message stays in its own log.
+                code = Counter(refusals).most_common(1)[0][0]
+                how = "was unreachable" if code is ErrorCode.UNAVAILABLE else "refused the data request"
+                raise DispersError(code, f"every host {how} ({code.value}); the hosts' logs say why")
             per_aggregator = forwarder.close()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)

@@ -23,6 +23,7 @@ from dispers.proto import (
     concept_indexor_pb2_grpc,
     conductor_pb2_grpc,
     data_aggregator_pb2_grpc,
+    health_pb2_grpc,
     personal_cloud_pb2_grpc,
     querier_pb2_grpc,
     target_finder_pb2_grpc,
@@ -33,6 +34,7 @@ from dispers.protocol.common import frame_size, tokens_bytes
 from dispers.protocol.concept_indexor import ConceptIndexor
 from dispers.protocol.conductor import Conductor, run_in_thread
 from dispers.protocol.data_aggregator import DataAggregator
+from dispers.protocol.health import Health
 from dispers.protocol.querier import Querier
 from dispers.protocol.target import Target
 from dispers.protocol.target_finder import PSEUDONYM_FRAME, TargetFinder
@@ -40,6 +42,7 @@ from dispers.services.base import CallerOf
 from dispers.services.concept_indexor import ConceptIndexorServicer
 from dispers.services.conductor import ConductorServicer
 from dispers.services.data_aggregator import DataAggregatorServicer
+from dispers.services.health import HealthServicer, package_version
 from dispers.services.personal_cloud import PersonalCloudServicer
 from dispers.services.querier import QuerierServicer
 from dispers.services.target import TargetServicer
@@ -211,7 +214,14 @@ def start_server(config: ClusterConfig, name: str, *, port_override: int | None 
     )
     try:
         roster, insecure = config.roster, config.insecure
-        _register(server, actor, lambda context: caller_name(context, roster, insecure=insecure))
+
+        def caller_of(context: Any) -> str:
+            return caller_name(context, roster, insecure=insecure)
+
+        _register(server, actor, caller_of)
+        health_pb2_grpc.add_HealthServicer_to_server(
+            HealthServicer(Health(roster, name, package_version()), caller_of), server
+        )
         try:
             if identity is None:
                 bound = server.add_insecure_port(address)

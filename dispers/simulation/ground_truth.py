@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dispers.core.errors import DispersError, ErrorCode
+from dispers.core.expression import And, Expr, Not, Or, Ref, compile_named, parse_positional
 from dispers.simulation.population import MEASURED_KINDS, Population
 
 _EPOCH = date(1970, 1, 1)
@@ -147,6 +148,44 @@ def group_field_values(pop: Population, group_field: str, as_of: date) -> npt.ND
     raise DispersError(ErrorCode.NOT_FOUND, f"no ground truth for field {str(group_field)[:64]!r}")
 
 
+def concept_mask(pop: Population, concept: str, as_of: date) -> npt.NDArray[np.bool_]:
+    """Which instances hold ``concept`` on ``as_of``: an age bracket ``age:lo-hi`` (lo <= age <
+    hi), ``sex:F`` / ``sex:M``, or ``has:<kind>`` (a measurement on or before as_of); a
+    generated population declares no other concept."""
+    namespace, _, value = concept.partition(":")
+    if namespace == "age":
+        lo, _, hi = value.partition("-")
+        ages = pop.ages_at(as_of)
+        return (ages >= int(lo)) & (ages < int(hi))
+    if namespace == "sex" and value in ("F", "M"):
+        return pop.female if value == "F" else ~pop.female
+    if namespace == "has" and value in MEASURED_KINDS:
+        series = pop.series(value)
+        out = np.zeros(pop.n_instances, dtype=bool)
+        out[series.owner[series.day <= (as_of - _EPOCH).days]] = True
+        return out
+    return np.zeros(pop.n_instances, dtype=bool)
+
+
+def target_mask(pop: Population, target: str, as_of: date) -> npt.NDArray[np.bool_]:
+    """Which instances a target expression over concept names selects (every instance
+    subscribed: NOT is the complement within the whole population)."""
+    concepts, positional = compile_named(target)
+    masks = [concept_mask(pop, c, as_of) for c in concepts]
+
+    def walk(expr: Expr) -> npt.NDArray[np.bool_]:
+        if isinstance(expr, Ref):
+            return masks[expr.index]
+        if isinstance(expr, Not):
+            return ~walk(expr.operand)
+        if isinstance(expr, And):
+            return walk(expr.left) & walk(expr.right)
+        assert isinstance(expr, Or)
+        return walk(expr.left) | walk(expr.right)
+
+    return walk(parse_positional(positional, len(concepts)))
+
+
 def stats_by_group(
     pop: Population,
     function: str,
@@ -156,15 +195,19 @@ def stats_by_group(
     group_field: str | None = None,
     edges: Sequence[float] | None = None,
     bounds: tuple[float, float] | None = None,
+    target: str | None = None,
 ) -> dict[str, GroupTruth]:
     """Statistics of the consenting instances' values of ``function``, per group.
 
-    An instance counts if it consents, has a value and (when grouping) its field value is in
-    a bracket lo <= v < hi of ``edges``; labels are ``lo-hi``, or ``all`` without a field.
-    With ``bounds``, values outside [lo, hi] are left out, as a DA drops them.
+    An instance counts if it consents, has a value, is selected by the ``target`` expression
+    (when given) and (when grouping) its field value is in a bracket lo <= v < hi of ``edges``;
+    labels are ``lo-hi``, or ``all`` without a field. With ``bounds``, values outside [lo, hi]
+    are left out, as a DA drops them.
     """
     values, has = local_values(pop, function, params, as_of)
     keep = pop.consent & has
+    if target is not None:
+        keep &= target_mask(pop, target, as_of)
     if bounds is not None:
         lo, hi = bounds
         keep &= (values >= lo) & (values <= hi)

@@ -37,7 +37,7 @@ kinds come from a child stream of the same seed, so they do not shift the older 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from types import MappingProxyType
@@ -215,14 +215,19 @@ class Population:
         result: npt.NDArray[np.int64] = ages[inverse.reshape(-1)]
         return result
 
-    def write(self, store: DocumentStore) -> None:
-        """Bulk-load the instances and their measurements into ``store`` (a transaction per kind)."""
+    def write(self, store: DocumentStore, *, on_rows: Callable[[int], None] | None = None) -> None:
+        """Bulk-load the instances and their measurements into ``store`` (a transaction per kind).
+
+        ``on_rows`` is told how many rows each transaction wrote (a progress bar's update).
+        """
         store.add_instances(
             self.instance_ids,
             self.birth_days,
             ["F" if f else "M" for f in self.female.tolist()],
             self.consent,
         )
+        if on_rows is not None:
+            on_rows(self.n_instances)
         ids = np.asarray(self.instance_ids, dtype=object)
         written = {}
         for kind in MEASURED_KINDS:
@@ -230,6 +235,8 @@ class Population:
             if len(series):
                 store.add_measurements(kind, ids[series.owner].tolist(), series.day, series.value)
             written[kind] = len(series)
+            if on_rows is not None:
+                on_rows(len(series))
         logger.info("wrote %d instances and measurements %s", self.n_instances, written)
 
 

@@ -383,6 +383,81 @@ class DocumentStore:
         """
         self.add_measurements("heart_rate", ids, days, bpm)
 
+    def import_documents(
+        self,
+        *,
+        people: tuple[Sequence[str], Sequence[int], Sequence[str], Sequence[bool]],
+        measurements: Mapping[str, tuple[Sequence[str], Sequence[int], Sequence[float]]],
+        declared: tuple[Sequence[str], Sequence[str]],
+    ) -> None:
+        """Write checked documents in one transaction, idempotently (``dispers import``).
+
+        ``people`` (ids, birth epoch days, sex, consent) are inserted or have their identity and
+        consent set; ``measurements`` (per kind: owner ids, epoch days, values) replace what is
+        stored for the same (instance, kind, day); ``declared`` (ids, concepts) are added once.
+        Columns are checked as by add_instances and add_measurements; any error, or an owner
+        that is not on this host after the people are written, writes nothing.
+        """
+        ids, born, sex, consent = people
+        _batch_param(ids)
+        _check_lengths("import_documents: people", len(ids), len(born), len(sex), len(consent))
+        if not all(s in ("F", "M") for s in sex):
+            raise DispersError(ErrorCode.MALFORMED, "import_documents: sex must be 'F' or 'M'")
+        person_rows = list(
+            zip(ids, [int(b) for b in born], sex, [int(bool(c)) for c in consent], strict=True)
+        )
+        measured: list[tuple[str, str, int, float]] = []
+        keys: dict[tuple[str, str, int], None] = {}
+        for kind, (owners, days, values) in measurements.items():
+            spec = measurement_kind(kind)
+            _batch_param(owners)
+            day, value = _measurement_columns(spec, len(owners), days, values)
+            for owner, d, v in zip(owners, day.tolist(), value.tolist(), strict=True):
+                measured.append((owner, spec.name, d, v))
+                keys[(owner, spec.name, d)] = None
+        declared_ids, concepts = declared
+        _batch_param(declared_ids)
+        _check_lengths("import_documents: declared", len(declared_ids), len(concepts))
+        owners_all = list(dict.fromkeys([m[0] for m in measured] + list(declared_ids)))
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(
+                    "INSERT INTO instances VALUES (?, ?, ?, ?) ON CONFLICT (instance_id) DO UPDATE SET "
+                    "birth_date = excluded.birth_date, sex = excluded.sex, consent = excluded.consent",
+                    person_rows,
+                )
+                (missing,) = self._conn.execute(
+                    "SELECT COUNT(*) FROM json_each(?) AS b WHERE NOT EXISTS "
+                    "(SELECT 1 FROM instances AS i WHERE i.instance_id = b.value)",
+                    (json.dumps(owners_all),),
+                ).fetchone()
+                if missing:
+                    raise DispersError(
+                        ErrorCode.NOT_FOUND, f"import_documents: {missing} owners are not on this host"
+                    )
+                held = self._conn.execute(
+                    "SELECT 1 FROM json_each(?) AS b WHERE EXISTS "
+                    "(SELECT 1 FROM measurements AS m WHERE m.instance_id = b.value) LIMIT 1",
+                    (json.dumps(list(dict.fromkeys(m[0] for m in measured))),),
+                ).fetchone()
+                if held is not None:  # nothing to replace for people without measurements yet
+                    self._conn.executemany(
+                        "DELETE FROM measurements WHERE instance_id = ? AND kind = ? AND day = ?", list(keys)
+                    )
+                self._conn.executemany(
+                    "INSERT INTO measurements (instance_id, kind, day, value) VALUES (?, ?, ?, ?)", measured
+                )
+                self._conn.executemany(
+                    "INSERT OR IGNORE INTO declared_concepts VALUES (?, ?)",
+                    list(zip(declared_ids, concepts, strict=True)),
+                )
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        logger.debug("import: %d people, %d measurements", len(person_rows), len(measured))
+
     def declare_concepts(self, ids: Sequence[str], concepts: Sequence[str]) -> None:
         """Record that instance ids[i] opts into concepts[i] (idempotent), in one transaction."""
         _batch_param(ids)

@@ -41,6 +41,8 @@ from dispers.proto import (
     conductor_pb2_grpc,
     data_aggregator_pb2,
     data_aggregator_pb2_grpc,
+    health_pb2,
+    health_pb2_grpc,
     personal_cloud_pb2,
     personal_cloud_pb2_grpc,
     querier_pb2,
@@ -51,6 +53,7 @@ from dispers.proto import (
     target_pb2_grpc,
 )
 from dispers.protocol.api import QueryOutcome
+from dispers.protocol.health import HealthInfo
 from dispers.state.budget import BudgetStatus, Spend
 from dispers.state.queries import QueryRecord
 from dispers.transport import convert
@@ -416,6 +419,19 @@ class QuerierClient(_Client):
             "Outcome", self._stub.Outcome, request, max(wait_s, 0.0) + SHORT_DEADLINE_S
         )
         return convert.outcome_from_proto(response)
+
+
+class HealthClient(_Client):
+    """Any actor's Health service: which actor serves on its port."""
+
+    _stub_type = health_pb2_grpc.HealthStub
+
+    def check(self, timeout_s: float = 5.0) -> HealthInfo:
+        """Ask who serves here; UNAVAILABLE when nothing answers within `timeout_s`."""
+        response: health_pb2.HealthCheckResponse = self._call(
+            "Check", self._stub.Check, health_pb2.HealthCheckRequest(), timeout_s
+        )
+        return HealthInfo(response.name, Role.parse(response.role), response.serving, response.version)
 
 
 ClientT = TypeVar("ClientT", bound=_Client)

@@ -26,6 +26,7 @@ from dispers.protocol.authz import ANY_MEMBER, AUTHORIZATION, SELF, authorize
 from dispers.protocol.concept_indexor import ConceptIndexor
 from dispers.protocol.conductor import Conductor
 from dispers.protocol.data_aggregator import DataAggregator
+from dispers.protocol.health import Health
 from dispers.protocol.instance.host import PersonalCloudHost
 from dispers.protocol.querier import Querier, run_query
 from dispers.protocol.target import Target
@@ -42,6 +43,7 @@ CLASSES: dict[str, type] = {
     Role.DATA_AGGREGATOR.value: DataAggregator,
     Role.PERSONAL_CLOUD.value: PersonalCloudHost,
     Role.QUERIER.value: Querier,
+    "health": Health,  # every actor's server answers it
 }
 
 # DESIGN.md's policy, written out independently of the code: loosening the table fails here.
@@ -79,6 +81,7 @@ EXPECTED: dict[str, frozenset[Role] | str] = {
     "personal_cloud.subscribe_all": SELF,  # the host's own operator, under its identity
     "querier.submit": SELF,
     "querier.outcome": SELF,
+    "health.check": ANY_MEMBER,
 }
 
 # Whom each operation is called on in the test cluster (an actor of the operation's role).
@@ -90,6 +93,7 @@ CALLEE = {
     "data_aggregator": "da-1",
     "personal_cloud": "pc-1",
     "querier": "researcher",
+    "health": "conductor",
 }
 # Two hosts and two queriers, so that SELF is told apart from "an actor of the same role".
 HOSTS = ("pc-1", "pc-2")
@@ -243,6 +247,7 @@ def _actor(cluster: LocalCluster, prefix: str) -> Any:
         "data_aggregator": cluster.das.get(name),
         "personal_cloud": cluster.hosts.get(name),
         "querier": cluster.queriers.get(name),
+        "health": Health(cluster.config.roster, name, "test"),
     }[prefix]
 
 
