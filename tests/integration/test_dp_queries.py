@@ -45,11 +45,12 @@ def test_a_dp_cluster_releases_noised_numbers_with_intervals(world_factory: Call
             continue
         t = truth[g.label]
         assert set(g.intervals) == {"count", "mean", "std"}
-        # Far outside 3 half-widths would be a calibration bug (or no noise at all).
+        # Far outside 4 half-widths would be a calibration bug (or no noise at all); 3 was
+        # exceeded once in many runs by a small group under Laplace tails.
         for stat, true in (("count", t.count), ("mean", t.mean)):
             lo, hi = g.intervals[stat]
             half = (hi - lo) / 2
-            assert abs(g.values[stat] - true) <= 3 * half + 1e-9, (g.label, stat)  # type: ignore[operator]
+            assert abs(g.values[stat] - true) <= 4 * half + 1e-9, (g.label, stat)  # type: ignore[operator]
         assert g.values["count"] != t.count or g.values["mean"] != t.mean  # noised
     # The exact numbers are not released: under DP, min and max are refused before sealing.
     with pytest.raises(DispersError) as info:
