@@ -219,8 +219,13 @@ class Target:
             try:
                 batch = self._peers.personal_cloud(host).contribute(req)
             except DispersError as exc:
-                if exc.code is ErrorCode.EXPIRED:
-                    raise
+                # Past the deadline, any outcome fails the query (a slow host that then errs
+                # must not leave a result on the quick ones); an expired request too, with T's
+                # own words only (a host's message never reaches the querier).
+                if exc.code is ErrorCode.EXPIRED or time.monotonic() - started[index] > self._deadline(
+                    len(items)
+                ):
+                    raise _expired() from None
                 log.warning("query %s: host %s failed: %s", envelope.query_id[:8], host, exc.code.value)
                 refusals.append(exc.code)
                 return None
@@ -286,6 +291,10 @@ def _expired() -> DispersError:
     )
 
 
+MIN_WINDOW = 1000
+"""Fewest items in one shuffled window (unless a DA's whole stream is smaller: then all of it)."""
+
+
 class _Forwarder:
     """Forwards items to each leaf DA as they arrive: buffered per DA, a window at a time,
     each window shuffled, in batches; one worker per DA keeps its batches in order."""
@@ -294,7 +303,7 @@ class _Forwarder:
         self._peers = peers
         self._query_id = query_id
         self._batch = batch
-        self._window = max(window, batch)
+        self._window = max(window, batch, MIN_WINDOW)
         self._buffers: dict[str, list[bytes]] = {leaf: [] for leaf in leaves}
         self._counts: dict[str, int] = {leaf: 0 for leaf in leaves}
         self._workers = {
@@ -303,11 +312,16 @@ class _Forwarder:
         self._sent: list[Future[int]] = []
 
     def add(self, pairs: Sequence[tuple[str, bytes]]) -> None:
-        """Take one host's answer (each item with its DA); send every full window."""
+        """Take one host's answer (each item with its DA); send a window once a DA's buffer
+        holds two, keeping at least one back: the last window, sent at close with whatever came
+        after, never holds fewer than a window's items (a lone late host's item would
+        otherwise reach its DA alone)."""
         for aggregator, ciphertext in pairs:
             self._buffers[aggregator].append(ciphertext)
         for leaf, buffer in self._buffers.items():
-            if len(buffer) >= self._window:
+            while len(buffer) >= 2 * self._window:
+                # Drawn at random from the buffer, not its oldest items: a window mixes hosts.
+                buffer[:] = shuffled(buffer)
                 self._send(leaf, buffer[: self._window])
                 del buffer[: self._window]
 

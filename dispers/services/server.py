@@ -18,7 +18,7 @@ from dispers.core.config import ClusterConfig, ClusterSettings
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
 from dispers.core.wire import MAX_FIELDS, ContributionLayout
-from dispers.crypto.box import sealed_size
+from dispers.crypto.box import crypto_is_real, sealed_size
 from dispers.proto import (
     concept_indexor_pb2_grpc,
     conductor_pb2_grpc,
@@ -186,6 +186,10 @@ def max_request_bytes(role: Role, settings: ClusterSettings) -> int:
 
 def start_server(config: ClusterConfig, name: str, *, port_override: int | None = None) -> RunningServer:
     """Build actor `name` and serve it on its roster endpoint (or on `port_override`; 0 = any)."""
+    if not crypto_is_real():
+        raise DispersError(
+            ErrorCode.CONFIG, "this process seals in clear (a simulation's mode): no service may start"
+        )
     entry = config.roster.get(name)
     host, port = _split_endpoint(entry.endpoint)
     if port_override is not None:

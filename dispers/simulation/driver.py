@@ -33,7 +33,7 @@ from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import Role
 from dispers.core.spec import QuerySpec
 from dispers.crypto import observe
-from dispers.crypto.box import crypto_is_real, set_crypto
+from dispers.crypto.box import set_crypto
 from dispers.crypto.keyfiles import read_key_file
 from dispers.protocol.api import ConductorAPI, QuerierAPI
 from dispers.protocol.assemble import Closer, assemble_actor
@@ -69,14 +69,19 @@ def scaled_settings(instances: int, scenario: Scenario) -> dict[str, float]:
     }
 
 
+_CRYPTO_LOCK = threading.Lock()
+
+
 @contextmanager
 def _crypto(real: bool) -> Iterator[None]:
-    before = crypto_is_real()
-    set_crypto(real)
-    try:
-        yield
-    finally:
-        set_crypto(before)
+    # One simulation at a time in a process: the switch is process-wide, and two overlapping
+    # simulations restoring it in the wrong order could leave the process sealing in clear.
+    with _CRYPTO_LOCK:
+        set_crypto(real)
+        try:
+            yield
+        finally:
+            set_crypto(True)
 
 
 @contextmanager
