@@ -1,4 +1,4 @@
-"""The `dispers` command: keygen, init, populate, serve, subscribe, concepts, query, status, demo."""
+"""The `dispers` command: keygen, init, populate, serve, subscribe, concepts, query, status, demo, train."""
 
 from __future__ import annotations
 
@@ -326,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", help="query spec file (default: the heart-rate query)")
     s.add_argument("--leaf-aggregators", type=int, default=2)
     s.set_defaults(fn=_demo)
+
+    from dispers.cli.train import add_train_parser
+
+    add_train_parser(sub)
     return p
 
 
