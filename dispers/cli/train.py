@@ -38,7 +38,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         if args.rounds < 1:
             raise DispersError(ErrorCode.CONFIG, "--rounds must be at least 1")
-        config = dataclasses.replace(config, training=dataclasses.replace(config.training, rounds=args.rounds))
+        config = dataclasses.replace(
+            config, training=dataclasses.replace(config.training, rounds=args.rounds)
+        )
     if args.engine is not None:
         config = dataclasses.replace(config, engine=args.engine)
     output = Path(args.output) if args.output else Path("runs") / config.name
@@ -48,7 +50,11 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"{config.name}: {len(result.rounds)} round(s) of {config.model} on {config.data.dataset} "
           f"({config.engine})")  # fmt: skip
     if last is not None:
-        spent = f", epsilon {last.epsilon:.3g} at delta {config.privacy.delta:g}" if config.privacy.user_level else ""
+        spent = (
+            f", epsilon {last.epsilon:.3g} at delta {config.privacy.delta:g}"
+            if config.privacy.user_level
+            else ""
+        )
         print(f"test accuracy {last.test_accuracy:.4f}, test loss {last.test_loss:.4f}{spent}")
     if result.stopped:
         print(result.stopped)

@@ -142,7 +142,12 @@ def _int(key: str, value: object, low: int) -> None:
 
 
 def _pos(key: str, value: object) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise _bad(key, "must be a positive number")
 
 

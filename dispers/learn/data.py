@@ -145,9 +145,7 @@ def health(*, n_instances: int, seed: int = 0, test_instances: int | None = None
     label = (rng.random(len(logit)) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
     train = owner < n_instances
     gx, gy, offsets = _grouped(feats[train], label[train], owner[train], n_instances)
-    return FederatedData(
-        gx, gy, offsets, torch.from_numpy(feats[~train]), torch.from_numpy(label[~train]), 2
-    )
+    return FederatedData(gx, gy, offsets, torch.from_numpy(feats[~train]), torch.from_numpy(label[~train]), 2)
 
 
 def load(

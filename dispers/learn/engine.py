@@ -100,7 +100,9 @@ class SimulationEngine:
         if self._dp is not None:
             eps, delta = round_charge(self._dp, round_)
             try:
-                status = self._ledger.charge(SIM_QUERIER, f"{self._run}-{round_}", Spend(eps, delta), self._total)
+                status = self._ledger.charge(
+                    SIM_QUERIER, f"{self._run}-{round_}", Spend(eps, delta), self._total
+                )
             except DispersError as exc:
                 if exc.code is ErrorCode.BUDGET_EXCEEDED:
                     now = self._ledger.status(SIM_QUERIER, self._total)
@@ -112,7 +114,11 @@ class SimulationEngine:
         records = [self._data.records(i) for i in active]
         train = train_batched if cfg.training.batched else train_sequential
         result = train(self._model, weights, records, active, self._settings, seed=cfg.seed, round_=round_)
-        w = result.examples.astype(np.float64) if cfg.training.weighting == "examples" else np.ones(len(active))
+        w = (
+            result.examples.astype(np.float64)
+            if cfg.training.weighting == "examples"
+            else np.ones(len(active))
+        )
         total = UpdateSum.empty(len(weights))
         total.add(np.concatenate([result.updates * w[:, None], w[:, None]], axis=1))
         total.declines = m - len(active)

@@ -53,9 +53,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
         return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
 
 
-def build_engine(
-    config: ExperimentConfig, data: datasets.FederatedData, model: nn.Module
-) -> RoundEngine:
+def build_engine(config: ExperimentConfig, data: datasets.FederatedData, model: nn.Module) -> RoundEngine:
     """The engine the config names."""
     if config.engine == "simulation":
         return SimulationEngine(config, data, model)

@@ -47,7 +47,9 @@ class LocalResult:
     losses: FloatArray  # mean training loss over each instance's last epoch
 
 
-def batches(n: int, settings: LocalSettings, *, seed: int, round_: int, instance: int) -> list[npt.NDArray[np.int64]]:
+def batches(
+    n: int, settings: LocalSettings, *, seed: int, round_: int, instance: int
+) -> list[npt.NDArray[np.int64]]:
     """The minibatches (indices into the instance's records) of one instance in one round."""
     rng = np.random.default_rng([seed, round_, instance])
     out: list[npt.NDArray[np.int64]] = []
@@ -188,14 +190,18 @@ def train_batched(
     idx_t, mask_t = torch.from_numpy(idx), torch.from_numpy(mask)
     rows = torch.arange(k).unsqueeze(1)
 
-    def loss_fn(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
+    def loss_fn(
+        p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor, mb: torch.Tensor
+    ) -> torch.Tensor:
         out = functional_call(model, (p, buffers), (xb,))
         per = F.cross_entropy(out, yb, reduction="none")
         return (per * mb).sum() / mb.sum().clamp(min=1.0)
 
     step_grad = vmap(grad(loss_fn), in_dims=(0, 0, 0, 0))
     step_loss = vmap(loss_fn, in_dims=(0, 0, 0, 0))
-    tail_from = np.array([len(p) - _last_epoch_steps(len(y), settings) for p, (_, y) in zip(plans, records, strict=True)])
+    tail_from = np.array(
+        [len(p) - _last_epoch_steps(len(y), settings) for p, (_, y) in zip(plans, records, strict=True)]
+    )
     loss_sum = torch.zeros(k)
     for s in range(steps):
         xb = xs[rows, idx_t[s]]

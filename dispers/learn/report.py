@@ -42,7 +42,9 @@ def write_outputs(
         writer.writeheader()
         for r in rows:
             writer.writerow({k: "" if v is None else v for k, v in asdict(r).items()})
-    paths[2].write_text(json.dumps({"summary": summary, "rounds": [asdict(r) for r in rows]}, indent=2) + "\n")
+    paths[2].write_text(
+        json.dumps({"summary": summary, "rounds": [asdict(r) for r in rows]}, indent=2) + "\n"
+    )
     _plot(paths[3], rows, str(summary.get("name", "")))
     return paths
 

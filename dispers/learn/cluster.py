@@ -1,0 +1,150 @@
+"""Training through the actors: each round is a query of the training kind, sealed end to end.
+
+`ClusterEngine` builds a cluster in a temporary directory (keys, cluster.toml, one host whose
+instances hold the dataset's records), runs every actor in this process (`engine = "local"`,
+the in-process transport, real sealing and signatures), subscribes the instances, and runs each
+round as the Querier: `submit_round`, then the root DA's sealed average update, opened by Q only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from torch import nn
+
+from dispers.core.cluster_files import ClusterLayout, write_cluster
+from dispers.core.errors import DispersError, ErrorCode
+from dispers.core.messages import SubscriptionOp
+from dispers.learn.config import ExperimentConfig
+from dispers.learn.data import FederatedData
+from dispers.learn.engine import RoundOutput
+from dispers.learn.models import n_params
+from dispers.protocol.learning.querier import RoundPlan
+from dispers.state.documents import DocumentStore, epoch_day
+
+FloatArray = npt.NDArray[np.float64]
+TRAIN_CONCEPT = "cohort:train"
+HOST = "pc-1"
+AS_OF = dt.date(2026, 11, 1)
+
+
+def instance_ids(n: int) -> list[str]:
+    """The instance ids the simulated host gives the dataset's instances."""
+    return [f"inst-{i:07d}" for i in range(n)]
+
+
+def write_training_cluster(
+    directory: Path,
+    data: FederatedData,
+    *,
+    dp: bool,
+    k_min: int = 5,
+    leaf_aggregators: int = 2,
+    extra_settings: dict[str, float] | None = None,
+    insecure: bool = False,
+) -> Any:
+    """Keys, cluster.toml and a host store whose instances hold the dataset (returns the config)."""
+    config = write_cluster(
+        directory,
+        ClusterLayout(
+            leaf_aggregators=leaf_aggregators, k_min=k_min, batch_size=1000, host_as_of=AS_OF,
+            cohorts=(TRAIN_CONCEPT,), dp=dp, extra_settings=dict(extra_settings or {}), insecure=insecure,
+        ),
+    )  # fmt: skip
+    ids = instance_ids(data.n_instances)
+    documents = config.local_for(HOST).documents
+    with DocumentStore(documents) as store:
+        n = len(ids)
+        store.add_instances(
+            ids, np.full(n, epoch_day(AS_OF) - 30 * 365), ["F" if i % 2 else "M" for i in range(n)], np.ones(n)
+        )
+        store.declare_concepts(ids, [TRAIN_CONCEPT] * n)
+    return config
+
+
+class ClusterEngine:
+    """Rounds through the actors of an in-process cluster (real sealing, signatures and ledger)."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        data: FederatedData,
+        model: nn.Module,
+        *,
+        directory: Path | None = None,
+        leaf_aggregators: int = 2,
+    ) -> None:
+        from dispers.transport.local import AsCaller, LocalCluster
+
+        if config.engine == "grpc":
+            raise DispersError(
+                ErrorCode.CONFIG, "experiment: engine 'grpc' is not served yet; use 'local' or 'simulation'"
+            )
+        self._config = config
+        self._n_params = n_params(model)
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="dispers-train-")
+        root = directory or Path(self._tmp.name)  # type: ignore[union-attr]
+        p = config.privacy
+        extra = {"budget_epsilon": p.budget_epsilon, "budget_delta": min(0.5, 10 * p.delta), "max_delta": p.delta}
+        cluster_config = write_training_cluster(
+            root, data, dp=p.user_level, leaf_aggregators=leaf_aggregators, extra_settings=extra
+        )
+        self.cluster = LocalCluster.from_config(cluster_config)
+        self.cluster.host_admin(HOST).subscribe_all(SubscriptionOp.SUBSCRIBE)
+        self.cluster.hosts[HOST].serve_training_data(config.data.dataset, instance_ids(data.n_instances), data)
+        querier = self.cluster.querier_object()
+        self._querier: Any = AsCaller(querier, querier.name)
+        self._k = cluster_config.settings.k_min
+        self._run_id = uuid.uuid4().hex[:16]
+
+    def plan(self, round_: int, weights: FloatArray) -> RoundPlan:
+        """What the Querier asks of round `round_`."""
+        c, t, p = self._config, self._config.training, self._config.privacy
+        return RoundPlan(
+            run_id=self._run_id, round=round_, target=TRAIN_CONCEPT, k=self._k, model=c.model,
+            dataset=c.data.dataset, weights=weights, epochs=t.local_epochs, batch_size=t.batch_size,
+            lr=t.lr, clip=t.clip, weighting=t.weighting, record_noise=p.record_noise,
+            record_clip=p.record_clip, seed=c.seed, cohort=t.cohort,
+            noise_multiplier=p.noise_multiplier if p.user_level else None, delta=p.delta,
+            accountant=p.accountant,
+        )  # fmt: skip
+
+    def run_round(self, round_: int, weights: FloatArray) -> RoundOutput:
+        """Submit the round as the Querier and wait for the root's sealed average update."""
+        qid = self._querier.submit_round(self.plan(round_, weights))
+        deadline = time.monotonic() + 3600
+        while True:
+            record, result = self._querier.round_outcome(qid, self._n_params, 30.0)
+            if record.state in ("done", "refused", "failed") or time.monotonic() > deadline:
+                break
+        if result is None:
+            code = ErrorCode(record.error_code) if record.error_code else ErrorCode.INTERNAL
+            message = record.error_message or f"round {round_ + 1} did not finish"
+            if code is not ErrorCode.BUDGET_EXCEEDED:
+                message = f"round {round_ + 1} {record.state}: {message}"
+            raise DispersError(code, message)
+        known = None not in (result.contributed, result.declined, result.dropped)
+        lost = result.asked - sum(x or 0 for x in (result.contributed, result.declined, result.dropped))
+        return RoundOutput(
+            average_update=result.average,
+            asked=result.asked,
+            contributed=result.contributed,
+            declined=result.declined,
+            unreachable=max(0, lost) if known else 0,
+            train_loss=None,
+            epsilon_spent=result.epsilon_run,
+            budget_left=result.budget_left,
+        )
+
+    def close(self) -> None:
+        """Close the actors' stores and remove the temporary cluster."""
+        self.cluster.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()

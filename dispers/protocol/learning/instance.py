@@ -1,0 +1,143 @@
+"""A host's training op: each instance of the cohort trains on its own records and seals its update.
+
+One model object per host (per model and dataset), never one per instance: the cohort members a
+host serves are trained together (`dispers.learn.local.train_batched`, torch.func over
+instances) from the global weights Q sealed to this host. Every instance asked gets exactly one
+record of the round's fixed length, sealed to its DA: a clipped, weighted update, or a decline
+(not subscribed, no consent, no records, already answered) that T cannot tell apart.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from dispers.core.codec import loads_object
+from dispers.core.config import ClusterSettings, Roster
+from dispers.core.errors import DispersError, ErrorCode, malformed
+from dispers.core.ids import Role, check_query_id
+from dispers.core.messages import ContributionBatch, request_signing_bytes
+from dispers.crypto import ActorKeys, Opener, seal
+from dispers.protocol.common import CLOCK_SKEW_S
+from dispers.protocol.learning.messages import RoundRequest, TrainingRequest, decode_model, model_digest
+from dispers.state.documents import DocumentStore
+
+if TYPE_CHECKING:  # torch is imported only when a host trains
+    from torch import nn
+
+    from dispers.learn.data import FederatedData
+
+Claim = Callable[[str, list[str], npt.NDArray[np.bool_]], list[int]]
+
+
+@dataclass(frozen=True)
+class InstanceRecords:
+    """The records a host's instances hold for one dataset: rows of `data` by instance id."""
+
+    rows: dict[str, int]
+    data: FederatedData
+
+
+class HostTrainer:
+    """The training half of a personal-cloud host."""
+
+    def __init__(
+        self, name: str, keys: ActorKeys, roster: Roster, settings: ClusterSettings, store: DocumentStore
+    ) -> None:
+        self.name = name
+        self._opener = Opener(name, keys.sealing)
+        self._roster = roster
+        self._settings = settings
+        self._store = store
+        self._started = time.time()
+        self._data: dict[str, InstanceRecords] = {}
+        self._models: dict[tuple[str, int, int], nn.Module] = {}
+        self._random = secrets.SystemRandom()
+
+    def serve(self, dataset: str, ids: Sequence[str], data: FederatedData) -> None:
+        """Hold `data`'s records for the instances `ids` (row i belongs to ids[i])."""
+        if len(ids) != data.n_instances:
+            raise malformed("one instance id per instance of the dataset")
+        self._data[dataset] = InstanceRecords({i: k for k, i in enumerate(ids)}, data)
+
+    def answer(self, request: RoundRequest, claim: Claim) -> ContributionBatch:
+        """Check Q's signed request and the sealed model; train the fresh eligible instances."""
+        from dispers.learn.aggregate import encode_update
+        from dispers.learn.local import LocalSettings, train_batched
+        from dispers.learn.models import ModelShape, build_model, n_params
+
+        check_query_id(request.query_id)
+        n = len(request.instance_ids)
+        if n != len(request.aggregators):
+            raise malformed("instance_ids and aggregators differ in length")
+        if n > self._settings.batch_size:
+            raise malformed(f"a training request asks at most {self._settings.batch_size} instances")
+        querier = self._roster.require(request.querier, Role.QUERIER)
+        querier.verify_key.verify(
+            request_signing_bytes(request.request), request.request_signature, "training request"
+        )
+        tr = TrainingRequest.from_obj(loads_object(request.request, "training request"))
+        if tr.query_id != request.query_id:
+            raise malformed("the training request belongs to another round")
+        age = time.time() - tr.issued_at
+        if age > self._settings.max_query_age_s or age < -CLOCK_SKEW_S or tr.issued_at < self._started:
+            raise DispersError(ErrorCode.EXPIRED, "the training request is stale or dated in the future")
+        da_keys = {}
+        for da in set(request.aggregators):
+            if da not in tr.aggregators:
+                raise DispersError(
+                    ErrorCode.UNAUTHORIZED, "an instance was told to seal to a DA Q did not name"
+                )
+            da_keys[da] = self._roster.require(da, Role.DATA_AGGREGATOR).sealing_key
+        weights = decode_model(
+            self._opener.open(request.sealed_model, "global model"), tr.query_id, tr.n_params
+        )
+        if model_digest(weights) != tr.model_digest:
+            raise DispersError(ErrorCode.UNAUTHORIZED, "the global model is not the one the querier signed")
+
+        ids = list(request.instance_ids)
+        held = self._data.get(tr.dataset)
+        rows = np.array([held.rows.get(i, -1) if held else -1 for i in ids], dtype=np.int64)
+        eligible = np.zeros(n, dtype=bool)
+        if n and held is not None:
+            known = self._store.known(ids) & self._store.subscribed(ids) & (rows >= 0)
+            if known.any():
+                consent = self._store.identity([i for i, k in zip(ids, known, strict=True) if k])[2]
+                eligible[np.flatnonzero(known)] = consent
+            sizes = held.data.sizes()
+            eligible &= np.where(rows >= 0, sizes[np.maximum(rows, 0)], 0) > 0
+        fresh = claim(tr.query_id, ids, eligible)
+        layout = tr.layout
+        records = [layout.decline(tr.query_id)] * n
+        if fresh and held is not None:
+            data = held.data
+            key = (tr.model, data.n_features, data.n_classes)
+            model = self._models.get(key)
+            if model is None:
+                model = self._models[key] = build_model(tr.model, ModelShape(data.n_features, data.n_classes))
+            if n_params(model) != tr.n_params:
+                raise malformed("the training request's model size does not match the registry's model")
+            chosen = [int(rows[j]) for j in fresh]
+            settings = LocalSettings(
+                epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr, clip=tr.clip,
+                record_noise=tr.record_noise, record_clip=tr.record_clip,
+            )  # fmt: skip
+            result = train_batched(
+                model, weights, [data.records(r) for r in chosen], chosen, settings,
+                seed=tr.seed, round_=tr.round,
+            )  # fmt: skip
+            for k, j in enumerate(fresh):
+                w = float(result.examples[k]) if tr.weighting == "examples" else 1.0
+                records[j] = encode_update(layout, tr.query_id, result.updates[k], w)
+        order = list(range(n))
+        self._random.shuffle(order)  # the host's own order: T cannot tie an item to a position
+        return ContributionBatch(
+            tuple(request.aggregators[j] for j in order),
+            tuple(seal(da_keys[request.aggregators[j]], records[j]) for j in order),
+        )
