@@ -20,6 +20,7 @@ import numpy.typing as npt
 from torch import nn
 
 from dispers.core.cluster_files import ClusterLayout, write_cluster
+from dispers.core.config import ClusterConfig
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.messages import SubscriptionOp
 from dispers.learn.config import ExperimentConfig
@@ -49,7 +50,7 @@ def write_training_cluster(
     leaf_aggregators: int = 2,
     extra_settings: dict[str, float] | None = None,
     insecure: bool = False,
-) -> Any:
+) -> ClusterConfig:
     """Keys, cluster.toml and a host store whose instances hold the dataset (returns the config)."""
     config = write_cluster(
         directory,
@@ -60,6 +61,7 @@ def write_training_cluster(
     )  # fmt: skip
     ids = instance_ids(data.n_instances)
     documents = config.local_for(HOST).documents
+    assert documents is not None
     with DocumentStore(documents) as store:
         n = len(ids)
         store.add_instances(
@@ -80,7 +82,10 @@ class ClusterEngine:
         *,
         directory: Path | None = None,
         leaf_aggregators: int = 2,
+        cluster_config: ClusterConfig | None = None,
     ) -> None:
+        """Write a cluster (in `directory`, else a temporary one) unless `cluster_config` is given
+        (one made by `write_training_cluster`, perhaps with another DA tree)."""
         from dispers.transport.local import AsCaller, LocalCluster
 
         if config.engine == "grpc":
@@ -89,13 +94,14 @@ class ClusterEngine:
             )
         self._config = config
         self._n_params = n_params(model)
-        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="dispers-train-")
-        root = directory or Path(self._tmp.name)  # type: ignore[union-attr]
+        self._tmp = None if directory or cluster_config else tempfile.TemporaryDirectory(prefix="dispers-train-")
+        root = directory or Path(self._tmp.name if self._tmp else ".")
         p = config.privacy
         extra = {"budget_epsilon": p.budget_epsilon, "budget_delta": min(0.5, 10 * p.delta), "max_delta": p.delta}
-        cluster_config = write_training_cluster(
-            root, data, dp=p.user_level, leaf_aggregators=leaf_aggregators, extra_settings=extra
-        )
+        if cluster_config is None:
+            cluster_config = write_training_cluster(
+                root, data, dp=p.user_level, leaf_aggregators=leaf_aggregators, extra_settings=extra
+            )
         self.cluster = LocalCluster.from_config(cluster_config)
         self.cluster.host_admin(HOST).subscribe_all(SubscriptionOp.SUBSCRIBE)
         self.cluster.hosts[HOST].serve_training_data(config.data.dataset, instance_ids(data.n_instances), data)

@@ -1,0 +1,193 @@
+"""Federated training through the actors: FedAvg against a direct computation, canaries, lengths, budget."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dispers.core.config import load_config
+from dispers.core.errors import DispersError, ErrorCode
+from dispers.crypto.observe import recording
+from dispers.learn.cluster import ClusterEngine, instance_ids, write_training_cluster
+from dispers.learn.config import DataConfig, ExperimentConfig, PrivacyConfig, TrainingConfig
+from dispers.learn.data import FederatedData, digits
+from dispers.learn.experiment import run_experiment
+from dispers.learn.local import LocalSettings, batches
+from dispers.learn.models import ModelShape, build_model, get_flat, set_flat
+from dispers.protocol.learning.aggregator import RoundAggregator
+
+
+def small_digits(n: int = 12, empty: tuple[int, ...] = ()) -> FederatedData:
+    """`n` instances of digits (IID); the instances in `empty` hold no records (they decline)."""
+    d = digits(n_instances=n, split="iid", seed=3)
+    sizes = d.sizes().copy()
+    keep = np.ones(len(d.y), dtype=bool)
+    for i in empty:
+        keep[d.offsets[i] : d.offsets[i + 1]] = False
+        sizes[i] = 0
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return FederatedData(d.x[keep], d.y[keep], offsets, d.x_test, d.y_test, d.n_classes)
+
+
+def config(n: int, *, model: str = "mlp", **training: object) -> ExperimentConfig:
+    base = {"rounds": 1, "cohort": n, "local_epochs": 2, "batch_size": 8, "lr": 0.2}
+    base.update(training)
+    return ExperimentConfig(
+        engine="local", model=model, seed=5, data=DataConfig(instances=n),
+        training=TrainingConfig(**base),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def direct_fedavg(cfg: ExperimentConfig, data: FederatedData, w0: np.ndarray, round_: int) -> np.ndarray:
+    """Each instance trained with a plain torch loop on its own records; the example-weighted mean."""
+    settings = LocalSettings(epochs=cfg.training.local_epochs, batch_size=cfg.training.batch_size)
+    model = build_model(cfg.model, ModelShape(data.n_features, data.n_classes))
+    total, weight = np.zeros_like(w0), 0.0
+    for i in range(data.n_instances):
+        x, y = data.records(i)
+        if len(y) == 0:
+            continue
+        set_flat(model, w0)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.training.lr)
+        for b in batches(len(y), settings, seed=cfg.seed, round_=round_, instance=i):
+            opt.zero_grad()
+            F.cross_entropy(model(x[b]), y[b]).backward()
+            opt.step()
+        total += len(y) * (get_flat(model) - w0)
+        weight += len(y)
+    return total / weight
+
+
+def three_level(directory: Path, data: FederatedData) -> object:
+    """root <- da-1 <- {da-2, da-3}: a middle layer of aggregators."""
+    cfg = write_training_cluster(directory, data, dp=False, leaf_aggregators=3)
+    text = cfg.path.read_text()
+    blocks = text.split("[[actor]]")
+    for k, block in enumerate(blocks):
+        if re.search(r'^name = "da-[23]"$', block, re.M):
+            blocks[k] = block.replace('parent = "da-root"', 'parent = "da-1"')
+    cfg.path.write_text("[[actor]]".join(blocks))
+    return load_config(cfg.path)
+
+
+@pytest.mark.parametrize("shape", ["two leaves", "three levels"])
+def test_one_round_equals_the_direct_average_of_locally_trained_weights(tmp_path: Path, shape: str) -> None:
+    data = small_digits(12, empty=(4,))
+    cfg = config(12)
+    cluster_config = three_level(tmp_path, data) if shape == "three levels" else None
+    model = build_model(cfg.model, ModelShape(data.n_features, data.n_classes), seed=cfg.seed)
+    w0 = get_flat(model)
+    engine = ClusterEngine(cfg, data, model, directory=tmp_path, cluster_config=cluster_config)  # type: ignore[arg-type]
+    try:
+        if shape == "three levels":
+            assert engine.cluster.config.roster.da_plan().layers()[0] == ("da-2", "da-3")
+        out = engine.run_round(0, w0)
+        assert all(da.active_rounds == 0 for da in engine.cluster.das.values())
+    finally:
+        engine.close()
+    assert (out.asked, out.contributed, out.declined) == (12, 11, 1)
+    expected = direct_fedavg(cfg, data, w0, 0)
+    np.testing.assert_allclose(out.average_update, expected, atol=2e-6)
+    assert np.abs(expected).max() > 1e-2  # the round did move the model
+
+
+def test_only_the_leaf_aggregators_open_updates_and_every_sealed_update_has_one_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = small_digits(12, empty=(1, 7))
+    cfg = config(12, clip=0.5)
+    lengths: list[int] = []
+    ingest = RoundAggregator.ingest
+
+    def spy(self: RoundAggregator, query_id: str, ciphertexts: list[bytes]) -> int:
+        lengths.extend(len(c) for c in ciphertexts)
+        return ingest(self, query_id, ciphertexts)
+
+    monkeypatch.setattr(RoundAggregator, "ingest", spy)
+    model = build_model(cfg.model, ModelShape(data.n_features, data.n_classes))
+    engine = ClusterEngine(cfg, data, model, directory=tmp_path)
+    try:
+        with recording() as seen:
+            out = engine.run_round(0, get_flat(model))
+    finally:
+        engine.close()
+    assert (out.contributed, out.declined) == (10, 2)
+    assert len(lengths) == 12 and len(set(lengths)) == 1  # updates and declines alike
+    record_size = len(get_flat(model)) * 8 + 8 + 22
+    openers_of_updates = {s.actor for s in seen if len(s.plaintext) == record_size}
+    assert openers_of_updates == {"da-1", "da-2"}
+    assert {s.actor for s in seen if s.what == "model update"} == {"da-1", "da-2"}
+    # No DA sees which instance sent what: no instance id in anything a DA opened.
+    ids = [i.encode() for i in instance_ids(12)]
+    for s in seen:
+        if s.actor.startswith("da-"):
+            assert not any(i in s.plaintext for i in ids)
+    # The global model was opened by the host only; the Conductor opened nothing.
+    assert {s.actor for s in seen if s.what == "global model"} == {"pc-1"}
+    assert not [s for s in seen if s.actor == "conductor"]
+
+
+def test_a_budget_overrun_stops_training_with_a_clear_message_and_the_ledger_shows_the_spend(
+    tmp_path: Path,
+) -> None:
+    data = small_digits(12)
+    cfg = ExperimentConfig(
+        engine="local", model="logreg", seed=1, data=DataConfig(instances=12),
+        training=TrainingConfig(rounds=20, cohort=6, batch_size=8, clip=1.0, weighting="uniform"),
+        privacy=PrivacyConfig(user_level=True, noise_multiplier=1.5, delta=1e-5, budget_epsilon=3.0),
+    )  # fmt: skip
+    result = run_experiment(cfg, data=data)
+    assert result.stopped is not None
+    n = len(result.rounds)
+    assert 1 <= n < 20
+    assert result.stopped.startswith(f"training stopped before round {n + 1}: it would spend epsilon")
+    spent = result.rounds[-1].epsilon
+    assert spent <= 3.0
+    assert result.rounds[-1].budget_left == pytest.approx(3.0 - spent, abs=1e-9)
+
+
+def test_the_ledger_is_charged_the_accountants_epsilon(tmp_path: Path) -> None:
+    from dispers.learn.accounting import UserLevelDP, epsilon_after
+
+    data = small_digits(12)
+    cfg = ExperimentConfig(
+        engine="local", model="logreg", seed=1, data=DataConfig(instances=12),
+        training=TrainingConfig(rounds=3, cohort=6, batch_size=8, clip=1.0, weighting="uniform"),
+        privacy=PrivacyConfig(user_level=True, noise_multiplier=2.0, delta=1e-5, budget_epsilon=50.0),
+    )  # fmt: skip
+    model = build_model(cfg.model, ModelShape(data.n_features, data.n_classes))
+    engine = ClusterEngine(cfg, data, model, directory=tmp_path)
+    try:
+        w = get_flat(model)
+        for r in range(3):
+            out = engine.run_round(r, w)
+        status = engine.cluster.das["da-root"].budget("researcher", "researcher")
+    finally:
+        engine.close()
+    expected = epsilon_after(UserLevelDP(2.0, 6 / 12, 1e-5), 3)
+    assert out.epsilon_spent == pytest.approx(expected)
+    assert status.spent.epsilon == pytest.approx(expected)
+    assert status.spent.delta == pytest.approx(1e-5)
+
+
+def test_a_round_out_of_order_is_refused(tmp_path: Path) -> None:
+    data = small_digits(12)
+    cfg = ExperimentConfig(
+        engine="local", model="logreg", seed=1, data=DataConfig(instances=12),
+        training=TrainingConfig(rounds=3, cohort=6, batch_size=8, clip=1.0, weighting="uniform"),
+        privacy=PrivacyConfig(user_level=True, noise_multiplier=2.0, delta=1e-5, budget_epsilon=50.0),
+    )  # fmt: skip
+    model = build_model(cfg.model, ModelShape(data.n_features, data.n_classes))
+    engine = ClusterEngine(cfg, data, model, directory=tmp_path)
+    try:
+        with pytest.raises(DispersError) as info:
+            engine.run_round(5, get_flat(model))  # a later round costs less: the root counts them
+    finally:
+        engine.close()
+    assert info.value.code is ErrorCode.FAILED_PRECONDITION
+    assert "next round is 0" in info.value.message
