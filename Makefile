@@ -7,12 +7,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dispers
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: venv demo test lint typecheck protos check-protos bench bench-stats clean
+.PHONY: venv demo test lint typecheck protos check-protos bench bench-stats bench-train clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,learn]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/dispers demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m 'not slow'
 
 lint: $(STAMP)
 	$(BIN)/ruff check dispers tests benchmarks dev
@@ -41,6 +41,10 @@ bench: $(STAMP)
 
 bench-stats: $(STAMP)
 	$(BIN)/python benchmarks/bench_stats.py
+
+bench-train: $(STAMP)
+	$(PIP) install -e '.[dev,bench]'
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

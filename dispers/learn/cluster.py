@@ -65,7 +65,10 @@ def write_training_cluster(
     with DocumentStore(documents) as store:
         n = len(ids)
         store.add_instances(
-            ids, np.full(n, epoch_day(AS_OF) - 30 * 365), ["F" if i % 2 else "M" for i in range(n)], np.ones(n)
+            ids,
+            np.full(n, epoch_day(AS_OF) - 30 * 365),
+            ["F" if i % 2 else "M" for i in range(n)],
+            np.ones(n),
         )
         store.declare_concepts(ids, [TRAIN_CONCEPT] * n)
     return config
@@ -94,17 +97,25 @@ class ClusterEngine:
             )
         self._config = config
         self._n_params = n_params(model)
-        self._tmp = None if directory or cluster_config else tempfile.TemporaryDirectory(prefix="dispers-train-")
+        self._tmp = (
+            None if directory or cluster_config else tempfile.TemporaryDirectory(prefix="dispers-train-")
+        )
         root = directory or Path(self._tmp.name if self._tmp else ".")
         p = config.privacy
-        extra = {"budget_epsilon": p.budget_epsilon, "budget_delta": min(0.5, 10 * p.delta), "max_delta": p.delta}
+        extra = {
+            "budget_epsilon": p.budget_epsilon,
+            "budget_delta": min(0.5, 10 * p.delta),
+            "max_delta": p.delta,
+        }
         if cluster_config is None:
             cluster_config = write_training_cluster(
                 root, data, dp=p.user_level, leaf_aggregators=leaf_aggregators, extra_settings=extra
             )
         self.cluster = LocalCluster.from_config(cluster_config)
         self.cluster.host_admin(HOST).subscribe_all(SubscriptionOp.SUBSCRIBE)
-        self.cluster.hosts[HOST].serve_training_data(config.data.dataset, instance_ids(data.n_instances), data)
+        self.cluster.hosts[HOST].serve_training_data(
+            config.data.dataset, instance_ids(data.n_instances), data
+        )
         querier = self.cluster.querier_object()
         self._querier: Any = AsCaller(querier, querier.name)
         self._k = cluster_config.settings.k_min

@@ -99,7 +99,7 @@ def train_sequential(
                 idx = torch.from_numpy(b)
                 opt.zero_grad()
                 loss = F.cross_entropy(model(x[idx]), y[idx])
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 if s >= tail_from:
                     total += loss.item() * len(b)
@@ -139,7 +139,7 @@ def _train_dp_sgd(
             idx = torch.from_numpy(b)
             opt.zero_grad()
             loss = F.cross_entropy(gsm(x[idx]), y[idx])
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             total += loss.item() * len(b)
         return total / max(1, len(y) * settings.epochs)

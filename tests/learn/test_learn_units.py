@@ -178,7 +178,9 @@ def test_config_errors_name_the_bad_key(doc: dict[str, object], key: str) -> Non
     assert key in info.value.message
 
 
-def test_dispers_train_writes_model_metrics_and_curves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dispers_train_writes_model_metrics_and_curves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     exp = tmp_path / "exp.toml"
     exp.write_text(
         '[experiment]\nname = "t"\n[data]\ninstances = 20\n[model]\nname = "logreg"\n'

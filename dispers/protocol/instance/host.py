@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from dispers.core.codec import loads_object
 from dispers.core.config import ClusterSettings, Roster
@@ -237,7 +238,7 @@ class PersonalCloudHost:
                 )
             return self._trainer_obj
 
-    def _claim(self, query_id: str, ids: list[str], eligible: np.ndarray) -> list[int]:  # type: ignore[type-arg]
+    def _claim(self, query_id: str, ids: list[str], eligible: npt.NDArray[np.bool_]) -> list[int]:
         """Positions of `ids` that answer `query_id` now: eligible, first time, first occurrence."""
         with self._lock:
             now = time.monotonic()

@@ -319,7 +319,7 @@ class RoundAggregator:
             )
             exact = not self._settings.dp
             p = state.partial
-            body = {
+            released: dict[str, object] = {
                 "query_id": query_id,
                 "run_id": spec.run_id,
                 "round": spec.round,
@@ -333,7 +333,7 @@ class RoundAggregator:
                 "budget_left": state.left,
             }
             return seal_signed(
-                state.envelope.querier_sealing_key, self._keys.signing, self.name, body,
+                state.envelope.querier_sealing_key, self._keys.signing, self.name, released,
                 self._settings.result_bytes, "round result",
             )  # fmt: skip
 
