@@ -50,13 +50,19 @@ def write_training_cluster(
     leaf_aggregators: int = 2,
     extra_settings: dict[str, float] | None = None,
     insecure: bool = False,
+    backend: str = "memory",
 ) -> ClusterConfig:
-    """Keys, cluster.toml and a host store whose instances hold the dataset (returns the config)."""
+    """Keys, cluster.toml and a host store whose instances hold the dataset (returns the config).
+
+    The actors' stores (query records, directories, the budget ledger) are in memory by default:
+    an experiment's cluster lives as long as its run ("sqlite" keeps them on disk).
+    """
     config = write_cluster(
         directory,
         ClusterLayout(
             leaf_aggregators=leaf_aggregators, k_min=k_min, batch_size=1000, host_as_of=AS_OF,
             cohorts=(TRAIN_CONCEPT,), dp=dp, extra_settings=dict(extra_settings or {}), insecure=insecure,
+            backend=backend,
         ),
     )  # fmt: skip
     ids = instance_ids(data.n_instances)
