@@ -93,8 +93,8 @@ def flower_run(args: argparse.Namespace) -> tuple[list[float], float] | str:
         return f"not run: no Flower venv at {python} (make bench-train creates it)"
     cmd = [str(python), str(ROOT / "benchmarks" / "flower_digits.py"), "--rounds", str(args.flower_rounds),
            "--instances", str(args.instances), "--cohort", str(args.cohort), "--epochs", str(args.epochs),
-           "--batch", str(args.batch), "--lr", str(args.lr), "--alpha", str(args.alpha), "--model", args.model,
-           "--seed", str(args.seed)]  # fmt: skip
+           "--batch", str(args.batch), "--lr", str(args.lr), "--alpha", str(args.alpha),
+           "--model", args.model, "--seed", str(args.seed)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=ROOT)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -122,8 +122,10 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(1)  # every runner on one core: the machine is shared
     data = digits(n_instances=args.instances, split="dirichlet", alpha=args.alpha, seed=args.seed)
-    print(f"digits FedAvg: {args.instances} instances (Dirichlet alpha {args.alpha}), {args.model}, cohort "
-          f"{args.cohort}, {args.epochs} local epochs, batch {args.batch}, lr {args.lr}, {args.rounds} rounds")  # fmt: skip
+    print(
+        f"digits FedAvg: {args.instances} instances (Dirichlet alpha {args.alpha}), {args.model}, cohort "
+        f"{args.cohort}, {args.epochs} local epochs, batch {args.batch}, lr {args.lr}, {args.rounds} rounds"
+    )
     runners: list[tuple[str, Callable[[], tuple[list[float], float] | str]]] = [
         ("plain torch loop (sequential)", lambda: plain_torch(args, data)),
         (
