@@ -1,9 +1,11 @@
 """Training through the actors: each round is a query of the training kind, sealed end to end.
 
-`ClusterEngine` builds a cluster in a temporary directory (keys, cluster.toml, one host whose
-instances hold the dataset's records), runs every actor in this process (`engine = "local"`,
-the in-process transport, real sealing and signatures), subscribes the instances, and runs each
-round as the Querier: `submit_round`, then the root DA's sealed average update, opened by Q only.
+`ClusterEngine` builds a cluster in a temporary directory (keys, TLS certificates, cluster.toml,
+one host whose instances hold the dataset's records) and runs every actor in this process:
+`engine = "local"` over the in-process transport, `engine = "grpc"` each as a gRPC service on
+loopback with mutual TLS. Either way the sealing and signatures are real. It subscribes the
+instances and runs each round as the Querier: `submit_round`, then the root DA's sealed average
+update, opened by Q only.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import datetime as dt
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,8 @@ from dispers.learn.config import ExperimentConfig
 from dispers.learn.data import FederatedData
 from dispers.learn.engine import RoundOutput
 from dispers.learn.models import n_params
+from dispers.protocol.data_aggregator import DataAggregator
+from dispers.protocol.instance.host import PersonalCloudHost
 from dispers.protocol.learning.querier import RoundPlan
 from dispers.state.documents import DocumentStore, epoch_day
 
@@ -95,12 +100,6 @@ class ClusterEngine:
     ) -> None:
         """Write a cluster (in `directory`, else a temporary one) unless `cluster_config` is given
         (one made by `write_training_cluster`, perhaps with another DA tree)."""
-        from dispers.transport.local import AsCaller, LocalCluster
-
-        if config.engine == "grpc":
-            raise DispersError(
-                ErrorCode.CONFIG, "experiment: engine 'grpc' is not served yet; use 'local' or 'simulation'"
-            )
         self._config = config
         self._n_params = n_params(model)
         self._tmp = (
@@ -117,15 +116,44 @@ class ClusterEngine:
             cluster_config = write_training_cluster(
                 root, data, dp=p.user_level, leaf_aggregators=leaf_aggregators, extra_settings=extra
             )
-        self.cluster = LocalCluster.from_config(cluster_config)
-        self.cluster.host_admin(HOST).subscribe_all(SubscriptionOp.SUBSCRIBE)
-        self.cluster.hosts[HOST].serve_training_data(
-            config.data.dataset, instance_ids(data.n_instances), data
+        self.cluster_config = cluster_config
+        self._closers: list[Callable[[], None]] = []
+        actors = (
+            self._start_grpc(cluster_config) if config.engine == "grpc" else self._start_local(cluster_config)
         )
-        querier = self.cluster.querier_object()
-        self._querier: Any = AsCaller(querier, querier.name)
+        self.das = {n: a for n, a in actors.items() if isinstance(a, DataAggregator)}
+        host = actors[HOST]
+        assert isinstance(host, PersonalCloudHost)
+        host.serve_training_data(config.data.dataset, instance_ids(data.n_instances), data)
         self._k = cluster_config.settings.k_min
         self._run_id = uuid.uuid4().hex[:16]
+
+    def _start_local(self, cluster_config: ClusterConfig) -> dict[str, object]:
+        """Every actor an object of this process, calls as method calls (the in-process transport)."""
+        from dispers.transport.local import AsCaller, LocalCluster
+
+        cluster = LocalCluster.from_config(cluster_config)
+        self._closers.append(cluster.close)
+        cluster.host_admin(HOST).subscribe_all(SubscriptionOp.SUBSCRIBE)
+        querier = cluster.querier_object()
+        self._querier: Any = AsCaller(querier, querier.name)
+        return {"conductor": cluster.conductor_actor, **cluster.das, **cluster.hosts}
+
+    def _start_grpc(self, cluster_config: ClusterConfig) -> dict[str, object]:
+        """Every actor a gRPC service on loopback (mutual TLS), served from this process."""
+        from dispers.core.ids import Role
+        from dispers.services.server import start_all_in_process
+        from dispers.transport.grpc_client import PersonalCloudClient, QuerierClient, client_for
+
+        servers = start_all_in_process(cluster_config)
+        self._closers.extend(lambda s=s: s.stop(0) for s in servers)  # type: ignore[misc]
+        name = cluster_config.roster.by_role(Role.QUERIER)[0].name
+        querier = client_for(cluster_config, name, name, QuerierClient)
+        self._closers.insert(0, querier.close)
+        with client_for(cluster_config, HOST, HOST, PersonalCloudClient) as host:
+            host.subscribe_all(SubscriptionOp.SUBSCRIBE)
+        self._querier = querier
+        return {s.name: s.actor for s in servers}
 
     def plan(self, round_: int, weights: FloatArray) -> RoundPlan:
         """What the Querier asks of round `round_`."""
@@ -168,6 +196,8 @@ class ClusterEngine:
 
     def close(self) -> None:
         """Close the actors' stores and remove the temporary cluster."""
-        self.cluster.close()
+        for close in self._closers:
+            close()
+        self._closers.clear()
         if self._tmp is not None:
             self._tmp.cleanup()

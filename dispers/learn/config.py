@@ -2,6 +2,7 @@
 
 ```toml
 [experiment]                  # name, seed, engine = "simulation" | "local" | "grpc"
+                              # (local: every actor in process; grpc: each a gRPC service, mTLS)
 [data]                        # dataset = "digits" | "health", instances, split, alpha
 [model]                       # name = "logreg" | "mlp" | "cnn"
 [training]                    # rounds, cohort, local_epochs, batch_size, lr, weighting, clip, batched
@@ -85,7 +86,6 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     engine: str = "simulation"
-    cluster: str | None = None  # cluster.toml for the grpc engine
     model: str = "mlp"
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -127,8 +127,6 @@ class ExperimentConfig:
         if p.record_noise is not None:
             _pos("privacy.record_noise", p.record_noise)
             _pos("privacy.record_clip", p.record_clip)
-        if self.engine == "grpc" and not self.cluster:
-            raise _bad("experiment.cluster", "must name a cluster.toml for the grpc engine")
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -178,8 +176,8 @@ def parse_experiment(data: dict[str, Any]) -> ExperimentConfig:
     if not isinstance(exp, dict) or not isinstance(model, dict):
         raise _bad("[experiment] / [model]", "must be tables")
     for key in exp:
-        if key not in ("name", "seed", "engine", "cluster"):
-            raise _bad(f"experiment.{key}", "is not a known key (known: cluster, engine, name, seed)")
+        if key not in ("name", "seed", "engine"):
+            raise _bad(f"experiment.{key}", "is not a known key (known: engine, name, seed)")
     for key in model:
         if key != "name":
             raise _bad(f"model.{key}", "is not a known key (known: name)")
@@ -190,7 +188,6 @@ def parse_experiment(data: dict[str, Any]) -> ExperimentConfig:
             name=str(exp.get("name", "experiment")),
             seed=seed,
             engine=exp.get("engine", "simulation"),
-            cluster=exp.get("cluster"),
             model=model.get("name", "mlp"),
             data=_section(DataConfig, data.get("data"), "data"),
             training=_section(TrainingConfig, data.get("training"), "training"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -85,9 +86,9 @@ def test_one_round_equals_the_direct_average_of_locally_trained_weights(tmp_path
     engine = ClusterEngine(cfg, data, model, directory=tmp_path, cluster_config=cluster_config)  # type: ignore[arg-type]
     try:
         if shape == "three levels":
-            assert engine.cluster.config.roster.da_plan().layers()[0] == ("da-2", "da-3")
+            assert engine.cluster_config.roster.da_plan().layers()[0] == ("da-2", "da-3")
         out = engine.run_round(0, w0)
-        assert all(da.active_rounds == 0 for da in engine.cluster.das.values())
+        assert all(da.active_rounds == 0 for da in engine.das.values())
     finally:
         engine.close()
     assert (out.asked, out.contributed, out.declined) == (12, 11, 1)
@@ -166,7 +167,7 @@ def test_the_ledger_is_charged_the_accountants_epsilon(tmp_path: Path) -> None:
         w = get_flat(model)
         for r in range(3):
             out = engine.run_round(r, w)
-        status = engine.cluster.das["da-root"].budget("researcher", "researcher")
+        status = engine.das["da-root"].budget("researcher", "researcher")
     finally:
         engine.close()
     expected = epsilon_after(UserLevelDP(2.0, 6 / 12, 1e-5), 3)
@@ -191,3 +192,16 @@ def test_a_round_out_of_order_is_refused(tmp_path: Path) -> None:
         engine.close()
     assert info.value.code is ErrorCode.FAILED_PRECONDITION
     assert "next round is 0" in info.value.message
+
+
+def test_the_same_rounds_over_grpc_and_in_process_give_the_same_model(tmp_path: Path) -> None:
+    """Cohort = every instance and no noise: the model is a function of the seed alone."""
+    data = small_digits(10, empty=(2,))
+    models = {}
+    for engine in ("local", "grpc"):
+        cfg = dataclasses.replace(config(10, model="logreg", rounds=2, clip=2.0), engine=engine)
+        result = run_experiment(cfg, data=data)
+        assert [r.contributed for r in result.rounds] == [9, 9]
+        models[engine] = get_flat(result.model)
+    np.testing.assert_allclose(models["grpc"], models["local"], atol=1e-6)
+    assert not np.allclose(models["local"], get_flat(build_model("logreg", ModelShape(64, 10), seed=5)))
