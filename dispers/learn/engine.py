@@ -15,6 +15,7 @@ import numpy.typing as npt
 from torch import nn
 
 from dispers.core.errors import DispersError, ErrorCode
+from dispers.core.ids import new_query_id
 from dispers.learn.accounting import UserLevelDP, epsilon_after, round_charge
 from dispers.learn.aggregate import UpdateSum, average
 from dispers.learn.config import ExperimentConfig
@@ -89,7 +90,6 @@ class SimulationEngine:
         self._dp = user_level(config, data.n_instances)
         self._ledger = MemoryBudgetLedger()
         self._total = Spend(config.privacy.budget_epsilon, config.privacy.delta)
-        self._run = f"sim-{config.seed}"
 
     def run_round(self, round_: int, weights: FloatArray) -> RoundOutput:
         cfg = self._config
@@ -100,9 +100,7 @@ class SimulationEngine:
         if self._dp is not None:
             eps, delta = round_charge(self._dp, round_)
             try:
-                status = self._ledger.charge(
-                    SIM_QUERIER, f"{self._run}-{round_}", Spend(eps, delta), self._total
-                )
+                status = self._ledger.charge(SIM_QUERIER, new_query_id(), Spend(eps, delta), self._total)
             except DispersError as exc:
                 if exc.code is ErrorCode.BUDGET_EXCEEDED:
                     now = self._ledger.status(SIM_QUERIER, self._total)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -119,32 +120,55 @@ def _train_dp_sgd(
     round_: int,
     instance: int,
 ) -> float:
-    """Record-level DP-SGD with Opacus (per-record clipping and noise) over the instance's records."""
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    """Record-level DP-SGD inside the instance: Opacus' `make_private` over its own records.
+
+    Poisson-sampled batches of expected size `batch_size` (what Opacus' accountants assume),
+    each record's gradient clipped to `record_clip`, Gaussian noise of `record_noise` times
+    that. The noise comes from a generator seeded from the OS's random source, never from the
+    run's seed (which the Querier chose). The hooks are removed afterwards: the one model
+    object serves the next instance.
+    """
+    import secrets
+    import warnings
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
 
     assert settings.record_noise is not None
-    gsm = GradSampleModule(model)
-    try:
-        opt = DPOptimizer(
-            torch.optim.SGD(gsm.parameters(), lr=settings.lr),
-            noise_multiplier=settings.record_noise,
-            max_grad_norm=settings.record_clip,
-            expected_batch_size=settings.batch_size,
-        )
-        gen = torch.Generator().manual_seed(hash((seed, round_, instance)) & 0x7FFFFFFF)
-        opt.generator = gen
-        total = 0.0
-        for b in plan:
-            idx = torch.from_numpy(b)
-            opt.zero_grad()
-            loss = F.cross_entropy(gsm(x[idx]), y[idx])
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
-            total += loss.item() * len(b)
-        return total / max(1, len(y) * settings.epochs)
-    finally:
-        gsm._close()
+    engine = PrivacyEngine(accountant="rdp")
+    loader = DataLoader(TensorDataset(x, y), batch_size=min(settings.batch_size, max(1, len(y))))
+    noise = torch.Generator().manual_seed(secrets.randbits(63))
+    with warnings.catch_warnings():
+        # Opacus warns of its non-cryptographic RNG and of hooks on inputs that need no grad.
+        warnings.simplefilter("ignore")
+        private, optimizer, batches_ = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=settings.lr),
+            data_loader=loader, noise_multiplier=settings.record_noise,
+            max_grad_norm=settings.record_clip, noise_generator=noise,
+        )  # fmt: skip
+        return _dp_epochs(private, optimizer, batches_, settings.epochs)
+
+
+def _dp_epochs(private: Any, optimizer: Any, batches_: Any, epochs: int) -> float:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            total, seen = 0.0, 0
+            for _ in range(epochs):
+                for xb, yb in batches_:
+                    optimizer.zero_grad()
+                    out = private(xb)
+                    # An empty Poisson batch still takes its (noise-only) step, as accounted.
+                    loss = F.cross_entropy(out, yb) if len(yb) else out.sum() * 0.0
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.item() * len(yb)
+                    seen += len(yb)
+            return total / max(1, seen)
+        finally:
+            private._close()
 
 
 def train_batched(

@@ -202,3 +202,40 @@ def test_dispers_train_errors_are_one_line(tmp_path: Path, capsys: pytest.Captur
     assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "training.rounds" in err and "Traceback" not in err
+
+
+def test_record_level_dp_sgd_clips_each_record_and_adds_noise(data) -> None:  # type: ignore[no-untyped-def]
+    model = build_model("logreg", ModelShape(64, 10), seed=1)
+    w0 = get_flat(model)
+    chosen = [0, 1]
+    records = [data.records(i) for i in chosen]
+    plain = train_sequential(model, w0, records, chosen, LocalSettings(lr=0.1), seed=0, round_=0)
+    dp = LocalSettings(lr=0.1, record_noise=1.0, record_clip=0.01)
+    a = train_sequential(model, w0, records, chosen, dp, seed=0, round_=0)
+    b = train_sequential(model, w0, records, chosen, dp, seed=0, round_=0)
+    assert not np.allclose(a.updates, b.updates)  # fresh noise each time, whatever the seed
+    assert not np.allclose(a.updates, plain.updates)
+    # The hooks are gone: the one model object trains the next instance without DP as before.
+    again = train_sequential(model, w0, records, chosen, LocalSettings(lr=0.1), seed=0, round_=0)
+    np.testing.assert_allclose(again.updates, plain.updates, atol=1e-7)
+    # Tiny clipping: each record's gradient is nearly nothing, the update is mostly noise of
+    # std lr * noise * clip / batch per coordinate and step.
+    steps = int(np.ceil(len(records[0][1]) / 16))
+    assert np.std(a.updates[0]) < 5 * 0.1 * 1.0 * 0.01 / 16 * np.sqrt(steps) * 3
+
+
+def test_the_simulation_engine_accounts_and_stops_at_the_budget(data) -> None:  # type: ignore[no-untyped-def]
+    from dispers.learn.config import DataConfig, ExperimentConfig, PrivacyConfig, TrainingConfig
+    from dispers.learn.experiment import run_experiment
+
+    cfg = ExperimentConfig(
+        model="logreg", data=DataConfig(instances=30),
+        training=TrainingConfig(rounds=50, cohort=6, clip=1.0, weighting="uniform"),
+        privacy=PrivacyConfig(user_level=True, noise_multiplier=1.0, delta=1e-5, budget_epsilon=4.0),
+    )  # fmt: skip
+    result = run_experiment(cfg, data=data)
+    n = len(result.rounds)
+    assert 1 <= n < 50 and result.stopped is not None
+    assert result.stopped.startswith(f"training stopped before round {n + 1}")
+    assert result.rounds[-1].epsilon == pytest.approx(epsilon_after(UserLevelDP(1.0, 0.2, 1e-5), n))
+    assert result.rounds[-1].epsilon <= 4.0 < epsilon_after(UserLevelDP(1.0, 0.2, 1e-5), n + 1)
