@@ -205,3 +205,26 @@ def test_the_same_rounds_over_grpc_and_in_process_give_the_same_model(tmp_path: 
         models[engine] = get_flat(result.model)
     np.testing.assert_allclose(models["grpc"], models["local"], atol=1e-6)
     assert not np.allclose(models["local"], get_flat(build_model("logreg", ModelShape(64, 10), seed=5)))
+
+
+def test_a_round_whose_host_drops_out_is_tolerated_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dispers.protocol.instance.host import PersonalCloudHost
+
+    data = small_digits(12)
+    cfg = config(12, model="logreg", rounds=3, cohort=6)
+    train = PersonalCloudHost.train
+    calls = {"n": 0}
+
+    def flaky(self: PersonalCloudHost, caller: str, request: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the host is down during the second round
+            raise DispersError(ErrorCode.UNAVAILABLE, "host down")
+        return train(self, caller, request)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PersonalCloudHost, "train", flaky)
+    result = run_experiment(cfg, data=data)
+    assert [r.contributed for r in result.rounds] == [6, 0, 6]
+    assert [r.unreachable for r in result.rounds] == [0, 6, 0]
+    assert result.stopped is None
