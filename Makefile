@@ -42,9 +42,17 @@ bench: $(STAMP)
 bench-stats: $(STAMP)
 	$(BIN)/python benchmarks/bench_stats.py
 
-bench-train: $(STAMP)
-	$(PIP) install -e '.[dev,bench]'
+# Flower needs protobuf < 7 (dispers >= 7): it gets its own venv, with dispers' learn code only.
+FLOWER := .venv-flower
+$(FLOWER)/.installed: pyproject.toml
+	@test -x $(FLOWER)/bin/python || $(PYTHON) -m venv $(FLOWER)
+	$(FLOWER)/bin/python -m pip --disable-pip-version-check -q install torch==2.13.0 'flwr[simulation]==1.41.0' scikit-learn numpy
+	$(FLOWER)/bin/python -m pip --disable-pip-version-check -q install --no-deps -e .
+	@touch $@
+
+bench-train: $(STAMP) $(FLOWER)/.installed
+	$(PIP) install -e '.[dev,learn,bench]'
 	$(BIN)/python benchmarks/bench_train.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(FLOWER) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -10,7 +10,7 @@ cohort, local epochs, batch size, learning rate and rounds for every runner:
 - a plain sequential torch loop: per instance a copy of the global model, SGD, FedAvg;
 - Flower's simulation (`start_simulation`, Ray), in its own venv (`--flower-python`), since
   Flower needs protobuf < 7 and dispers >= 7; fewer rounds by default (`--flower-rounds`);
-- pfl: not run (see benchmarks/README.md).
+- Apple's pfl (`SimulatedBackend`: users one after another on one model), from the bench extra.
 
 Prints seconds per round (median over rounds), final test accuracy, and ratios against the
 plain torch loop measured in the same run. Machines here are noisy: compare ratios.
@@ -87,11 +87,13 @@ def dispers_run(
     return [r.seconds for r in result.rounds], result.final_accuracy
 
 
-def flower_run(args: argparse.Namespace) -> tuple[list[float], float] | str:
-    python = Path(args.flower_python)
+def peer_run(
+    args: argparse.Namespace, python: Path, script: str, rounds: int
+) -> tuple[list[float], float] | str:
+    """Run a peer framework's script (its own interpreter) and read its JSON line."""
     if not python.exists():
-        return f"not run: no Flower venv at {python} (make bench-train creates it)"
-    cmd = [str(python), str(ROOT / "benchmarks" / "flower_digits.py"), "--rounds", str(args.flower_rounds),
+        return f"not run: no interpreter at {python} (make bench-train creates the Flower venv)"
+    cmd = [str(python), str(ROOT / "benchmarks" / script), "--rounds", str(rounds),
            "--instances", str(args.instances), "--cohort", str(args.cohort), "--epochs", str(args.epochs),
            "--batch", str(args.batch), "--lr", str(args.lr), "--alpha", str(args.alpha),
            "--model", args.model, "--seed", str(args.seed)]  # fmt: skip
@@ -118,7 +120,7 @@ def main() -> int:
     p.add_argument("--model", default="mlp")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flower-python", default=str(ROOT / ".venv-flower" / "bin" / "python"))
-    p.add_argument("--skip-flower", action="store_true")
+    p.add_argument("--skip-peers", action="store_true", help="run neither Flower nor pfl")
     args = p.parse_args()
     torch.set_num_threads(1)  # every runner on one core: the machine is shared
     data = digits(n_instances=args.instances, split="dirichlet", alpha=args.alpha, seed=args.seed)
@@ -138,8 +140,17 @@ def main() -> int:
         ),
         ("dispers actors in-process, sealed", lambda: dispers_run(args, data, engine="local", batched=True)),
     ]
-    if not args.skip_flower:
-        runners.append((f"Flower simulation ({args.flower_rounds} rounds)", lambda: flower_run(args)))
+    if not args.skip_peers:
+        flower = Path(args.flower_python)
+        runners.append(
+            (
+                f"Flower simulation ({args.flower_rounds} rounds)",
+                lambda: peer_run(args, flower, "flower_digits.py", args.flower_rounds),
+            )
+        )
+        here = Path(sys.executable)
+        runners.append((f"pfl simulation ({args.rounds} rounds)",
+                        lambda: peer_run(args, here, "pfl_digits.py", args.rounds)))  # fmt: skip
     results: dict[str, tuple[float, float] | str] = {}
     for name, fn in runners:
         out = fn()
@@ -156,7 +167,6 @@ def main() -> int:
             print(f"{name:40} {res}")
         else:
             print(f"{name:40} {res[0]:17.4f} {res[1]:10.4f} {res[0] / floor[0]:13.2f}x")
-    print("pfl: not run (see benchmarks/README.md)")
     return 0
 
 
