@@ -11,7 +11,10 @@ on a noisy machine where the seconds do not:
    same parsed expression over the same sets held as sorted uint64 arrays (the first 8 bytes of
    each pseudonym) with np.union1d / np.intersect1d / np.setdiff1d.
 2. DA statistics: Partial.of over N values in 3 groups (the fold), merged() of N/1000 partials
-   of 1,000 values each, and release_dp (3 and 128 groups) against the exact release.
+   of 1,000 values each, and release_dp (3 and 128 groups) against the exact release; then the
+   same over three fields (the co-moments behind cov, corr and ols) against numpy's bincounts
+   of every product, and the exact release of cov, corr and ols against np.linalg.lstsq on
+   the raw values.
 3. DA ingest: N/10 sealed 78-byte records through DataAggregator.ingest (open, decode, fold)
    against opening as many boxes with plain PyNaCl.
 
@@ -43,7 +46,7 @@ from dispers.core.config import ClusterSettings
 from dispers.core.expression import And, Expr, Not, Ref, evaluate, needs_universe, parse_positional
 from dispers.core.ids import Role, new_query_id
 from dispers.core.messages import SubscriptionOp
-from dispers.core.spec import AggregateSpec, Privacy
+from dispers.core.spec import AggregateSpec, Privacy, Regression
 from dispers.core.wire import ContributionLayout
 from dispers.crypto import Opener, seal
 from dispers.crypto.box import sealed_size
@@ -264,6 +267,31 @@ def np_merge(stack: dict[str, npt.NDArray[Any]]) -> tuple[Any, ...]:
     return n, mean, m2, stack["min"].min(axis=0), stack["max"].max(axis=0)
 
 
+def np_products(
+    g: npt.NDArray[np.int64], x: npt.NDArray[np.float64], k: int
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per group: count, sums of each field and sums of every product of two fields."""
+    f = x.shape[1]
+    count = np.bincount(g, minlength=k).astype(np.float64)
+    sums = np.stack([np.bincount(g, weights=x[:, i], minlength=k) for i in range(f)], axis=1)
+    prods = np.empty((k, f, f))
+    for i in range(f):
+        for j in range(i, f):
+            prods[:, i, j] = prods[:, j, i] = np.bincount(g, weights=x[:, i] * x[:, j], minlength=k)
+    return count, sums, prods
+
+
+def np_ols(g: npt.NDArray[np.int64], x: npt.NDArray[np.float64], k: int) -> list[Any]:
+    """The regression of the first field on the others per group with np.linalg.lstsq on the raw
+    values (what a researcher holding the data would run)."""
+    out = []
+    for i in range(k):
+        rows = x[g == i]
+        design = np.column_stack([np.ones(len(rows)), rows[:, 1:]])
+        out.append(np.linalg.lstsq(design, rows[:, 0], rcond=None)[0])
+    return out
+
+
 def ufunc_at_seconds(fn: Callable[[], object], repeat: int) -> float:
     """The fastest run's seconds inside np.ufunc.at (Partial.of's min and max), by cProfile."""
     fastest = float("inf")
@@ -292,17 +320,42 @@ def bench_statistics(n: int, repeat: int, seed: int) -> dict[str, float]:
     figures["np_moments_s"], (count, _, mean, var) = best(lambda: np_moments(g, v, 3), repeat)
     figures["np_minmax_s"], (lo, hi) = best(lambda: np_minmax(g, v, 3), repeat)
     figures["np_stats_s"] = figures["np_moments_s"] + figures["np_minmax_s"]
-    assert np.array_equal(part.count, count) and np.allclose(part.mean, mean)
-    assert np.allclose(part.m2 / (part.count - 1), var) and np.array_equal(part.min, lo)
-    assert np.array_equal(part.max, hi)
+    assert np.array_equal(part.count, count) and np.allclose(part.mean[:, 0], mean)
+    assert np.allclose(part.m2 / (part.count - 1), var) and np.array_equal(part.min[:, 0], lo)
+    assert np.array_equal(part.max[:, 0], hi)
 
     # Merge: N/1000 partials of 1,000 values each.
     parts = [Partial.of(3, g[i : i + PART_VALUES], v[i : i + PART_VALUES]) for i in range(0, n, PART_VALUES)]
     figures["merge_partials"] = len(parts)
     figures["merge_s"], whole = best(lambda: merged(parts, 3), repeat)
-    stack = {f: np.stack([getattr(p, f) for p in parts]) for f in ("count", "mean", "m2", "min", "max")}
+    stack = {
+        f: np.stack([getattr(p, f) if f in ("count", "m2") else getattr(p, f)[:, 0] for p in parts])
+        for f in ("count", "mean", "m2", "min", "max")
+    }
     figures["np_merge_s"], (_, mean2, m2, _, _) = best(lambda: np_merge(stack), repeat, number=20)
-    assert np.array_equal(whole.count, count) and np.allclose(whole.mean, mean2) and np.allclose(whole.m2, m2)
+    assert np.array_equal(whole.count, count) and np.allclose(whole.mean[:, 0], mean2)
+    assert np.allclose(whole.m2, m2)
+
+    # Three fields: the co-moment fold behind cov, corr and ols, against numpy's bincounts of
+    # every product; then the exact and DP releases of count, mean, std, cov, corr and ols.
+    x = np.column_stack([v, rng.normal(75.0, 12.0, n).clip(20, 130), rng.uniform(0, 16000, n)])
+    figures["fold3_s"], part3 = best(lambda: Partial.of(3, g, x), repeat)
+    figures["np_fold3_s"], (count3, sums3, prods3) = best(lambda: np_products(g, x, 3), repeat)
+    co3 = prods3 - sums3[:, :, None] * sums3[:, None, :] / count3[:, None, None]
+    assert np.allclose(part3.co, co3, rtol=1e-6) and np.array_equal(part3.count, count3)
+    parts3 = [Partial.of(3, g[i : i + PART_VALUES], x[i : i + PART_VALUES]) for i in range(0, n, PART_VALUES)]
+    figures["merge3_s"], whole3 = best(lambda: merged(parts3, 3, 3), repeat)
+    assert np.allclose(whole3.co, co3, rtol=1e-6)
+    spec3 = AggregateSpec(
+        new_query_id(), 10, BOUNDS, ("count", "mean", "std", "cov", "corr", "ols"), ("a", "b", "c"), 3,
+        field_names=("hr", "weight", "steps"), field_bounds=(BOUNDS, (20.0, 130.0), (0.0, 16000.0)),
+        regression=Regression("hr", ("weight", "steps")),
+    )  # fmt: skip
+    figures["release3_s"], _ = best(functools.partial(whole3.release, spec3), repeat, number=20)
+    figures["np_ols3_s"], _ = best(lambda: np_ols(g, x, 3), repeat)
+    figures["release_dp3_s"], _ = best(
+        functools.partial(release_dp, whole3, spec3, Privacy(epsilon=1.0)), repeat, number=2
+    )
 
     # Releases: the exact one and the DP one (noise and a 2,000-draw bootstrap), 3 and 128 groups.
     for k in (3, 128):
@@ -445,6 +498,10 @@ def rows(f: dict[str, float], sqlite: bool) -> list[tuple[str, str, float | None
         ("fold", "fold: all (Partial.of)", f["fold_s"], f["np_stats_s"]),
         ("merge_vs_raw", "merged(): vs numpy over the raw values", f["merge_s"], f["np_stats_s"]),
         ("merge_vs_stacked", "merged(): vs numpy merging stacked partials", f["merge_s"], f["np_merge_s"]),
+        ("fold3", "fold 3 fields: co-moments (Partial.of)", f["fold3_s"], f["np_fold3_s"]),
+        ("merge3_vs_raw", "merged() 3 fields vs numpy over raw values", f["merge3_s"], f["np_fold3_s"]),
+        ("release3_vs_lstsq", "release cov+corr+ols vs lstsq on raw values", f["release3_s"], f["np_ols3_s"]),
+        ("release_dp3", "release_dp 3 fields vs exact release", f["release_dp3_s"], f["release3_s"]),
         ("release_dp_3", "release_dp vs release, 3 groups", f["release_dp_3_s"], f["release_3_s"]),
         ("release_dp_128", "release_dp vs release, 128 groups", f["release_dp_128_s"], f["release_128_s"]),
         ("ingest", "DA ingest (open+decode+fold) vs PyNaCl open", f["ingest_s"], f["floor_s"]),

@@ -28,6 +28,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
         return "-"
     if float(value).is_integer() and abs(value) < 1e15:
         return str(int(value))
+    if abs(value) < 10 ** -(digits - 1):  # a slope of -0.0004 must not print as -0.000
+        return f"{value:.{digits}g}"
     return f"{value:.{digits}f}"
 
 
@@ -44,6 +46,8 @@ def result_table(result: QueryResult, truth: Mapping[str, GroupTruth] | None = N
     order = ("count", "mean", "std", "min", "max", "sum", "var", "median")
     quantiles = sorted({k for g in result.groups for k in g.values if k.startswith("q")})
     stats = [s for s in (*order, *quantiles) if any(s in g.values for g in result.groups)]
+    # Several fields (hr.mean, cov(hr,weight), ols.weight ...): every other key, in release order.
+    stats += list(dict.fromkeys(k for g in result.groups for k in g.values if k not in stats))
     headers = ["group", *stats]
     if truth is not None:
         headers += ["true count", "true mean", "true std", "|Δ mean|"]
@@ -87,6 +91,8 @@ def result_table(result: QueryResult, truth: Mapping[str, GroupTruth] | None = N
         return f"< {result.k}" if n is None else str(n)
 
     extras.append(f"declined: {count(result.declined)}")
+    if result.clipped is not None:
+        extras.append(f"clipped to their bounds: {count(result.clipped)}")
     if result.dropped:
         extras.append(
             "dropped by the aggregators: "

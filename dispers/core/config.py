@@ -82,6 +82,17 @@ class DAPlan:
         top = h(self.root)
         return [tuple(m for m in self.members if h(m) == level) for level in range(top + 1)]
 
+    def summary(self) -> dict[str, Any]:
+        """The tree's shape, as a result reports it: root, depth (layers, root included),
+        leaves, aggregators and the largest number of children of one DA."""
+        return {
+            "root": self.root,
+            "depth": len(self.layers()),
+            "leaves": len(self.leaves),
+            "aggregators": len(self.members),
+            "fan_out": max(len(self.children(m)) for m in self.members),
+        }
+
     def to_obj(self) -> dict[str, Any]:
         """JSON-able form, for signing and sealing."""
         return {"root": self.root, "parents": [list(p) for p in self.parents]}
@@ -174,6 +185,50 @@ class Roster:
             raise _config_error(exc.message) from None
         return plan
 
+    def plan_tree(self, leaves: int, fan_out: int) -> DAPlan:
+        """A tree of `leaves` leaf aggregators under the roster's root, no node with more than
+        `fan_out` children, as shallow as that allows, drawn from the roster's other DAs (any
+        declared parents aside; the root stays, as it holds the budget ledger)."""
+        if leaves < 1 or fan_out < 2:
+            raise DispersError(ErrorCode.MALFORMED, "a plan needs at least one leaf and a fan-out of 2")
+        root = self.da_plan().root
+        pool = sorted(d.name for d in self.by_role(Role.DATA_AGGREGATOR) if d.name != root)
+        sizes = [leaves]
+        while sizes[-1] > fan_out:
+            sizes.append(-(-sizes[-1] // fan_out))
+        if sum(sizes) > len(pool):
+            raise DispersError(
+                ErrorCode.MALFORMED,
+                f"query spec: plan: {leaves} leaves with fan_out {fan_out} need {sum(sizes)} aggregators "
+                f"besides the root, and the roster has {len(pool)}",
+            )
+        parents: list[tuple[str, str]] = []
+        start = 0
+        layers = []
+        for size in sizes:
+            layers.append(pool[start : start + size])
+            start += size
+        for lower, upper in zip(layers, layers[1:], strict=False):
+            per = -(-len(lower) // len(upper))  # children per parent, every parent gets one
+            parents += [(child, upper[i // per]) for i, child in enumerate(lower)]
+        parents += [(child, root) for child in layers[-1]]
+        plan = DAPlan(root, tuple(sorted(parents)))
+        plan.validate()
+        return plan
+
+    def check_plan(self, plan: DAPlan) -> None:
+        """A query's plan: rooted at the roster's root (it holds the budget ledger), every
+        member a data aggregator of the roster."""
+        if plan.root != self.da_plan().root:
+            raise DispersError(
+                ErrorCode.MALFORMED, "the query's aggregator plan is not rooted at the cluster's root"
+            )
+        aggregators = {d.name for d in self.by_role(Role.DATA_AGGREGATOR)}
+        if not set(plan.members) <= aggregators:
+            raise DispersError(
+                ErrorCode.MALFORMED, "the query's aggregator plan names an actor that is not an aggregator"
+            )
+
     def to_obj(self) -> list[dict[str, Any]]:
         """JSON/TOML-able public form (no secrets, no paths)."""
         out = []
@@ -207,13 +262,14 @@ class ClusterSettings:
     max_concepts: int = 16  # per subscription and per query
     max_groups: int = 128  # groups of one query (partial_bytes and result_bytes must hold them)
     max_bins: int = 32  # histogram bins of one query
+    max_fields: int = 4  # values per contribution of one query (data.fields)
     concepts_bytes: int = 2048  # a subscription's or a query's concept list (JSON)
     address_bytes: int = 512  # an instance address and its nonce (JSON)
     expression_bytes: int = 1024  # a query's target expression
     request_bytes: int = 4096  # the data request sealed to T
     spec_bytes: int = 4096  # the aggregate spec sealed to each DA
-    partial_bytes: int = 131072  # a partial aggregate sealed to a parent DA
-    result_bytes: int = 524288  # the result sealed to Q (intervals, histograms, quantiles included)
+    partial_bytes: int = 196608  # a partial aggregate sealed to a parent DA
+    result_bytes: int = 2097152  # the result sealed to Q (intervals, histograms, quantiles included)
     max_long_polls: int = 4  # Status calls allowed to wait at once; more answer at once
     max_wait_s: float = 30.0  # the longest one Status call waits
     dp: bool = True  # the cluster's policy: noise every release (off only for simulations and tests)
@@ -331,6 +387,7 @@ def _settings(raw: Any, base: Path | None = None) -> ClusterSettings:
     _int_setting(s, "max_concepts", 1, 1024)
     _int_setting(s, "max_groups", 1, 100_000)
     _int_setting(s, "max_bins", 1, 100_000)
+    _int_setting(s, "max_fields", 1, 64)
     _int_setting(s, "max_long_polls", 0, 1024)
     for key in _SIZE_KEYS:
         _int_setting(s, key, 64, 64 * 1024 * 1024)

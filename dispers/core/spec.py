@@ -17,10 +17,24 @@ from dispers.core.ids import check_query_id
 from dispers.core.vocabulary import CATEGORY_CODES
 from dispers.core.wire import ContributionLayout
 
-STATS = ("count", "sum", "mean", "var", "std", "min", "max", "histogram", "median", "quantiles")
+STATS = (
+    "count", "sum", "mean", "var", "std", "min", "max", "histogram", "median", "quantiles",
+    "cov", "corr", "ols",
+)  # fmt: skip
+FIELD_STATS = ("sum", "mean", "var", "std", "min", "max")
+"""Statistics of each field of a contribution (with several fields, released as name.stat)."""
 HISTOGRAM_STATS = ("histogram", "median", "quantiles")
-"""Statistics read off a histogram of declared bins (quantiles to the resolution of a bin)."""
+"""Statistics read off a histogram of declared bins (quantiles to the resolution of a bin),
+of the first field."""
+PAIR_STATS = ("cov", "corr")
+"""Statistics of every pair of fields, released as cov(a,b) and corr(a,b)."""
+MULTI_STATS = (*PAIR_STATS, "ols")
+"""Statistics that need at least two fields."""
 MAX_QUANTILES = 16
+MAX_FIELD_NAME = 32
+"""Longest field name: results must fit their fixed frame whatever the spec names."""
+DEFAULT_FIELD = "value"
+"""The name of the one field of a single-function query."""
 MAX_BOUND = 1e15
 MAX_BOUND_RATIO = 1e6
 """|bound| / (upper - lower) at most this: float rounding of sums stays far under the noise."""
@@ -124,6 +138,105 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
+def check_bounds(bounds: Any, key: str) -> tuple[float, float]:
+    """[lower, upper], finite, lower < upper, within ±MAX_BOUND and not too narrow for their
+    magnitude; errors name `key`."""
+    if (
+        not isinstance(bounds, list | tuple)
+        or len(bounds) != 2
+        or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+        or not all(math.isfinite(b) for b in bounds)
+        or not bounds[0] < bounds[1]
+    ):
+        raise malformed(f"{key} must be [lower, upper], finite, with lower < upper")
+    lo, hi = float(bounds[0]), float(bounds[1])
+    if max(abs(lo), abs(hi)) > MAX_BOUND:
+        raise malformed(f"{key} must lie within ±{MAX_BOUND:g}")
+    if max(abs(lo), abs(hi)) > MAX_BOUND_RATIO * (hi - lo):
+        raise malformed(
+            f"{key} are too narrow for their magnitude (at most {MAX_BOUND_RATIO:g} times "
+            "their width): floating-point rounding would exceed the noise's calibration"
+        )
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One value of each contribution: a registry function of the instance's own documents,
+    with the bounds its values must lie in (public, declared by the querier)."""
+
+    name: str
+    function: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    bounds: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier() or len(self.name) > MAX_FIELD_NAME:
+            raise malformed(
+                f"data.fields: name {self.name!r} must be an identifier "
+                f"of at most {MAX_FIELD_NAME} characters"
+            )
+        if not isinstance(self.function, str) or not self.function:
+            raise malformed(f"data.fields.{self.name}: function is required")
+        if not isinstance(self.params, Mapping):
+            raise malformed(f"data.fields.{self.name}: params must be a table")
+        object.__setattr__(self, "bounds", check_bounds(self.bounds, f"data.fields.{self.name}.bounds"))
+
+    def to_obj(self) -> dict[str, Any]:
+        """The spec-file form."""
+        return {
+            "name": self.name, "function": self.function, "params": dict(self.params),
+            "bounds": list(self.bounds),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Regression:
+    """Ordinary least squares of field `y` on fields `x` (with an intercept)."""
+
+    y: str
+    x: tuple[str, ...]
+
+    def to_obj(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"y": self.y, "x": list(self.x)}
+
+    @classmethod
+    def from_obj(cls, obj: Any, key: str) -> Regression | None:
+        """Parse (None stays None); errors name `key`."""
+        if obj is None:
+            return None
+        if not isinstance(obj, dict) or set(obj) != {"y", "x"}:
+            raise malformed(f"{key} must be a table with y (a field) and x (a list of fields)")
+        y, x = obj["y"], obj["x"]
+        if not isinstance(y, str) or not isinstance(x, list) or any(not isinstance(n, str) for n in x):
+            raise malformed(f"{key} must be a table with y (a field) and x (a list of fields)")
+        return cls(y, tuple(x))
+
+
+def check_fields(
+    names: tuple[str, ...], stats: tuple[str, ...], regression: Regression | None, key: str
+) -> None:
+    """Field names are distinct; multi-field statistics have at least two fields; ols comes with
+    a regression over known, distinct fields, and a regression with ols. Errors name `key`."""
+    if len(set(names)) != len(names):
+        raise malformed(f"{key}: field names must be distinct")
+    multi = [s for s in stats if s in MULTI_STATS]
+    if multi and len(names) < 2:
+        raise malformed(f"{key}: {', '.join(multi)} need at least two fields (data.fields)")
+    if ("ols" in stats) != (regression is not None):
+        raise malformed(f"{key}: the ols stat and aggregate.regression go together")
+    if regression is not None:
+        unknown = [n for n in (regression.y, *regression.x) if n not in names]
+        if unknown:
+            raise malformed(
+                f"{key}: regression names unknown field(s) {', '.join(map(repr, unknown))} "
+                f"(the fields are: {', '.join(names)})"
+            )
+        if not regression.x or regression.y in regression.x or len(set(regression.x)) != len(regression.x):
+            raise malformed(f"{key}: regression.x must list distinct fields other than y")
+
+
 @dataclass(frozen=True)
 class DataRequest:
     """What T asks each target instance to compute, signed by Q; names a registry function."""
@@ -135,11 +248,17 @@ class DataRequest:
     group_by: GroupBy | None
     aggregators: tuple[str, ...]  # the leaf DAs an instance may seal to
     issued_at: float  # seconds since the epoch: hosts refuse stale requests
+    extra_fields: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # (function, params) after the first
+
+    @property
+    def functions(self) -> tuple[tuple[str, Mapping[str, Any]], ...]:
+        """(function, params) of every field, in record order."""
+        return ((self.function, self.params), *self.extra_fields)
 
     @property
     def layout(self) -> ContributionLayout:
-        """The fixed record every target answers with (one value per contribution for now)."""
-        return ContributionLayout(1)
+        """The fixed record every target answers with: one value per field."""
+        return ContributionLayout(1 + len(self.extra_fields))
 
     def to_obj(self) -> dict[str, Any]:
         """JSON-able form (what Q signs)."""
@@ -151,6 +270,7 @@ class DataRequest:
             "as_of": self.as_of.isoformat(),
             "group_by": self.group_by.to_obj() if self.group_by else None,
             "aggregators": list(self.aggregators),
+            "extra_fields": [{"function": f, "params": dict(p)} for f, p in self.extra_fields],
         }
 
     @classmethod
@@ -169,7 +289,17 @@ class DataRequest:
             group_by=GroupBy.from_obj(obj.get("group_by"), what),
             aggregators=tuple(str(a) for a in get_field(obj, "aggregators", list, what)),
             issued_at=float(get_field(obj, "issued_at", (int, float), what)),
+            extra_fields=tuple(
+                (get_field(f, "function", str, what), get_field(f, "params", dict, what))
+                if isinstance(f, dict)
+                else _bad_field(what)
+                for f in get_field(obj, "extra_fields", list, what)
+            ),
         )
+
+
+def _bad_field(what: str) -> tuple[str, Mapping[str, Any]]:
+    raise malformed(f"{what}: extra_fields must be objects with function and params")
 
 
 def check_histogram(
@@ -212,32 +342,52 @@ class AggregateSpec:
 
     query_id: str
     k: int
-    bounds: tuple[float, float]
+    bounds: tuple[float, float]  # of the first field
     stats: tuple[str, ...]
     groups: tuple[str, ...]  # labels; contributions carry an index into this
     n_fields: int = 1  # values per contribution record
-    bins: tuple[float, ...] = ()  # histogram edges, from the lower bound to the upper one
+    bins: tuple[float, ...] = ()  # histogram edges of the first field, lower bound to upper one
     quantiles: tuple[float, ...] = ()  # levels in (0, 1), read off the histogram
+    field_names: tuple[str, ...] = ()  # with several fields: their names, in record order
+    field_bounds: tuple[tuple[float, float], ...] = ()  # with several fields: the bounds of each
+    regression: Regression | None = None
+    clip: bool = False  # values outside the bounds are clipped to them (else dropped)
 
     @property
     def layout(self) -> ContributionLayout:
         """The fixed record the DAs decode."""
         return ContributionLayout(self.n_fields)
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The name of each field."""
+        return self.field_names or (DEFAULT_FIELD,)
+
+    @property
+    def all_bounds(self) -> tuple[tuple[float, float], ...]:
+        """The bounds of each field."""
+        return self.field_bounds or (self.bounds,)
+
     def __post_init__(self) -> None:
-        lo, hi = self.bounds
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise malformed("aggregate spec: bounds must be finite with lower < upper")
-        if max(abs(lo), abs(hi)) > MAX_BOUND:
-            raise malformed(f"aggregate spec: bounds must lie within ±{MAX_BOUND:g}")
-        if max(abs(lo), abs(hi)) > MAX_BOUND_RATIO * (hi - lo):
-            raise malformed("aggregate spec: bounds too narrow for their magnitude (floating point)")
+        what = "aggregate spec"
+        for i, b in enumerate((self.bounds, *self.field_bounds)):
+            check_bounds(b, f"{what}: bounds" + (f" of field {i}" if i else ""))
         bad = [s for s in self.stats if s not in STATS]
         if bad or not self.stats:
-            raise malformed(f"aggregate spec: stats must be a non-empty subset of {', '.join(STATS)}")
+            raise malformed(f"{what}: stats must be a non-empty subset of {', '.join(STATS)}")
         if not self.groups:
-            raise malformed("aggregate spec: at least one group")
-        check_histogram(self.bounds, self.stats, self.bins, self.quantiles, "aggregate spec: ")
+            raise malformed(f"{what}: at least one group")
+        if self.field_names or self.field_bounds or self.n_fields != 1:
+            if not (len(self.field_names) == len(self.field_bounds) == self.n_fields >= 2):
+                raise malformed(f"{what}: every field has a name and bounds")
+            if self.field_bounds[0] != self.bounds:
+                raise malformed(f"{what}: bounds are the first field's")
+            if any(not n.isidentifier() or len(n) > MAX_FIELD_NAME for n in self.field_names):
+                raise malformed(
+                    f"{what}: field names must be identifiers of at most {MAX_FIELD_NAME} characters"
+                )
+        check_fields(self.names, self.stats, self.regression, what)
+        check_histogram(self.bounds, self.stats, self.bins, self.quantiles, f"{what}: ")
 
     def to_obj(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -250,24 +400,35 @@ class AggregateSpec:
             "n_fields": self.n_fields,
             "bins": list(self.bins),
             "quantiles": list(self.quantiles),
+            "field_names": list(self.field_names),
+            "field_bounds": [list(b) for b in self.field_bounds],
+            "regression": None if self.regression is None else self.regression.to_obj(),
+            "clip": self.clip,
         }
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any]) -> AggregateSpec:
         """Parse and validate."""
         what = "aggregate spec"
-        bounds = get_field(obj, "bounds", list, what)
-        if len(bounds) != 2 or not all(isinstance(b, int | float) for b in bounds):
-            raise malformed(f"{what}: bounds must be two numbers")
+
+        def pair(b: Any) -> tuple[float, float]:
+            if not isinstance(b, list) or len(b) != 2 or not all(isinstance(x, int | float) for x in b):
+                raise malformed(f"{what}: bounds must be two numbers")
+            return float(b[0]), float(b[1])
+
         return cls(
             query_id=check_query_id(get_field(obj, "query_id", str, what)),
             k=get_field(obj, "k", int, what),
-            bounds=(float(bounds[0]), float(bounds[1])),
+            bounds=pair(get_field(obj, "bounds", list, what)),
             stats=tuple(get_field(obj, "stats", list, what)),
             groups=tuple(get_field(obj, "groups", list, what)),
             n_fields=get_field(obj, "n_fields", int, what),
             bins=tuple(float(b) for b in get_field(obj, "bins", list, what)),
             quantiles=tuple(float(q) for q in get_field(obj, "quantiles", list, what)),
+            field_names=tuple(str(n) for n in get_field(obj, "field_names", list, what)),
+            field_bounds=tuple(pair(b) for b in get_field(obj, "field_bounds", list, what)),
+            regression=Regression.from_obj(obj.get("regression"), f"{what}: regression"),
+            clip=get_field(obj, "clip", bool, what),
         )
 
 
@@ -316,11 +477,56 @@ class Privacy:
 
 
 @dataclass(frozen=True)
+class PlanSpec:
+    """How the query's tree of aggregators is planned from the roster: `leaves` leaf DAs, or
+    enough leaves that `expected_targets` make at most `max_per_leaf` items each; no DA with
+    more than `fan_out` children. The plan depends on the spec and the roster only, never on
+    how many targets the query really has (that would tell the querier a count)."""
+
+    leaves: int | None = None
+    max_per_leaf: int | None = None
+    expected_targets: int | None = None
+    fan_out: int = 8
+
+    def __post_init__(self) -> None:
+        for key in ("leaves", "max_per_leaf", "expected_targets", "fan_out"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise malformed(f"plan.{key} must be a positive integer")
+        if self.fan_out < 2:
+            raise malformed("plan.fan_out must be at least 2")
+        if (self.leaves is None) == (self.max_per_leaf is None):
+            raise malformed("plan needs exactly one of leaves and max_per_leaf")
+        if (self.max_per_leaf is None) != (self.expected_targets is None):
+            raise malformed("plan.max_per_leaf goes with plan.expected_targets")
+
+    @property
+    def n_leaves(self) -> int:
+        """How many leaf DAs the plan has."""
+        if self.leaves is not None:
+            return self.leaves
+        assert self.max_per_leaf is not None and self.expected_targets is not None
+        return -(-self.expected_targets // self.max_per_leaf)
+
+    def to_obj(self) -> dict[str, Any]:
+        """The spec-file form."""
+        keys = ("leaves", "max_per_leaf", "expected_targets", "fan_out")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+OUT_OF_BOUNDS = ("drop", "clip")
+
+
+@dataclass(frozen=True)
 class QuerySpec:
-    """A researcher's aggregate query, as written in a spec file."""
+    """A researcher's aggregate query, as written in a spec file.
+
+    One field (`function`, `params`, `bounds`), or several (`fields`; then `function`, `params`
+    and `bounds` are the first field's, filled in from it).
+    """
 
     target: str  # expression over concept names
-    function: str
+    function: str = ""
     params: Mapping[str, Any] = field(default_factory=dict)
     as_of: dt.date = dt.date(2026, 11, 1)
     group_by: GroupBy | None = None
@@ -328,8 +534,35 @@ class QuerySpec:
     stats: tuple[str, ...] = ("count", "mean", "std")
     k: int = 10
     privacy: Privacy = field(default_factory=Privacy)
-    bins: tuple[float, ...] = ()  # histogram edges (histogram, median, quantiles)
+    bins: tuple[float, ...] = ()  # histogram edges (histogram, median, quantiles) of the first field
     quantiles: tuple[float, ...] = ()
+    fields: tuple[FieldSpec, ...] = ()  # several values per contribution
+    regression: Regression | None = None  # with the ols stat
+    out_of_bounds: str = "drop"  # or "clip": what a DA does with a value outside its bounds
+    plan: PlanSpec | None = None  # the aggregator tree; None: the roster's own
+
+    def __post_init__(self) -> None:
+        if self.fields:
+            if len(self.fields) < 2 or any(not isinstance(f, FieldSpec) for f in self.fields):
+                raise malformed("data.fields must list at least two fields (or use data.function)")
+            first = self.fields[0]
+            if self.function and self.function != first.function:
+                raise malformed("data.function and data.fields go apart: give one or the other")
+            object.__setattr__(self, "function", first.function)
+            object.__setattr__(self, "params", first.params)
+            object.__setattr__(self, "bounds", first.bounds)
+        if not isinstance(self.function, str) or not self.function:
+            raise malformed("data.function (or data.fields) is required")
+        if self.out_of_bounds not in OUT_OF_BOUNDS:
+            raise malformed(f"aggregate.out_of_bounds must be one of {', '.join(OUT_OF_BOUNDS)}")
+        check_fields(tuple(f.name for f in self.all_fields), self.stats, self.regression, "query spec")
+
+    @property
+    def all_fields(self) -> tuple[FieldSpec, ...]:
+        """Every field of a contribution, the single one included."""
+        if self.fields:
+            return self.fields
+        return (FieldSpec(DEFAULT_FIELD, self.function, self.params, self.bounds),)
 
     def compiled(self) -> tuple[tuple[str, ...], str]:
         """(concepts, positional expression) for CI and TF."""
@@ -342,31 +575,41 @@ class QuerySpec:
 
     def to_obj(self) -> dict[str, Any]:
         """The spec-file form (parse_query_spec reads it back)."""
-        data: dict[str, Any] = {
-            "function": self.function,
-            "as_of": self.as_of.isoformat(),
-            "params": dict(self.params),
-        }
+        data: dict[str, Any] = {"as_of": self.as_of.isoformat()}
+        aggregate: dict[str, Any] = {"stats": list(self.stats)}
+        if self.fields:
+            data["fields"] = [f.to_obj() for f in self.fields]
+        else:
+            data["function"] = self.function
+            data["params"] = dict(self.params)
+            aggregate["bounds"] = list(self.bounds)
         if self.group_by:
             data["group_by"] = self.group_by.to_obj()
-        return {
+        if self.bins:
+            aggregate["bins"] = list(self.bins)
+        if self.quantiles:
+            aggregate["quantiles"] = list(self.quantiles)
+        if self.regression is not None:
+            aggregate["regression"] = self.regression.to_obj()
+        if self.out_of_bounds != "drop":
+            aggregate["out_of_bounds"] = self.out_of_bounds
+        out = {
             "query": {"target": self.target, "k": self.k},
             "data": data,
-            "aggregate": {
-                "stats": list(self.stats),
-                "bounds": list(self.bounds),
-                **({"bins": list(self.bins)} if self.bins else {}),
-                **({"quantiles": list(self.quantiles)} if self.quantiles else {}),
-            },
+            "aggregate": aggregate,
             "privacy": self.privacy.to_obj(),
         }
+        if self.plan is not None:
+            out["plan"] = self.plan.to_obj()
+        return out
 
 
 _SPEC_TABLES = {
     "query": {"target", "k"},
-    "data": {"function", "as_of", "params", "group_by"},
-    "aggregate": {"stats", "bounds", "bins", "quantiles"},
+    "data": {"function", "as_of", "params", "group_by", "fields"},
+    "aggregate": {"stats", "bounds", "bins", "quantiles", "regression", "out_of_bounds"},
     "privacy": {"epsilon", "delta", "mechanism"},
+    "plan": {"leaves", "max_per_leaf", "expected_targets", "fan_out"},
 }
 
 
@@ -392,6 +635,39 @@ def _group_by(gb: Any, key: str, *, nested: bool) -> GroupBy:
     return GroupBy(gb["field"], tuple(gb["edges"]), (), then)
 
 
+_FIELD_KEYS = {"name", "function", "params", "bounds"}
+
+
+def _fields(raw: Any) -> tuple[FieldSpec, ...]:
+    """data.fields: a list of tables, each with name, function, bounds and optionally params."""
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise _spec_error("data.fields must list at least two fields (or use data.function)")
+    out = []
+    for i, f in enumerate(raw):
+        key = f"data.fields[{i}]"
+        if not isinstance(f, dict):
+            raise _spec_error(f"{key} must be a table with name, function, bounds and optionally params")
+        unknown = sorted(set(f) - _FIELD_KEYS)
+        if unknown:
+            raise _spec_error(f"unknown key {key}.{unknown[0]}")
+        for needed in ("name", "function", "bounds"):
+            if needed not in f:
+                raise _spec_error(f"{key}.{needed} is required")
+        if not isinstance(f["name"], str) or not f["name"].isidentifier() or len(f["name"]) > MAX_FIELD_NAME:
+            raise _spec_error(f"{key}.name must be an identifier of at most {MAX_FIELD_NAME} characters")
+        if not isinstance(f["function"], str):
+            raise _spec_error(f"{key}.function must be a function name")
+        params = f.get("params", {})
+        if not isinstance(params, dict):
+            raise _spec_error(f"{key}.params must be a table")
+        try:
+            bounds = check_bounds(f["bounds"], f"{key}.bounds")
+        except DispersError as exc:
+            raise _spec_error(exc.message) from None
+        out.append(FieldSpec(f["name"], f["function"], params, bounds))
+    return tuple(out)
+
+
 def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
     """Validate a query spec mapping (from TOML); errors name the bad key."""
     for table in data:
@@ -407,8 +683,18 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
     agg = data.get("aggregate", {})
     if not isinstance(query.get("target"), str):
         raise _spec_error("query.target (a concept expression) is required")
-    if not isinstance(dat.get("function"), str):
-        raise _spec_error("data.function is required")
+    fields: tuple[FieldSpec, ...] = ()
+    if "fields" in dat:
+        for key in ("function", "params"):
+            if key in dat:
+                raise _spec_error(f"data.{key} goes with one field: with data.fields, each field has its own")
+        if "bounds" in agg:
+            raise _spec_error(
+                "aggregate.bounds goes with one field: with data.fields, each field has its own"
+            )
+        fields = _fields(dat["fields"])
+    elif not isinstance(dat.get("function"), str):
+        raise _spec_error("data.function (or data.fields) is required")
     k = query.get("k", 10)
     if not isinstance(k, int) or isinstance(k, bool) or k < 2:
         raise _spec_error("query.k must be an integer >= 2")
@@ -431,25 +717,20 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
             raise _spec_error(
                 exc.message if exc.message.startswith("data.") else f"data.{exc.message}"
             ) from None
-    bounds = agg.get("bounds")
-    if (
-        not isinstance(bounds, list)
-        or len(bounds) != 2
-        or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
-        or not all(math.isfinite(b) for b in bounds)
-        or not bounds[0] < bounds[1]
-    ):
-        raise _spec_error("aggregate.bounds must be [lower, upper], finite, with lower < upper")
-    if max(abs(bounds[0]), abs(bounds[1])) > MAX_BOUND:
-        raise _spec_error(f"aggregate.bounds must lie within ±{MAX_BOUND:g}")
-    if max(abs(bounds[0]), abs(bounds[1])) > MAX_BOUND_RATIO * (bounds[1] - bounds[0]):
-        raise _spec_error(
-            f"aggregate.bounds are too narrow for their magnitude (at most {MAX_BOUND_RATIO:g} times "
-            "their width): floating-point rounding would exceed the noise's calibration"
-        )
+    if fields:
+        bounds = fields[0].bounds
+    else:
+        if "bounds" not in agg:
+            raise _spec_error("aggregate.bounds is required: [lower, upper] of the values")
+        try:
+            bounds = check_bounds(agg["bounds"], "aggregate.bounds")
+        except DispersError as exc:
+            raise _spec_error(exc.message) from None
     stats = agg.get("stats", ["count", "mean", "std"])
     if not isinstance(stats, list) or not stats or any(s not in STATS for s in stats):
         raise _spec_error(f"aggregate.stats must be a non-empty list from {', '.join(STATS)}")
+    if len(set(stats)) != len(stats):
+        raise _spec_error("aggregate.stats lists a statistic twice")
     raw_privacy = data.get("privacy", {})
     try:
         privacy = Privacy(
@@ -467,24 +748,40 @@ def parse_query_spec(data: Mapping[str, Any]) -> QuerySpec:
             raise _spec_error(f"aggregate.{key} must be a list of numbers")
     try:
         check_histogram(
-            (float(bounds[0]), float(bounds[1])), tuple(stats),
-            tuple(float(b) for b in bins), tuple(float(q) for q in quantiles), "",
+            bounds, tuple(stats), tuple(float(b) for b in bins), tuple(float(q) for q in quantiles), "",
         )  # fmt: skip
     except DispersError as exc:
         raise _spec_error(f"aggregate.{exc.message}") from None
-    spec = QuerySpec(
-        bins=tuple(float(b) for b in bins),
-        quantiles=tuple(float(q) for q in quantiles),
-        privacy=privacy,
-        target=query["target"],
-        function=dat["function"],
-        params=params,
-        as_of=as_of,
-        group_by=group_by,
-        bounds=(float(bounds[0]), float(bounds[1])),
-        stats=tuple(stats),
-        k=k,
-    )
+    out_of_bounds = agg.get("out_of_bounds", "drop")
+    if out_of_bounds not in OUT_OF_BOUNDS:
+        raise _spec_error(f"aggregate.out_of_bounds must be one of {', '.join(OUT_OF_BOUNDS)}")
+    plan = None
+    if "plan" in data:
+        try:
+            plan = PlanSpec(**data["plan"])
+        except DispersError as exc:
+            raise _spec_error(exc.message) from None
+    try:
+        regression = Regression.from_obj(agg.get("regression"), "aggregate.regression")
+        spec = QuerySpec(
+            bins=tuple(float(b) for b in bins),
+            quantiles=tuple(float(q) for q in quantiles),
+            privacy=privacy,
+            target=query["target"],
+            function="" if fields else dat["function"],
+            params={} if fields else params,
+            as_of=as_of,
+            group_by=group_by,
+            bounds=bounds,
+            stats=tuple(stats),
+            k=k,
+            fields=fields,
+            regression=regression,
+            out_of_bounds=out_of_bounds,
+            plan=plan,
+        )
+    except DispersError as exc:
+        raise _spec_error(exc.message.removeprefix("query spec: ")) from None
     try:
         spec.compiled()  # the target expression must parse
     except DispersError as exc:
@@ -585,6 +882,8 @@ class QueryResult:
     dropped: Mapping[str, int | None]  # reason -> count, e.g. out_of_bounds; None: fewer than k
     declined: int | None = None  # instances that declined; None: fewer than k
     privacy: ReleaseInfo = field(default_factory=lambda: ReleaseInfo(noised=False))
+    clipped: int | None = None  # contributions clipped to their bounds; None: fewer than k, or not clipping
+    plan: Mapping[str, Any] | None = None  # the aggregator tree's shape: root, depth, leaves, fan-out
 
     def group(self, label: str) -> GroupResult:
         """The group labelled `label`."""
@@ -603,6 +902,8 @@ class QueryResult:
             "dropped": dict(self.dropped),
             "declined": self.declined,
             "privacy": self.privacy.to_obj(),
+            "clipped": self.clipped,
+            "plan": None if self.plan is None else dict(self.plan),
         }
 
     @classmethod
@@ -617,4 +918,6 @@ class QueryResult:
             dropped=get_field(obj, "dropped", dict, what),
             declined=obj.get("declined"),
             privacy=ReleaseInfo.from_obj(obj.get("privacy", {"noised": False})),
+            clipped=obj.get("clipped"),
+            plan=obj.get("plan"),
         )

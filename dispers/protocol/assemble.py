@@ -53,13 +53,16 @@ def actor_keys(config: ClusterConfig, name: str) -> ActorKeys:
 def check_frames(settings: ClusterSettings) -> None:
     """The partial and result frames must hold the largest a query of max_groups groups can
     give: whether a payload fits must never depend on a person's data (DESIGN.md, lengths)."""
-    partial_len, result_len = worst_case_sizes(settings.max_groups, settings.max_bins, MAX_QUANTILES)
+    partial_len, result_len = worst_case_sizes(
+        settings.max_groups, settings.max_bins, MAX_QUANTILES, settings.max_fields
+    )
     for key, need in (("partial_bytes", partial_len), ("result_bytes", result_len)):
         if getattr(settings, key) < need:
             raise DispersError(
                 ErrorCode.CONFIG,
                 f"cluster.{key} must be at least {need} to hold a query of "
-                f"max_groups = {settings.max_groups} groups of max_bins = {settings.max_bins} bins",
+                f"max_groups = {settings.max_groups} groups of max_bins = {settings.max_bins} bins "
+                f"and max_fields = {settings.max_fields} fields",
             )
 
 

@@ -122,8 +122,7 @@ def verify_envelope(
         raise DispersError(ErrorCode.EXPIRED, "the query is dated in the future")
     if envelope.k < settings.k_min:
         raise malformed(f"the query's k is below the cluster minimum k={settings.k_min}")
-    if envelope.plan != roster.da_plan():
-        raise malformed("the query's aggregator plan does not match the cluster's")
+    roster.check_plan(envelope.plan)
     check_envelope_sizes(envelope, settings)
     return querier
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -153,7 +154,7 @@ class DataAggregator:
             self._queries[envelope.query_id] = _QueryState(
                 spec=spec,
                 envelope=envelope,
-                partial=Partial.empty(len(spec.groups), spec.bins),
+                partial=Partial.empty(len(spec.groups), spec.bins, spec.n_fields),
                 expected_children=frozenset(envelope.plan.children(self.name)),
                 attested=attested,
                 timer=timer,
@@ -181,7 +182,8 @@ class DataAggregator:
         layout = spec.layout
         item_size = sealed_size(layout.size)
         expected = bytes.fromhex(query_id)
-        lo, hi = spec.bounds
+        lo = np.asarray([b[0] for b in spec.all_bounds])
+        hi = np.asarray([b[1] for b in spec.all_bounds])
         n_groups = len(spec.groups)
         dropped: dict[str, int] = {}
 
@@ -217,9 +219,16 @@ class DataAggregator:
             sound = (batch.groups < n_groups) & np.isfinite(batch.values).all(axis=1)
             drop("malformed", int((contributions & ~sound).sum()))
             inside = ((batch.values >= lo) & (batch.values <= hi)).all(axis=1)
-            drop("out_of_bounds", int((contributions & sound & ~inside).sum()))
-            good = contributions & sound & inside
-            state.partial.add(batch.groups[good], batch.values[good, 0])
+            values = batch.values
+            if spec.clip:
+                # Clipped, not dropped: counted apart (the release noises that count too).
+                state.partial.clipped += int((contributions & sound & ~inside).sum())
+                values = np.clip(values, lo, hi)
+                good = contributions & sound
+            else:
+                drop("out_of_bounds", int((contributions & sound & ~inside).sum()))
+                good = contributions & sound & inside
+            state.partial.add(batch.groups[good], values[good])
             for reason, n in dropped.items():
                 state.partial.drop(reason, n)
             state.partial.decline(int((mine & batch.declined).sum()))
@@ -257,8 +266,10 @@ class DataAggregator:
             raise malformed(f"{what} belongs to another query")
         if body.get("spec") != spec_digest(state.spec):
             raise malformed(f"{what} was computed under another aggregate spec")
-        partial = Partial.from_obj(body.get("partial"), len(state.spec.groups), state.spec.bins)
-        lo, hi = state.spec.bounds
+        spec = state.spec
+        partial = Partial.from_obj(body.get("partial"), len(spec.groups), spec.bins, spec.n_fields)
+        lo = np.asarray([b[0] for b in spec.all_bounds])
+        hi = np.asarray([b[1] for b in spec.all_bounds])
         held = partial.count > 0
         if (partial.min[held] < lo).any() or (partial.max[held] > hi).any():
             raise malformed(f"{what} holds values outside the declared bounds")
@@ -313,6 +324,7 @@ class DataAggregator:
                     result = release_dp(state.partial, state.spec, state.envelope.privacy, left=state.left)
                 else:
                     result = state.partial.release(state.spec)
+                result = dataclasses.replace(result, plan=state.envelope.plan.summary())
                 return seal_signed(
                         state.envelope.querier_sealing_key, self._keys.signing, self.name,
                         {"query_id": query_id, "result": result.to_obj()},

@@ -18,6 +18,7 @@ from dispers.crypto import ActorKeys, Opener
 from dispers.protocol.api import ConductorAPI, QuerierAPI, QueryOutcome
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import check_privacy, open_sealed_signed, seal_padded
+from dispers.protocol.instance.functions import FIELDS as GROUP_FIELDS
 from dispers.protocol.instance.functions import get_function, validate_params
 from dispers.protocol.learning.messages import RoundResult
 from dispers.protocol.learning.querier import RoundPlan
@@ -71,11 +72,34 @@ class Querier:
         """Seal every part of the query to its reader, padded to the cluster's fixed sizes, and
         sign the whole. A concept outside the public vocabulary is refused before anything
         is sealed."""
-        get_function(spec.function)
-        validate_params(spec.function, spec.params)
         settings = self._settings
+        for i, f in enumerate(spec.all_fields):
+            where = "data." if not spec.fields else f"data.fields[{i}]."
+            try:
+                get_function(f.function)
+            except DispersError as exc:
+                raise DispersError(
+                    exc.code, f"query spec: {where}function: {exc.message} (`dispers functions` lists them)"
+                ) from None
+            try:
+                validate_params(f.function, f.params)
+            except DispersError as exc:
+                raise DispersError(exc.code, f"query spec: {where}params: {exc.message}") from None
+        level, key = spec.group_by, "data.group_by"
+        while level is not None:
+            if level.field not in GROUP_FIELDS:
+                raise DispersError(
+                    ErrorCode.NOT_FOUND,
+                    f"query spec: {key}.field: unknown group-by field {level.field[:64]!r} "
+                    f"(the fields are: {', '.join(sorted(GROUP_FIELDS))})",
+                )
+            level, key = level.then, f"{key}.then"
+        if len(spec.all_fields) > settings.max_fields:
+            raise malformed(
+                f"query spec: data.fields: at most {settings.max_fields} fields (cluster.max_fields)"
+            )
         if spec.k < settings.k_min:
-            raise malformed(f"query spec: k={spec.k} is below the cluster minimum {settings.k_min}")
+            raise malformed(f"query spec: query.k = {spec.k} is below the cluster minimum {settings.k_min}")
         concepts, expression = spec.compiled()
         vocabulary = set(settings.vocabulary)
         for concept in concepts:
@@ -93,7 +117,10 @@ class Querier:
         if len(concepts) > settings.max_concepts:
             raise malformed(f"query spec: the target names more than {settings.max_concepts} concepts")
         roster = self.roster()
-        plan = roster.da_plan()
+        if spec.plan is None:
+            plan = roster.da_plan()
+        else:
+            plan = roster.plan_tree(spec.plan.n_leaves, spec.plan.fan_out)
         qid = query_id or new_query_id()
         request = DataRequest(
             query_id=qid,
@@ -103,12 +130,17 @@ class Querier:
             group_by=spec.group_by,
             aggregators=plan.leaves,
             issued_at=time.time(),
+            extra_fields=tuple((f.function, dict(f.params)) for f in spec.all_fields[1:]),
         )
         request_bytes = dumps(request.to_obj())
         signature = self._keys.signing.sign(request_signing_bytes(request_bytes))
         agg = AggregateSpec(
             qid, spec.k, spec.bounds, spec.stats, spec.groups, request.layout.n_fields,
             bins=spec.bins, quantiles=spec.quantiles,
+            field_names=tuple(f.name for f in spec.fields),
+            field_bounds=tuple(f.bounds for f in spec.fields),
+            regression=spec.regression,
+            clip=spec.out_of_bounds == "clip",
         )  # fmt: skip
         unsigned = QueryEnvelope(
             query_id=qid,

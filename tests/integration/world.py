@@ -83,7 +83,10 @@ def heart_rate_spec(**overrides: Any) -> QuerySpec:
     }
     for key, value in overrides.items():
         table, _, name = key.partition("__")
-        data[table][name] = value
+        if name:
+            data[table][name] = value
+        else:  # a whole table, such as plan={...}
+            data[table] = value
     return parse_query_spec(data)
 
 
@@ -112,6 +115,7 @@ def make_setup(
     backend: str = "sqlite",
     outlier_bpm: float | None = None,
     dp: bool = False,
+    aggregators: int = 2,
 ) -> Setup:
     """Write keys, cluster.toml and a host store holding a seeded population (plus canaries).
 
@@ -123,6 +127,7 @@ def make_setup(
         ClusterLayout(
             k_min=k_min, backend=backend, host_as_of=AS_OF, batch_size=128,
             cohorts=(canaries.concept,) if canaries is not None else (), dp=dp,
+            leaf_aggregators=aggregators,
         ),
     )  # fmt: skip
     pop = generate(PopulationSpec(n_instances=n, seed=seed, as_of=AS_OF))

@@ -31,6 +31,7 @@ from dispers.core.spec import (
     HISTOGRAM_STATS,
     MAX_BOUND,
     MAX_BOUND_RATIO,
+    MULTI_STATS,
     STATS,
     GroupBy,
     GroupResult,
@@ -43,7 +44,7 @@ from dispers.protocol.api import QueryOutcome
 from dispers.state.queries import QUERY_STATES, QueryRecord
 from dispers.transport import convert
 
-MOMENT_STATS = tuple(s for s in STATS if s not in HISTOGRAM_STATS)
+MOMENT_STATS = tuple(s for s in STATS if s not in HISTOGRAM_STATS + MULTI_STATS)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -171,7 +172,7 @@ query_specs = st.builds(
     bounds=st.lists(st.floats(min_value=-MAX_BOUND, max_value=MAX_BOUND), min_size=2, max_size=2, unique=True)
     .map(lambda b: (min(b), max(b)))
     .filter(lambda b: max(abs(b[0]), abs(b[1])) <= MAX_BOUND_RATIO * (b[1] - b[0])),
-    stats=st.lists(st.sampled_from(MOMENT_STATS), min_size=1, max_size=4).map(tuple),
+    stats=st.lists(st.sampled_from(MOMENT_STATS), min_size=1, max_size=4, unique=True).map(tuple),
     k=st.integers(min_value=2, max_value=10**6),
 )
 query_results = st.builds(

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.ids import new_query_id
-from dispers.core.spec import HISTOGRAM_STATS, STATS, AggregateSpec
+from dispers.core.spec import HISTOGRAM_STATS, MULTI_STATS, STATS, AggregateSpec
 from dispers.protocol.aggregation.partial import DROP_REASONS, Partial, merged
 
-MOMENT_STATS = tuple(s for s in STATS if s not in HISTOGRAM_STATS)
+MOMENT_STATS = tuple(s for s in STATS if s not in HISTOGRAM_STATS + MULTI_STATS)
 
 
 def _json_round_trip(p: Partial) -> Partial:
@@ -146,8 +146,8 @@ def test_empty_groups_have_no_statistics() -> None:
                 "min": None, "max": None,
             }  # fmt: skip
     obj = p.to_obj()
-    assert obj["min"] == [None, 10.0, None]
-    assert obj["max"] == [None, 20.0, None]
+    assert obj["min"] == [None, [10.0], None]
+    assert obj["max"] == [None, [20.0], None]
     assert p.stats(1)["mean"] == 15.0
 
 
@@ -277,24 +277,27 @@ INF = float("inf")
     [
         ("count", None, [2, 1]),
         ("count", None, [2, 1, 0, 0]),
-        ("mean", None, [1.5, 5.0]),
-        ("m2", None, [0.5, 0.0, 0.0, 0.0]),
-        ("min", None, [1.0]),
-        ("max", None, [2.0, 5.0, None, None]),
+        ("mean", None, [[1.5], [5.0]]),
+        ("mean", 0, [1.5, 0.0]),
+        ("co", None, [[0.5], [0.0], [0.0], [0.0]]),
+        ("min", None, [[1.0]]),
+        ("max", None, [[2.0], [5.0], None, None]),
         ("count", 0, -1),
-        ("m2", 0, -0.5),
+        ("co", 0, [-0.5]),
         ("dropped", None, {"out_of_bounds": -2}),
         ("count", 1, NAN),
-        ("mean", 0, NAN),
-        ("m2", 0, NAN),
-        ("mean", 0, INF),
-        ("m2", 1, INF),
+        ("mean", 0, [NAN]),
+        ("co", 0, [NAN]),
+        ("mean", 0, [INF]),
+        ("co", 1, [INF]),
         ("count", None, "abc"),
         ("count", None, None),
-        ("mean", 0, "x"),
+        ("mean", 0, ["x"]),
+        ("mean", 0, 1.5),
         ("min", None, 5),
-        ("dropped", None, [1, 2]),
         ("dropped", None, {"x": "many"}),
+        ("dropped", None, [1, 2]),
+        ("clipped", None, -1),
     ],
 )
 def test_from_obj_rejects_malformed_partials(key: str, index: int | None, value: Any) -> None:
@@ -304,7 +307,7 @@ def test_from_obj_rejects_malformed_partials(key: str, index: int | None, value:
     assert info.value.code is ErrorCode.MALFORMED
 
 
-@pytest.mark.parametrize("key", ["count", "mean", "m2", "min", "max", "dropped"])
+@pytest.mark.parametrize("key", ["count", "mean", "co", "min", "max", "dropped"])
 def test_from_obj_rejects_a_missing_field(key: str) -> None:
     obj = _valid_obj()
     del obj[key]
@@ -328,7 +331,7 @@ def test_from_obj_rejects_the_wrong_group_count() -> None:
 
 @pytest.mark.parametrize(("key", "index"), [("min", 0), ("max", 1)])
 def test_from_obj_rejects_nan_min_or_max(key: str, index: int) -> None:
-    obj = _set(_valid_obj(), key, index, NAN)
+    obj = _set(_valid_obj(), key, index, [NAN])
     with pytest.raises(DispersError) as info:
         Partial.from_obj(obj, 3)
     assert info.value.code is ErrorCode.MALFORMED

@@ -197,7 +197,7 @@ def test_the_formulas_are_what_the_defaults_give(world: World) -> None:
     """Pinned numbers, so a change of layout or frame is a deliberate one."""
     s = world.settings
     assert (s.concepts_bytes, s.address_bytes, s.expression_bytes) == (2048, 512, 1024)
-    assert (s.request_bytes, s.spec_bytes, s.partial_bytes, s.result_bytes) == (4096, 4096, 131072, 524288)
+    assert (s.request_bytes, s.spec_bytes, s.partial_bytes, s.result_bytes) == (4096, 4096, 196608, 2097152)
     assert concepts_len(s) == 2048 + 5 + 48
     assert address_len(s) == 512 + 5 + 48
     assert tokens_len(s) == 70 * s.max_concepts + 128 + 5 + 48

@@ -202,6 +202,15 @@ class PersonalCloudHost:
             edges=data.group_by.edges if data.group_by else None,
         )
         groups, ok = local.groups, local.ok
+        columns = [local.values]
+        for function, params in data.extra_fields:  # more fields: an instance lacking any declines
+            more = compute_contributions(
+                self._store, [ids[j] for j in fresh], function=function, params=params,
+                as_of=data.as_of, group_field=None, edges=None,
+            )  # fmt: skip
+            ok = ok & more.ok
+            columns.append(more.values)
+        values = np.column_stack(columns)
         then = data.group_by.then if data.group_by else None
         if then is not None:  # a second field: the group is every (first, second) pair
             second = group_index(self._store, [ids[j] for j in fresh], then.field, then.edges, data.as_of)
@@ -210,7 +219,7 @@ class PersonalCloudHost:
         layout = data.layout
         records = [layout.decline(request.query_id)] * n
         for k in np.flatnonzero(ok).tolist():
-            records[fresh[k]] = layout.encode(request.query_id, int(groups[k]), [float(local.values[k])])
+            records[fresh[k]] = layout.encode(request.query_id, int(groups[k]), values[k])
         order = list(range(n))
         self._random.shuffle(order)  # the host's own order: T cannot tie an item to a position
         aggregators = tuple(request.aggregators[j] for j in order)
