@@ -64,7 +64,8 @@ def _plot(path: Path, rows: list[RoundMetrics], title: str) -> None:
     if train:
         axes[1].plot([a for a, _ in train], [b for _, b in train], label="train loss (local)")
     axes[2].plot(x, [r.epsilon for r in rows], label="epsilon spent")
-    for ax, name in zip(axes, ("accuracy", "loss", "privacy"), strict=True):
+    privacy = "privacy" if any(r.epsilon > 0 for r in rows) else "privacy (no user-level DP)"
+    for ax, name in zip(axes, ("accuracy", "loss", privacy), strict=True):
         ax.set_xlabel("round")
         ax.set_title(name)
         ax.grid(alpha=0.3)
