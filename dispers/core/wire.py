@@ -55,7 +55,7 @@ def unpad(frame: bytes, size: int, what: str) -> bytes:
     if n > size:
         raise malformed(f"{what} declares more bytes than its frame holds")
     start = _PAD_HEADER.size
-    if any(frame[start + n :]):
+    if frame.count(0, start + n) != len(frame) - start - n:  # at C speed: frames reach megabytes
         raise malformed(f"{what} has non-zero padding")
     return bytes(frame[start : start + n])
 

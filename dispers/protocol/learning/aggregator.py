@@ -33,7 +33,7 @@ from dispers.protocol.common import (
     seal_signed,
     verify_envelope,
 )
-from dispers.protocol.learning.messages import TrainingSpec
+from dispers.protocol.learning.messages import TrainingSpec, round_frame_bytes
 from dispers.protocol.target_finder import ATTESTATION_BYTES
 from dispers.state.budget import BudgetLedger, Spend
 
@@ -258,7 +258,7 @@ class RoundAggregator:
         what = "partial sum of updates"
         key = self._roster.require(child, Role.DATA_AGGREGATOR).verify_key
         body = open_sealed_signed(
-            self._opener, sealed_partial, self._settings.partial_bytes, child, key, what
+            self._opener, sealed_partial, round_frame_bytes(state.spec.n_params), child, key, what
         )
         if body.get("query_id") != query_id or body.get("spec") != _digest(state.spec):
             raise malformed(f"{what} belongs to another round")
@@ -300,7 +300,7 @@ class RoundAggregator:
                 body = {"query_id": query_id, "partial": state.partial.to_obj(), "spec": _digest(spec)}
                 return seal_signed(
                     self._roster.require(parent, Role.DATA_AGGREGATOR).sealing_key, self._keys.signing,
-                    self.name, body, self._settings.partial_bytes, "partial sum of updates",
+                    self.name, body, round_frame_bytes(spec.n_params), "partial sum of updates",
                 )  # fmt: skip
             run = self._runs.get((state.envelope.querier, spec.run_id))
             if run is not None:
@@ -334,7 +334,7 @@ class RoundAggregator:
             }
             return seal_signed(
                 state.envelope.querier_sealing_key, self._keys.signing, self.name, released,
-                self._settings.result_bytes, "round result",
+                round_frame_bytes(spec.n_params), "round result",
             )  # fmt: skip
 
     def abort(self, query_id: str) -> None:

@@ -28,6 +28,12 @@ WEIGHTINGS = ("examples", "uniform")
 MAX_WEIGHT = 1_000_000.0  # records one instance may weigh its update by
 
 
+def round_frame_bytes(n_params: int) -> int:
+    """The fixed frame of a round's partial sum (to a parent DA) and result (to Q): a vector of
+    n_params float64 in base64, and a few counts and names (a function of the model's size)."""
+    return 4 * (8 * n_params + 2) // 3 + 2048
+
+
 def model_digest(weights: FloatArray) -> str:
     """The digest Q signs into the request: hosts train only from these exact weights."""
     return hashlib.blake2b(np.asarray(weights, dtype="<f8").tobytes(), digest_size=32).hexdigest()

@@ -30,6 +30,7 @@ from dispers.protocol.learning.messages import (
     TrainingSpec,
     encode_model,
     model_digest,
+    round_frame_bytes,
 )
 
 FloatArray = npt.NDArray[np.float64]
@@ -128,7 +129,9 @@ def open_round_result(
     """Open the root's sealed round result and check the root signed it for this round."""
     root = roster.da_plan().root
     what = "round result"
-    body = open_sealed_signed(opener, sealed, settings.result_bytes, root, roster.get(root).verify_key, what)
+    body = open_sealed_signed(
+        opener, sealed, round_frame_bytes(n_params), root, roster.get(root).verify_key, what
+    )
     if body.get("query_id") != query_id:
         raise malformed(f"{what} belongs to another query")
     raw = base64.b64decode(get_field(body, "average", str, what))
