@@ -31,6 +31,8 @@ PAIR_STATS = ("cov", "corr")
 MULTI_STATS = (*PAIR_STATS, "ols")
 """Statistics that need at least two fields."""
 MAX_QUANTILES = 16
+MAX_LABEL = 101
+"""Longest group label: two bucket labels of two 24-character floats each, joined by ' & '."""
 MAX_FIELD_NAME = 32
 """Longest field name: results must fit their fixed frame whatever the spec names."""
 DEFAULT_FIELD = "value"
@@ -214,13 +216,21 @@ class Regression:
         return cls(y, tuple(x))
 
 
+RESERVED_NAMES = ("ols", "cov", "corr", "se", "intercept", "r2")
+"""Words of the released keys (ols.se.x, cov(a,b) ...) that no field may be named."""
+
+
 def check_fields(
     names: tuple[str, ...], stats: tuple[str, ...], regression: Regression | None, key: str
 ) -> None:
-    """Field names are distinct; multi-field statistics have at least two fields; ols comes with
-    a regression over known, distinct fields, and a regression with ols. Errors name `key`."""
+    """Field names are distinct and not reserved; multi-field statistics have at least two
+    fields; ols comes with a regression over known, distinct fields, and a regression with ols.
+    Errors name `key`."""
     if len(set(names)) != len(names):
         raise malformed(f"{key}: field names must be distinct")
+    reserved = [n for n in names if n in RESERVED_NAMES]
+    if reserved:
+        raise malformed(f"{key}: {reserved[0]!r} is reserved (not a field name: {', '.join(RESERVED_NAMES)})")
     multi = [s for s in stats if s in MULTI_STATS]
     if multi and len(names) < 2:
         raise malformed(f"{key}: {', '.join(multi)} need at least two fields (data.fields)")
@@ -848,12 +858,14 @@ class ReleaseInfo:
     delta: float = 0.0
     epsilon_left: float | None = None
     delta_left: float | None = None
+    accounting: str | None = None  # how the query's noised vectors compose: "basic" or "zcdp"
 
     def to_obj(self) -> dict[str, Any]:
         """JSON-able form."""
         return {
             "noised": self.noised, "mechanism": self.mechanism, "epsilon": self.epsilon,
             "delta": self.delta, "epsilon_left": self.epsilon_left, "delta_left": self.delta_left,
+            "accounting": self.accounting,
         }  # fmt: skip
 
     @classmethod
@@ -868,6 +880,7 @@ class ReleaseInfo:
             delta=float(obj.get("delta", 0.0)),
             epsilon_left=obj.get("epsilon_left"),
             delta_left=obj.get("delta_left"),
+            accounting=obj.get("accounting"),
         )
 
 

@@ -18,11 +18,11 @@ from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.ids import Role, check_query_id
 from dispers.core.messages import QueryEnvelope
-from dispers.core.spec import AggregateSpec
+from dispers.core.spec import MAX_LABEL, MAX_QUANTILES, AggregateSpec
 from dispers.crypto import ActorKeys, Opener
 from dispers.crypto.box import sealed_size
 from dispers.protocol.aggregation.partial import Partial
-from dispers.protocol.aggregation.release import release_dp
+from dispers.protocol.aggregation.release import plan_noise, release_dp
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import (
     ReplayGuard,
@@ -122,6 +122,16 @@ class DataAggregator:
             raise malformed(f"{what}: more than the cluster's max_groups groups")
         if spec.bins and len(spec.bins) - 1 > self._settings.max_bins:
             raise malformed(f"{what}: more than the cluster's max_bins bins")
+        # The frames hold the worst case of these limits only: a spec beyond them could fail
+        # to fit, or not, depending on the data.
+        if spec.n_fields > self._settings.max_fields:
+            raise malformed(f"{what}: more than the cluster's max_fields fields")
+        if len(set(spec.groups)) != len(spec.groups) or any(len(g) > MAX_LABEL for g in spec.groups):
+            raise malformed(f"{what}: group labels must be distinct, of at most {MAX_LABEL} characters")
+        if len(spec.quantiles) > MAX_QUANTILES:
+            raise malformed(f"{what}: more than {MAX_QUANTILES} quantiles")
+        if self._settings.dp and envelope.plan.root == self.name:
+            plan_noise(spec, envelope.privacy)  # a spec the noise cannot be calibrated for fails now
         attested: int | None = None
         if envelope.plan.root == self.name:
             tf = self._roster.one(Role.TARGET_FINDER)
@@ -137,7 +147,7 @@ class DataAggregator:
         left = None
         if envelope.plan.root == self.name and self._settings.dp:
             # Charged before any instance is contacted: a query that would overspend is refused
-            # here, and refunded if it ends without a release (abort).
+            # here; once charged, never refunded (see _forget).
             check_privacy(envelope.privacy, spec.stats, self._settings, what="query")
             status = self._ledger.charge(
                 envelope.querier,
@@ -268,11 +278,7 @@ class DataAggregator:
             raise malformed(f"{what} was computed under another aggregate spec")
         spec = state.spec
         partial = Partial.from_obj(body.get("partial"), len(spec.groups), spec.bins, spec.n_fields)
-        lo = np.asarray([b[0] for b in spec.all_bounds])
-        hi = np.asarray([b[1] for b in spec.all_bounds])
-        held = partial.count > 0
-        if (partial.min[held] < lo).any() or (partial.max[held] > hi).any():
-            raise malformed(f"{what} holds values outside the declared bounds")
+        partial.check_possible(spec.all_bounds)
         with state.lock:
             if child in state.received_children:
                 raise DispersError(ErrorCode.REPLAY, "partial from this child already merged (replay)")
@@ -361,9 +367,9 @@ class DataAggregator:
             return
         if state.timer is not None:
             state.timer.cancel()
-        if state.left is not None and not state.released:
-            # Nothing was released: the querier gets its budget back.
-            self._ledger.refund(state.envelope.querier, query_id)
+        # No refund: once the root has charged a query, instances may have answered, and
+        # whether the query then fails could depend on their data; refunding would make
+        # that bit free.
 
     # --- federated training (dispers.protocol.learning.aggregator) -------------------------------
 
@@ -408,6 +414,6 @@ class DataAggregator:
         return self._round_aggregator().finalize(query_id)
 
     def abort_round(self, caller: str, query_id: str) -> None:
-        """Forget a round (idempotent; an unreleased round's charge is refunded)."""
+        """Forget a round (idempotent; a charged round stays charged)."""
         authorize(self._roster, caller, "data_aggregator.abort_round", callee=self.name)
         self._round_aggregator().abort(query_id)

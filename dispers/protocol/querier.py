@@ -15,6 +15,7 @@ from dispers.core.ids import Role, new_query_id
 from dispers.core.messages import QueryEnvelope, request_signing_bytes
 from dispers.core.spec import AggregateSpec, DataRequest, QueryResult, QuerySpec
 from dispers.crypto import ActorKeys, Opener
+from dispers.protocol.aggregation.release import plan_noise
 from dispers.protocol.api import ConductorAPI, QuerierAPI, QueryOutcome
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import check_privacy, open_sealed_signed, seal_padded
@@ -142,6 +143,11 @@ class Querier:
             regression=spec.regression,
             clip=spec.out_of_bounds == "clip",
         )  # fmt: skip
+        if settings.dp:
+            try:
+                plan_noise(agg, spec.privacy)  # bounds too narrow to calibrate: refused now, not at release
+            except DispersError as exc:
+                raise malformed(f"query spec: aggregate.bounds: {exc.message}") from None
         unsigned = QueryEnvelope(
             query_id=qid,
             querier=self.name,

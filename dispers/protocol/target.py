@@ -160,6 +160,8 @@ class Target:
             raise malformed(f"{what} belongs to another query")
         if set(request.aggregators) != set(envelope.plan.leaves):
             raise malformed(f"{what} names aggregators other than the plan's leaves")
+        if request.layout.n_fields > self._settings.max_fields:
+            raise malformed(f"{what} asks more than the cluster's max_fields fields")
         return request, request_bytes, signature
 
     def collect(self, caller: str, envelope: QueryEnvelope, sealed_pseudonyms: bytes) -> CollectReport:

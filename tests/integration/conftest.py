@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.messages import SubscriptionOp
 from dispers.protocol.api import Peers, PersonalCloudAdminAPI, QuerierAPI
 from dispers.protocol.data_aggregator import DataAggregator
@@ -61,12 +62,42 @@ def local_world(setup: Setup) -> World:
     )  # fmt: skip
 
 
+def _new_ports(setup: Setup) -> None:
+    """Rewrite the cluster file with fresh free ports and reload it."""
+    import re
+
+    from dispers.core.cluster_files import free_port
+    from dispers.core.config import load_config
+
+    path = setup.directory / "cluster.toml"
+    used: set[int] = set()
+
+    def fresh(match: re.Match[str]) -> str:
+        port = free_port()
+        while port in used:
+            port = free_port()
+        used.add(port)
+        return f"{match.group(1)}{port}"
+
+    path.write_text(re.sub(r'(endpoint = "127\.0\.0\.1:)\d+', fresh, path.read_text()))
+    setup.config = load_config(path)
+
+
 def grpc_world(setup: Setup) -> World:
     from dispers.services.server import start_all_in_process
     from dispers.transport.grpc_client import GrpcPeers, PersonalCloudClient, QuerierClient, client_for
 
+    for attempt in range(3):
+        try:
+            servers = start_all_in_process(setup.config)
+            break
+        except DispersError as exc:
+            # Another process (a parallel test run on this machine) took a port between
+            # write_cluster's pick and our bind: pick new ones and retry.
+            if exc.code is not ErrorCode.CONFIG or "cannot listen" not in exc.message or attempt == 2:
+                raise
+            _new_ports(setup)
     config = setup.config
-    servers = start_all_in_process(config)
     # Tests reach the other actors as the Conductor does (its certificate), the Querier as the
     # researcher and the host as its own administrator.
     opened: list[GrpcPeers] = []

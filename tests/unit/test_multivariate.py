@@ -133,7 +133,10 @@ def test_a_known_linear_relation_is_recovered_within_its_stated_error() -> None:
     assert corr is not None and -1 < corr < -0.9
 
 
-def test_under_dp_the_coefficients_intervals_cover_the_truth() -> None:
+@pytest.mark.parametrize(
+    "privacy", [Privacy(epsilon=1.0), Privacy(epsilon=1.0, delta=1e-6, mechanism="gaussian")], ids=str
+)
+def test_under_dp_the_coefficients_intervals_cover_the_truth(privacy: Privacy) -> None:
     """Over repeated DP releases the stated 95% intervals (noise and sampling error together)
     cover the true coefficients about 95% of the time, and the correlation's its true value."""
     groups, values = linear_population(3000, seed=9)
@@ -143,7 +146,7 @@ def test_under_dp_the_coefficients_intervals_cover_the_truth() -> None:
     runs = 120
     hits = dict.fromkeys([*TRUE_BETA, "corr"], 0)
     for _ in range(runs):
-        g = release_dp(partial, s, Privacy(epsilon=1.0)).groups[0]
+        g = release_dp(partial, s, privacy).groups[0]
         for name, true in TRUE_BETA.items():
             lo, hi = g.intervals[f"ols.{name}"]
             hits[name] += lo <= true <= hi

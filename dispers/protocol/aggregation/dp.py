@@ -150,6 +150,53 @@ def rho_to_epsilon(rho: float, delta: float) -> float:
     return value + 2.0 * math.sqrt(value * math.log(1.0 / _check_delta(delta)))
 
 
+def rho_for(epsilon: float, delta: float) -> float:
+    """The largest rho whose zCDP converts (`rho_to_epsilon`) to at most `epsilon` at `delta`:
+    the root of rho + 2 sqrt(rho ln(1/delta)) = epsilon."""
+    eps = _check_positive("epsilon", epsilon)
+    log_term = math.log(1.0 / _check_delta(delta))
+    return (math.sqrt(log_term + eps) - math.sqrt(log_term)) ** 2
+
+
+def zcdp_gaussians(sensitivities: Sequence[tuple[float, bool]], epsilon: float, delta: float) -> list[Noise]:
+    """Discrete Gaussians for several vectors released together, accounted in zCDP.
+
+    Each entry is (L2 sensitivity, integer-valued). Every vector gets the same normalised noise
+    c: its sigma is c times its sensitivity as rounding onto its grid can stretch it (a whole
+    number of grid steps; integer-valued vectors live on the unit grid, and a sensitivity such
+    as sqrt(2) of two unit coordinates is exact there). Vector b then spends
+    rho_b = (its sensitivity)^2 / (2 sigma_b^2) = 1 / (2 c^2) (CKS20 Theorem 4, the discrete
+    Gaussian's zCDP, for any sigma), zCDP composes by adding rho, and c is chosen so that the
+    total B / (2 c^2) converts to (epsilon, delta) (Bun & Steinke 2016, Proposition 1.3).
+    """
+    count = len(sensitivities)
+    if count == 0:
+        return []
+    c = math.sqrt(count / (2.0 * rho_for(epsilon, delta)))
+    out = []
+    for sensitivity, integral in sensitivities:
+        sens = _check_sensitivity(sensitivity)
+        if sens == 0:
+            raise malformed("sensitivity is 0: the statistic needs no noise")
+        if integral:
+            out.append(Noise("gaussian", c * sens, 1.0))
+            continue
+        granularity = default_granularity(min(c * sens, sens))
+        stretched = math.ceil(sens / granularity) * granularity
+        out.append(Noise("gaussian", c * stretched, granularity))
+    return out
+
+
+def zcdp_rho_of(noises: Sequence[Noise], sensitivities: Sequence[tuple[float, bool]]) -> float:
+    """The total rho of `noises` (as `zcdp_gaussians` made them) for those sensitivities, each
+    rounded up to whole grid steps unless integer-valued: what an auditor recomputes."""
+    total = 0.0
+    for noise, (sensitivity, integral) in zip(noises, sensitivities, strict=True):
+        steps = sensitivity if integral else math.ceil(sensitivity / noise.granularity) * noise.granularity
+        total += zcdp_rho(steps, noise.scale)
+    return total
+
+
 def default_granularity(scale: float) -> float:
     """The grid step for noise of `scale`: the largest power of two at most scale / 1000.
 

@@ -126,8 +126,10 @@ class Partial:
 
     @property
     def items(self) -> int:
-        """Every item received: contributions, declines and dropped ones."""
-        return int(self.count.sum()) + self.declined + sum(self.dropped.values())
+        """Every item received: contributions, declines and dropped ones (Python integers: a
+        child's counts cannot wrap around)."""
+        counts: list[int] = self.count.tolist()
+        return sum(counts) + self.declined + sum(self.dropped.values())
 
     def decline(self, n: int = 1) -> None:
         """Count declines."""
@@ -211,7 +213,7 @@ class Partial:
             dropped = {str(k): int(v) for k, v in dict(obj["dropped"]).items()}
             declined = obj.get("declined", 0)
             clipped = obj.get("clipped", 0)
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise malformed("partial aggregate is malformed") from None
         widths = ((mean, n_fields), (upper, n_upper), (lo, n_fields), (hi, n_fields))
         if count.shape != (n_groups,) or any(a.shape != (n_groups, w) for a, w in widths):
@@ -249,6 +251,31 @@ class Partial:
             if (hist < 0).any() or (hist.sum(axis=1) != count).any():
                 raise malformed("partial aggregate histogram does not add up to its counts")
         return cls(count, mean, co, lo, hi, dropped, declined, edges, hist, clipped)
+
+    def check_possible(self, bounds: tuple[tuple[float, float], ...]) -> None:
+        """MALFORMED unless this partial could come from values within `bounds`: min, max and
+        means within them, each field's M2 within [0, n R^2], co-moments within Cauchy-Schwarz,
+        no more clipped than contributions (a parent's check on a child's partial)."""
+        lo = np.asarray([b[0] for b in bounds])
+        hi = np.asarray([b[1] for b in bounds])
+        held = self.count > 0
+        slack = 1e-9
+        if (self.min[held] < lo).any() or (self.max[held] > hi).any():
+            raise malformed("partial aggregate holds values outside the declared bounds")
+        width = hi - lo
+        mean = self.mean[held]
+        if (mean < lo - slack * width).any() or (mean > hi + slack * width).any():
+            raise malformed("partial aggregate holds means outside the declared bounds")
+        n = self.count[held].astype(np.float64)
+        diag = np.diagonal(self.co[held], axis1=1, axis2=2)
+        if (diag > n[:, None] * (width / 2) ** 2 * (1 + slack) + 1e-300).any():
+            raise malformed("partial aggregate holds a spread the bounds do not allow")
+        cross = self.co[held] ** 2
+        outer = diag[:, :, None] * diag[:, None, :]
+        if (cross > outer * (1 + slack) + 1e-300).any():
+            raise malformed("partial aggregate holds impossible co-moments")
+        if (self.count[~held] != 0).any() or self.clipped > sum(self.count.tolist()):
+            raise malformed("partial aggregate counts more clipped values than contributions")
 
     def stats(self, i: int, f: int = 0) -> dict[str, float | None]:
         """Every statistic of group i's field f (var and std are sample statistics, ddof=1)."""
@@ -377,14 +404,16 @@ def worst_case_sizes(
         declined=big,
         clipped=big,
     )
-    label = f"{long_float!r}-{long_float!r}"
+    one = f"{long_float!r}-{long_float!r}"
+    label = f"{one} & {one}"  # two group-by fields
     names = [chr(ord("a") + i % 26) * MAX_FIELD_NAME for i in range(f)]
     keys = ["count", *(f"{n}.{s}" for n in names for s in FIELD_STATS)]
     keys += [f"{s}({a},{b})" for s in PAIR_STATS for i, a in enumerate(names) for b in names[i + 1 :]]
     if f >= 2:
         keys += ["ols.intercept", "ols.se.intercept", "ols.r2"]
         keys += [f"ols.{p}{n}" for n in names[1:] for p in ("", "se.")]
-    keys += ["median", *(quantile_key(0.1234567890123456 + i * 1e-17) for i in range(n_quantiles))]
+    # Distinct quantile keys at their longest: quantile_key(1.23456e-300) is 13 characters.
+    keys += ["median", *(f"q1.2345{i % 10}e-{100 + i // 10}" for i in range(n_quantiles))]
     result = QueryResult(
         query_id=new_query_id(),
         k=big,
@@ -403,7 +432,7 @@ def worst_case_sizes(
         dropped=dict.fromkeys(DROP_REASONS, big),
         declined=big,
         clipped=big,
-        privacy=ReleaseInfo(True, "gaussian", long_float, long_float, long_float, long_float),
+        privacy=ReleaseInfo(True, "gaussian", long_float, long_float, long_float, long_float, "basic"),
         plan={"root": "a" * 63, "depth": big, "leaves": big, "aggregators": big, "fan_out": big},
     )
     key, qid, signer = SigningKeyPair.generate(), new_query_id(), "a" * 63  # the longest name

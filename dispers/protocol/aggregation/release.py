@@ -49,6 +49,7 @@ from dispers.protocol.aggregation.dp import (
     gaussian_sigma,
     interval_halfwidth,
     laplace_scale,
+    zcdp_gaussians,
 )
 from dispers.protocol.aggregation.partial import (
     DROP_REASONS,
@@ -72,6 +73,7 @@ class Plan:
     counts: Noise
     blocks: Mapping[tuple[Any, ...], Noise]
     histogram: Noise | None = None
+    accounting: str = "basic"  # how the vectors' costs add up: basic composition, or zCDP
 
     @property
     def sums(self) -> Noise | None:
@@ -102,6 +104,12 @@ def plan_noise(spec: AggregateSpec, privacy: Privacy) -> Plan:
     # One person is in one group, and (when clipping) may also be counted as clipped: the count
     # vector's L1 and L2 sensitivities are then 2 and sqrt(2).
     l1, l2 = (2.0, math.sqrt(2.0)) if spec.clip else (1.0, 1.0)
+    if privacy.mechanism == "gaussian":
+        joint = _zcdp_plan(blocks, l2, need_histogram, privacy)
+        # Both are (epsilon, delta)-DP; the joint zCDP calibration wins from about three vectors.
+        split = gaussian_sigma(1.0, epsilon, delta / 2)
+        if joint.counts.scale / l2 < split:
+            return joint
     if privacy.mechanism == "laplace":
         # Discrete Laplace on the integers with scale l1/epsilon is exactly epsilon-DP for counts.
         counts = Noise("laplace", laplace_scale(l1, epsilon), 1.0)
@@ -123,6 +131,24 @@ def plan_noise(spec: AggregateSpec, privacy: Privacy) -> Plan:
         )
         if need_histogram
         else None,
+    )
+
+
+def _zcdp_plan(
+    blocks: Mapping[tuple[Any, ...], float], counts_l2: float, need_histogram: bool, privacy: Privacy
+) -> Plan:
+    """Gaussian noise for every vector at once, accounted in zCDP (see `zcdp_gaussians`): the
+    noise of each grows with the square root of the number of vectors, not with the number."""
+    keys = list(blocks)
+    sensitivities = [(counts_l2, True), *((blocks[k], False) for k in keys)]
+    if need_histogram:
+        sensitivities.append((1.0, True))
+    noises = zcdp_gaussians(sensitivities, privacy.epsilon, privacy.delta)
+    return Plan(
+        counts=noises[0],
+        blocks=dict(zip(keys, noises[1 : 1 + len(keys)], strict=True)),
+        histogram=noises[-1] if need_histogram else None,
+        accounting="zcdp",
     )
 
 
@@ -219,7 +245,11 @@ def release_dp(
             for key, (lo, hi) in intervals.items()
             if released.get(key) is not None and math.isfinite(lo[i]) and math.isfinite(hi[i])
         }
-        noise = {key: float(sd[i]) for key, sd in stds.items() if released.get(key) is not None}
+        noise = {
+            key: float(sd[i])
+            for key, sd in stds.items()
+            if released.get(key) is not None and math.isfinite(sd[i])
+        }
         histogram: tuple[float, ...] = ()
         if hist is not None:
             if "histogram" in spec.stats:
@@ -248,6 +278,7 @@ def release_dp(
             delta=privacy.delta,
             epsilon_left=None if left is None else left[0],
             delta_left=None if left is None else left[1],
+            accounting=plan.accounting,
         ),
     )
 

@@ -162,6 +162,8 @@ class PersonalCloudHost:
         data = DataRequest.from_obj(loads_object(request.request, "data request"))
         if data.query_id != request.query_id:
             raise malformed("the data request belongs to another query")
+        if data.layout.n_fields > self._settings.max_fields:
+            raise malformed("the data request asks more than the cluster's max_fields fields")
         age = time.time() - data.issued_at
         if age > self._settings.max_query_age_s or age < -CLOCK_SKEW_S:
             # Older requests could outlive the memory of which instances already answered.
