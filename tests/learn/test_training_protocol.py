@@ -228,3 +228,32 @@ def test_a_round_whose_host_drops_out_is_tolerated_and_reported(
     assert [r.contributed for r in result.rounds] == [6, 0, 6]
     assert [r.unreachable for r in result.rounds] == [0, 6, 0]
     assert result.stopped is None
+
+
+def test_a_round_that_fails_after_its_charge_stays_charged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dispers.learn.accounting import UserLevelDP, round_charge
+    from dispers.protocol.target import Target
+
+    def broken(self: Target, caller: str, training_round: object, sealed: bytes) -> object:
+        raise DispersError(ErrorCode.UNAVAILABLE, "T lost its way")
+
+    monkeypatch.setattr(Target, "collect_round", broken)
+    data = small_digits(12)
+    cfg = ExperimentConfig(
+        engine="local", model="logreg", seed=1, data=DataConfig(instances=12),
+        training=TrainingConfig(rounds=3, cohort=6, batch_size=8, clip=1.0, weighting="uniform"),
+        privacy=PrivacyConfig(user_level=True, noise_multiplier=2.0, delta=1e-5, budget_epsilon=50.0),
+    )  # fmt: skip
+    model = build_model(cfg.model, ModelShape(data.n_features, data.n_classes))
+    engine = ClusterEngine(cfg, data, model, directory=tmp_path)
+    try:
+        with pytest.raises(DispersError) as info:
+            engine.run_round(0, get_flat(model))
+        status = engine.das["da-root"].budget("researcher", "researcher")
+        assert all(da.active_rounds == 0 for da in engine.das.values())
+    finally:
+        engine.close()
+    assert info.value.code is ErrorCode.UNAVAILABLE
+    assert status.spent.epsilon == pytest.approx(round_charge(UserLevelDP(2.0, 0.5, 1e-5), 0)[0])

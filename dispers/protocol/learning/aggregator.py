@@ -4,6 +4,7 @@ The DataAggregator delegates its `*_round` operations here (authorization is che
 Per round the state is in memory only and forgotten at finalize or abort (invariant 3). The root
 also keeps, per training run, how many rounds it charged (no personal data): the accountant's
 increment for the next round depends on it, and a querier cannot pick a cheaper round number.
+A charged round is never refunded, released or not, as for queries (data_aggregator.py).
 """
 
 from __future__ import annotations
@@ -338,7 +339,7 @@ class RoundAggregator:
             )  # fmt: skip
 
     def abort(self, query_id: str) -> None:
-        """Forget a round (idempotent); an unreleased round's charge is refunded."""
+        """Forget a round (idempotent); a charged round stays charged."""
         self._forget(query_id)
 
     def _forget(self, query_id: str) -> None:
@@ -352,8 +353,11 @@ class RoundAggregator:
         if run is not None and run.in_flight == query_id:
             with self._lock:
                 run.in_flight = None
-        if state.charged is not None and not state.released:
-            self._ledger.refund(state.envelope.querier, query_id)
+                if state.charged is not None:
+                    # No refund (as for queries): instances may have trained, and whether the
+                    # round then failed could depend on their data. The charge stands, so the
+                    # round counts: the run's next round is charged the next increment.
+                    run.rounds += 1
 
 
 def _digest(spec: TrainingSpec) -> str:
