@@ -311,13 +311,18 @@ class Target:
                 return None
             return list(zip(batch.aggregators, batch.ciphertexts, strict=True))
 
-        with ThreadPoolExecutor(max_workers=min(8, max(1, len(jobs)))) as pool:
-            for job, pairs in zip(jobs, pool.map(ask, jobs), strict=True):
-                if pairs is None:
-                    unreachable += len(job[1])
-                    continue
-                for aggregator, ciphertext in pairs:
-                    per_da[aggregator].append(ciphertext)
+        # One host (a simulation's): ask it here, without a pool's thread handoff.
+        if len(jobs) == 1:
+            answers = [ask(jobs[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as pool:
+                answers = list(pool.map(ask, jobs))
+        for job, pairs in zip(jobs, answers, strict=True):
+            if pairs is None:
+                unreachable += len(job[1])
+                continue
+            for aggregator, ciphertext in pairs:
+                per_da[aggregator].append(ciphertext)
 
         def forward(leaf: str) -> None:
             items = per_da[leaf]
