@@ -17,6 +17,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                                     "(default: runs/<experiment name>)")  # fmt: skip
     s.add_argument("--rounds", type=int, help="override training.rounds")
     s.add_argument("--engine", choices=("simulation", "local", "grpc"), help="override experiment.engine")
+    s.add_argument(
+        "--cluster", help="train through this running cluster (its cluster.toml): engine 'cluster'"
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bar (also when not a terminal)")
     s.set_defaults(fn=run_train)
 
@@ -43,6 +46,8 @@ def run_train(args: argparse.Namespace) -> int:
         )
     if args.engine is not None:
         config = dataclasses.replace(config, engine=args.engine)
+    if args.cluster is not None:
+        config = dataclasses.replace(config, engine="cluster", cluster=args.cluster)
     output = Path(args.output) if args.output else Path("runs") / config.name
     progress = not args.no_progress and sys.stderr.isatty()
     result = run_experiment(config, output=output, progress=progress)

@@ -37,6 +37,7 @@ from dispers.state.documents import DocumentStore, epoch_day
 
 FloatArray = npt.NDArray[np.float64]
 TRAIN_CONCEPT = "cohort:train"
+HEALTH_TARGET = "has:heart_rate"  # a running cluster's instances that measure their heart rate
 HOST = "pc-1"
 AS_OF = dt.date(2026, 11, 1)
 
@@ -99,12 +100,20 @@ class ClusterEngine:
         cluster_config: ClusterConfig | None = None,
     ) -> None:
         """Write a cluster (in `directory`, else a temporary one) unless `cluster_config` is given
-        (one made by `write_training_cluster`, perhaps with another DA tree)."""
+        (one made by `write_training_cluster`, perhaps with another DA tree); with engine
+        "cluster", join the running cluster of `config.cluster` as its querier instead."""
         self._config = config
         self._n_params = n_params(model)
-        self._tmp = (
-            None if directory or cluster_config else tempfile.TemporaryDirectory(prefix="dispers-train-")
-        )
+        self._closers: list[Callable[[], None]] = []
+        self._run_id = uuid.uuid4().hex[:16]
+        self._tmp = None
+        self.das: dict[str, DataAggregator] = {}
+        if config.engine == "cluster":
+            self._join(config)
+            return
+        self._target = TRAIN_CONCEPT
+        if directory is None and cluster_config is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="dispers-train-")
         root = directory or Path(self._tmp.name if self._tmp else ".")
         p = config.privacy
         extra = {
@@ -117,7 +126,6 @@ class ClusterEngine:
                 root, data, dp=p.user_level, leaf_aggregators=leaf_aggregators, extra_settings=extra
             )
         self.cluster_config = cluster_config
-        self._closers: list[Callable[[], None]] = []
         actors = (
             self._start_grpc(cluster_config) if config.engine == "grpc" else self._start_local(cluster_config)
         )
@@ -126,7 +134,30 @@ class ClusterEngine:
         assert isinstance(host, PersonalCloudHost)
         host.serve_training_data(config.data.dataset, instance_ids(data.n_instances), data)
         self._k = cluster_config.settings.k_min
-        self._run_id = uuid.uuid4().hex[:16]
+
+    def _join(self, config: ExperimentConfig) -> None:
+        """A running cluster (`dispers serve` ...): its hosts train on their own documents."""
+        from dispers.core.config import load_config
+        from dispers.core.ids import Role
+        from dispers.transport.grpc_client import QuerierClient, client_for
+
+        if config.data.dataset != "health":
+            raise DispersError(
+                ErrorCode.CONFIG,
+                "experiment: engine 'cluster' trains on the hosts' documents: data.dataset must be 'health'",
+            )
+        assert config.cluster is not None
+        cluster_config = load_config(config.cluster)
+        self.cluster_config = cluster_config
+        queriers = [e.name for e in cluster_config.roster.by_role(Role.QUERIER)]
+        name = config.querier or (queriers[0] if queriers else "")
+        if name not in queriers:
+            raise DispersError(ErrorCode.CONFIG, f"experiment: the cluster has no querier {name!r}")
+        querier = client_for(cluster_config, name, name, QuerierClient)
+        self._closers.append(querier.close)
+        self._querier: Any = querier
+        self._target = HEALTH_TARGET
+        self._k = cluster_config.settings.k_min
 
     def _start_local(self, cluster_config: ClusterConfig) -> dict[str, object]:
         """Every actor an object of this process, calls as method calls (the in-process transport)."""
@@ -136,7 +167,7 @@ class ClusterEngine:
         self._closers.append(cluster.close)
         cluster.host_admin(HOST).subscribe_all(SubscriptionOp.SUBSCRIBE)
         querier = cluster.querier_object()
-        self._querier: Any = AsCaller(querier, querier.name)
+        self._querier = AsCaller(querier, querier.name)
         return {"conductor": cluster.conductor_actor, **cluster.das, **cluster.hosts}
 
     def _start_grpc(self, cluster_config: ClusterConfig) -> dict[str, object]:
@@ -159,7 +190,7 @@ class ClusterEngine:
         """What the Querier asks of round `round_`."""
         c, t, p = self._config, self._config.training, self._config.privacy
         return RoundPlan(
-            run_id=self._run_id, round=round_, target=TRAIN_CONCEPT, k=self._k, model=c.model,
+            run_id=self._run_id, round=round_, target=self._target, k=self._k, model=c.model,
             dataset=c.data.dataset, weights=weights, epochs=t.local_epochs, batch_size=t.batch_size,
             lr=t.lr, clip=t.clip, weighting=t.weighting, record_noise=p.record_noise,
             record_clip=p.record_clip, seed=c.seed, cohort=t.cohort,

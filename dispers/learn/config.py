@@ -25,7 +25,7 @@ from dispers.learn.data import DATASETS
 from dispers.learn.models import MODELS
 from dispers.learn.server import OPTIMIZERS
 
-ENGINES = ("simulation", "local", "grpc")
+ENGINES = ("simulation", "local", "grpc", "cluster")
 WEIGHTINGS = ("examples", "uniform")
 
 
@@ -86,6 +86,8 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     engine: str = "simulation"
+    cluster: str | None = None  # engine "cluster": the running cluster's cluster.toml
+    querier: str | None = None  # engine "cluster": which querier of its roster (default: the first)
     model: str = "mlp"
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -124,6 +126,10 @@ class ExperimentConfig:
                 raise _bad("training.clip", "must be set under user-level DP (it bounds one person's update)")
             if t.weighting != "uniform":
                 raise _bad("training.weighting", "must be 'uniform' under user-level DP")
+        if self.engine == "cluster" and not self.cluster:
+            raise _bad(
+                "experiment.cluster", "must name the running cluster's cluster.toml for engine 'cluster'"
+            )
         if p.record_noise is not None:
             _pos("privacy.record_noise", p.record_noise)
             _pos("privacy.record_clip", p.record_clip)
@@ -176,8 +182,10 @@ def parse_experiment(data: dict[str, Any]) -> ExperimentConfig:
     if not isinstance(exp, dict) or not isinstance(model, dict):
         raise _bad("[experiment] / [model]", "must be tables")
     for key in exp:
-        if key not in ("name", "seed", "engine"):
-            raise _bad(f"experiment.{key}", "is not a known key (known: engine, name, seed)")
+        if key not in ("name", "seed", "engine", "cluster", "querier"):
+            raise _bad(
+                f"experiment.{key}", "is not a known key (known: cluster, engine, name, querier, seed)"
+            )
     for key in model:
         if key != "name":
             raise _bad(f"model.{key}", "is not a known key (known: name)")
@@ -188,6 +196,8 @@ def parse_experiment(data: dict[str, Any]) -> ExperimentConfig:
             name=str(exp.get("name", "experiment")),
             seed=seed,
             engine=exp.get("engine", "simulation"),
+            cluster=exp.get("cluster"),
+            querier=exp.get("querier"),
             model=model.get("name", "mlp"),
             data=_section(DataConfig, data.get("data"), "data"),
             training=_section(TrainingConfig, data.get("training"), "training"),

@@ -11,14 +11,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from dispers.core.errors import DispersError, ErrorCode
+
+if TYPE_CHECKING:
+    from dispers.state.documents import DocumentStore
 
 DATASETS = ("digits", "health")
 HEALTH_AS_OF = date(2026, 11, 1)
@@ -146,6 +151,39 @@ def health(*, n_instances: int, seed: int = 0, test_instances: int | None = None
     train = owner < n_instances
     gx, gy, offsets = _grouped(feats[train], label[train], owner[train], n_instances)
     return FederatedData(gx, gy, offsets, torch.from_numpy(feats[~train]), torch.from_numpy(label[~train]), 2)
+
+
+def health_from_store(store: DocumentStore, ids: Sequence[str], as_of: date) -> FederatedData:
+    """The health task's records of `ids` read from a host's documents (no test set).
+
+    A record per heart-rate measurement of the last 90 days, with the owner's age on `as_of`,
+    mean daily steps over the window (7,000 where none) and sex; its high-risk label stands for
+    a recorded outcome: drawn from the known model, by a uniform keyed on the instance and the
+    day, so the same documents give the same labels on every host and in every round.
+    """
+    import hashlib
+
+    from dispers.state.documents import epoch_day
+
+    end = epoch_day(as_of)
+    start = end - 90
+    birth, female, _ = store.identity(list(ids))
+    pos, day, bpm = store.read_measurements("heart_rate", list(ids), start, end)
+    count, total = store.measurement_totals("steps", list(ids), start, end)
+    steps = np.where(count > 0, total / np.maximum(count, 1), 7000.0)
+    age = (end - birth) / 365.2425
+    feats = health_features(bpm, age[pos], steps[pos], female[pos])
+    logit = feats.astype(np.float64) @ np.array(list(HEALTH_COEF.values())) + HEALTH_INTERCEPT
+    u = np.array(
+        [
+            int.from_bytes(hashlib.blake2b(f"{ids[p]}/{d}".encode(), digest_size=8).digest(), "big") / 2.0**64
+            for p, d in zip(pos.tolist(), day.tolist(), strict=True)
+        ]
+    )
+    label = (u < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
+    gx, gy, offsets = _grouped(feats, label, pos, len(ids))
+    empty = torch.zeros(0, 4)
+    return FederatedData(gx, gy, offsets, empty, torch.zeros(0, dtype=torch.int64), 2)
 
 
 def load(

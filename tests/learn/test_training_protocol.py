@@ -257,3 +257,40 @@ def test_a_round_that_fails_after_its_charge_stays_charged(
         engine.close()
     assert info.value.code is ErrorCode.UNAVAILABLE
     assert status.spent.epsilon == pytest.approx(round_charge(UserLevelDP(2.0, 0.5, 1e-5), 0)[0])
+
+
+def test_training_through_a_running_cluster_on_the_hosts_own_documents(tmp_path: Path) -> None:
+    """engine 'cluster': gRPC services as `dispers serve` runs them; the host reads each
+    instance's records (heart rate, age, steps, sex) from its document store."""
+    from dispers.core.cluster_files import ClusterLayout, write_cluster
+    from dispers.core.messages import SubscriptionOp
+    from dispers.learn.data import health
+    from dispers.services.server import start_all_in_process
+    from dispers.simulation.population import PopulationSpec, generate
+    from dispers.state.documents import DocumentStore
+    from dispers.transport.grpc_client import PersonalCloudClient, client_for
+
+    as_of = __import__("datetime").date(2026, 11, 1)
+    cluster = write_cluster(tmp_path, ClusterLayout(k_min=5, batch_size=200, host_as_of=as_of, dp=False))
+    documents = cluster.local_for("pc-1").documents
+    assert documents is not None
+    with DocumentStore(documents) as store:
+        generate(PopulationSpec(n_instances=120, seed=3, as_of=as_of)).write(store)
+    servers = start_all_in_process(cluster)
+    try:
+        with client_for(cluster, "pc-1", "pc-1", PersonalCloudClient) as host:
+            host.subscribe_all(SubscriptionOp.SUBSCRIBE)
+        cfg = ExperimentConfig(
+            engine="cluster", cluster=str(cluster.path), model="logreg", seed=2,
+            data=DataConfig(dataset="health", instances=120),
+            training=TrainingConfig(rounds=3, cohort=40, batch_size=8, lr=0.5),
+        )  # fmt: skip
+        result = run_experiment(cfg, data=health(n_instances=50, seed=9))
+    finally:
+        for s in servers:
+            s.stop(0)
+    assert len(result.rounds) == 3
+    for r in result.rounds:
+        assert r.asked == 40 and r.contributed is not None and 20 <= r.contributed <= 40
+        assert r.contributed + (r.declined or 0) + r.unreachable == 40
+    assert not np.allclose(get_flat(result.model), get_flat(build_model("logreg", ModelShape(4, 2), seed=2)))

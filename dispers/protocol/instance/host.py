@@ -245,7 +245,13 @@ class PersonalCloudHost:
         with self._lock:
             if self._trainer_obj is None:
                 self._trainer_obj = HostTrainer(
-                    self.name, self._keys, self._roster, self._settings, self._store
+                    self.name,
+                    self._keys,
+                    self._roster,
+                    self._settings,
+                    self._store,
+                    self._as_of,
+                    self._started,
                 )
             return self._trainer_obj
 

@@ -9,6 +9,8 @@ record of the round's fixed length, sealed to its DA: a clipped, weighted update
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -48,14 +50,23 @@ class HostTrainer:
     """The training half of a personal-cloud host."""
 
     def __init__(
-        self, name: str, keys: ActorKeys, roster: Roster, settings: ClusterSettings, store: DocumentStore
+        self,
+        name: str,
+        keys: ActorKeys,
+        roster: Roster,
+        settings: ClusterSettings,
+        store: DocumentStore,
+        as_of: dt.date | None = None,
+        started: float | None = None,
     ) -> None:
         self.name = name
         self._opener = Opener(name, keys.sealing)
         self._roster = roster
         self._settings = settings
         self._store = store
-        self._started = time.time()
+        self._as_of = as_of
+        # Requests issued before the host started may have been answered already (as queries).
+        self._started = time.time() if started is None else started
         self._data: dict[str, InstanceRecords] = {}
         self._models: dict[tuple[str, int, int], nn.Module] = {}
         self._random = secrets.SystemRandom()
@@ -69,6 +80,7 @@ class HostTrainer:
     def answer(self, request: RoundRequest, claim: Claim) -> ContributionBatch:
         """Check Q's signed request and the sealed model; train the fresh eligible instances."""
         from dispers.learn.aggregate import encode_update
+        from dispers.learn.data import health_from_store
         from dispers.learn.local import LocalSettings, train_batched
         from dispers.learn.models import ModelShape, build_model, n_params
 
@@ -103,38 +115,51 @@ class HostTrainer:
 
         ids = list(request.instance_ids)
         held = self._data.get(tr.dataset)
+        from_store = held is None and tr.dataset == "health"  # read from the documents themselves
         rows = np.array([held.rows.get(i, -1) if held else -1 for i in ids], dtype=np.int64)
         eligible = np.zeros(n, dtype=bool)
-        if n and held is not None:
-            known = self._store.known(ids) & self._store.subscribed(ids) & (rows >= 0)
+        if n and (held is not None or from_store):
+            known = self._store.known(ids) & self._store.subscribed(ids)
+            if held is not None:
+                sizes = held.data.sizes()
+                known &= np.where(rows >= 0, sizes[np.maximum(rows, 0)], 0) > 0
             if known.any():
                 consent = self._store.identity([i for i, k in zip(ids, known, strict=True) if k])[2]
                 eligible[np.flatnonzero(known)] = consent
-            sizes = held.data.sizes()
-            eligible &= np.where(rows >= 0, sizes[np.maximum(rows, 0)], 0) > 0
         fresh = claim(tr.query_id, ids, eligible)
         layout = tr.layout
         records = [layout.decline(tr.query_id)] * n
-        if fresh and held is not None:
+        if fresh and from_store:
+            data = health_from_store(self._store, [ids[j] for j in fresh], self._as_of or dt.date.today())
+            chosen = list(range(len(fresh)))
+            # Each instance's batches are drawn from its own id: the same in every round order.
+            seeds = [
+                int.from_bytes(hashlib.blake2b(ids[j].encode(), digest_size=4).digest(), "big") for j in fresh
+            ]
+        elif fresh and held is not None:
             data = held.data
+            chosen = [int(rows[j]) for j in fresh]
+            seeds = chosen
+        if fresh and (held is not None or from_store):
             key = (tr.model, data.n_features, data.n_classes)
             model = self._models.get(key)
             if model is None:
                 model = self._models[key] = build_model(tr.model, ModelShape(data.n_features, data.n_classes))
             if n_params(model) != tr.n_params:
                 raise malformed("the training request's model size does not match the registry's model")
-            chosen = [int(rows[j]) for j in fresh]
             settings = LocalSettings(
                 epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr, clip=tr.clip,
                 record_noise=tr.record_noise, record_clip=tr.record_clip,
             )  # fmt: skip
+            sizes = data.sizes()
+            trained = [k for k, r in enumerate(chosen) if sizes[r] > 0]  # no records: a decline
             result = train_batched(
-                model, weights, [data.records(r) for r in chosen], chosen, settings,
-                seed=tr.seed, round_=tr.round,
+                model, weights, [data.records(chosen[k]) for k in trained], [seeds[k] for k in trained],
+                settings, seed=tr.seed, round_=tr.round,
             )  # fmt: skip
-            for k, j in enumerate(fresh):
-                w = float(result.examples[k]) if tr.weighting == "examples" else 1.0
-                records[j] = encode_update(layout, tr.query_id, result.updates[k], w)
+            for m, k in enumerate(trained):
+                w = float(result.examples[m]) if tr.weighting == "examples" else 1.0
+                records[fresh[k]] = encode_update(layout, tr.query_id, result.updates[m], w)
         order = list(range(n))
         self._random.shuffle(order)  # the host's own order: T cannot tie an item to a position
         return ContributionBatch(
