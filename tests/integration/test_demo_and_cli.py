@@ -137,7 +137,7 @@ def test_dispers_query_prints_histograms_and_quantiles(
     text = DEFAULT_SPEC.read_text().replace(
         'stats = ["count", "mean", "std"]',
         'stats = ["count", "histogram", "median", "quantiles"]\n'
-        "bins = [30, 60, 70, 80, 220]\nquantiles = [0.9]",
+        "bins = [40, 60, 70, 80, 130]\nquantiles = [0.9]",
     )
     spec.write_text(text)
     assert main(["query", str(spec), "--config", str(cluster.setup.config.path)]) == 0
