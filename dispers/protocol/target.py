@@ -359,6 +359,8 @@ def _training_request(
         raise malformed(f"{what} belongs to another round")
     if set(request.aggregators) != set(envelope.plan.leaves):
         raise malformed(f"{what} names aggregators other than the plan's leaves")
+    if request.cohort != envelope.cohort:  # the root DA charges for the envelope's cohort
+        raise malformed(f"{what}: its cohort is not the one the querier signed into the round")
     return request, request_bytes, signature
 
 

@@ -116,6 +116,8 @@ class RoundAggregator:
         )
         if spec.query_id != envelope.query_id or spec.k != envelope.k:
             raise malformed(f"{what} does not match the round")
+        if spec.cohort != envelope.cohort:  # T checks its request against the same signed number
+            raise malformed(f"{what}: its cohort is not the one the querier signed into the round")
         state = _Round(spec, envelope, UpdateSum.empty(spec.n_params), frozenset(plan.children(self.name)))
         if plan.root == self.name:
             tf = self._roster.one(Role.TARGET_FINDER)

@@ -116,6 +116,7 @@ def build_round(keys: ActorKeys, roster: Roster, settings: ClusterSettings, plan
         plan=da_plan,
         querier_sealing_key=keys.sealing.public,
         querier_verify_key=keys.signing.verify_key,
+        cohort=plan.cohort,
     )
     envelope = dataclasses.replace(unsigned, signature=keys.signing.sign(unsigned.signing_bytes()))
     frame = encode_model(qid, weights)
