@@ -1,6 +1,6 @@
 """A host's training op: each instance of the cohort trains on its own records and seals its update.
 
-One model object per host (per model and dataset), never one per instance: the cohort members a
+One model object per round at a host, never one per instance: the cohort members a
 host serves are trained together (`dispers.learn.local.train_batched`, torch.func over
 instances) from the global weights Q sealed to this host. Every instance asked gets exactly one
 record of the round's fixed length, sealed to its DA: a clipped, weighted update, or a decline
@@ -31,8 +31,6 @@ from dispers.protocol.learning.messages import RoundRequest, TrainingRequest, de
 from dispers.state.documents import DocumentStore
 
 if TYPE_CHECKING:  # torch is imported only when a host trains
-    from torch import nn
-
     from dispers.learn.data import FederatedData
 
 Claim = Callable[[str, list[str], npt.NDArray[np.bool_]], list[int]]
@@ -68,7 +66,6 @@ class HostTrainer:
         # Requests issued before the host started may have been answered already (as queries).
         self._started = time.time() if started is None else started
         self._data: dict[str, InstanceRecords] = {}
-        self._models: dict[tuple[str, int, int], nn.Module] = {}
         self._random = secrets.SystemRandom()
 
     def serve(self, dataset: str, ids: Sequence[str], data: FederatedData) -> None:
@@ -141,10 +138,8 @@ class HostTrainer:
             chosen = [int(rows[j]) for j in fresh]
             seeds = chosen
         if fresh and (held is not None or from_store):
-            key = (tr.model, data.n_features, data.n_classes)
-            model = self._models.get(key)
-            if model is None:
-                model = self._models[key] = build_model(tr.model, ModelShape(data.n_features, data.n_classes))
+            # One model object per round: torch.func cannot share one between concurrent rounds.
+            model = build_model(tr.model, ModelShape(data.n_features, data.n_classes))
             if n_params(model) != tr.n_params:
                 raise malformed("the training request's model size does not match the registry's model")
             settings = LocalSettings(
