@@ -33,7 +33,10 @@ def dp_cfg(cohort: int) -> ExperimentConfig:
 
 def plain_cfg(cohort: int) -> ExperimentConfig:
     return ExperimentConfig(
-        engine="local", model="logreg", seed=1, data=DataConfig(instances=N),
+        engine="local",
+        model="logreg",
+        seed=1,
+        data=DataConfig(instances=N),
         training=TrainingConfig(rounds=1, cohort=cohort, batch_size=8, local_epochs=1),
     )
 
@@ -75,3 +78,69 @@ def test_the_cohort_told_to_T_and_to_the_root_cannot_differ(
         assert charged == 0.0  # refused at prepare, before any charge
     else:  # the root charged the honest rate (N/N): T refused to train anyone
         assert charged == pytest.approx(round_charge(UserLevelDP(1.0, 1.0, 1e-5), 0)[0])
+
+
+def test_rounds_of_other_parameters_cannot_inflate_a_runs_round_counter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Q starts a cheap round (another noise multiplier) of its run and, while it is in flight,
+    more rounds with other parameters and its real run: had they replaced the run, each finishing
+    cheap round would count on the real one and its later rounds would be charged the accountant's
+    small late increments. A run with a round in flight is not replaced; a round counts only on
+    the run it was charged to. Threads per round, as the gRPC services run them."""
+    from dispers.protocol.conductor import run_in_thread
+    from dispers.protocol.target import Target
+
+    gate, blocked = threading.Event(), []
+    collect = Target.collect_round
+
+    def slow(self: Target, caller: str, training_round: Any, sealed: bytes) -> Any:
+        if not blocked:  # the first (cheap) round waits in T
+            blocked.append(1)
+            gate.wait(120)
+        return collect(self, caller, training_round, sealed)
+
+    monkeypatch.setattr(Target, "collect_round", slow)
+    engine = engine_for(tmp_path, dp_cfg(cohort=6))
+    w = get_flat(build_model("logreg", ModelShape(64, 10)))
+    n = len(w)
+    q = engine._querier
+    m = 4
+    try:
+        conductor(engine)._executor = run_in_thread
+        cheap = q.submit_round(dataclasses.replace(engine.plan(0, w), noise_multiplier=100.0))
+        while not blocked:
+            time.sleep(0.05)
+        others = [q.submit_round(dataclasses.replace(engine.plan(0, w), noise_multiplier=101.0 + i))
+                  for i in range(m)]  # fmt: skip
+        real = q.submit_round(engine.plan(0, w))
+        refused = [q.round_outcome(i, n, 60.0)[0] for i in (*others, real)]
+        gate.set()
+        assert q.round_outcome(cheap, n, 60.0)[0].state == "done"
+        assert all(r.state == "failed" and "already running" in r.error_message for r in refused)
+        states = []
+        for round_ in (0, 1, m + 1):
+            before = spent(engine)
+            rec, _ = q.round_outcome(q.submit_round(engine.plan(round_, w)), n, 60.0)
+            states.append((rec.state, spent(engine) - before))
+    finally:
+        engine.close()
+    p = UserLevelDP(1.0, 6 / N, 1e-5)
+    assert states[0] == ("done", pytest.approx(round_charge(p, 0)[0]))
+    assert states[1] == ("done", pytest.approx(round_charge(p, 1)[0]))
+    assert states[2] == ("failed", 0.0)  # refused before any charge: the run's next round is 2
+
+
+def test_a_round_counts_only_on_its_own_run_while_in_flight() -> None:
+    """The root's bookkeeping: finalize and abort count a round on the run object it was charged
+    to, and only while it is that run's round in flight."""
+    from dispers.protocol.learning.aggregator import _Run, _count_round
+
+    run = _Run("q", None)
+    run.in_flight = "a" * 32
+    _count_round(run, "b" * 32)  # not this run's round in flight: no count
+    assert (run.rounds, run.in_flight) == (0, "a" * 32)
+    _count_round(run, "a" * 32)
+    assert (run.rounds, run.in_flight) == (1, None)
+    _count_round(run, "a" * 32)  # counted once
+    assert run.rounds == 1

@@ -54,6 +54,7 @@ class _Round:
     charged: tuple[float, float] | None = None  # root: (epsilon, delta) charged for this round
     left: float | None = None
     dp: UserLevelDP | None = None
+    run: _Run | None = None  # root: the run this round was charged to (never looked up again)
     released: bool = False
     timer: threading.Timer | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -65,6 +66,14 @@ class _Run:
     params: UserLevelDP | None
     rounds: int = 0  # rounds released (charged for good)
     in_flight: str | None = None  # the query id of the round being aggregated
+
+
+def _count_round(run: _Run, query_id: str) -> None:
+    """Count round `query_id` on the run it was charged to, once, and only while it is the run's
+    round in flight (the caller holds the aggregator's lock)."""
+    if run.in_flight == query_id:
+        run.in_flight = None
+        run.rounds += 1
 
 
 class RoundAggregator:
@@ -159,16 +168,18 @@ class RoundAggregator:
         key = (querier, spec.run_id)
         with self._lock:
             run = self._runs.get(key)
+            # Checked before a run is replaced: a run's rounds in flight count on that run only.
+            if run is not None and run.in_flight is not None:
+                raise DispersError(ErrorCode.FAILED_PRECONDITION, "a round of this run is already running")
             if run is None or run.params != params:
                 run = self._runs[key] = _Run(querier, params)  # new parameters: accounted afresh
-            if run.in_flight is not None:
-                raise DispersError(ErrorCode.FAILED_PRECONDITION, "a round of this run is already running")
             if spec.round != run.rounds:
                 raise DispersError(
                     ErrorCode.FAILED_PRECONDITION, f"this run's next round is {run.rounds}, not {spec.round}"
                 )
             run.in_flight = spec.query_id
         state.dp = params
+        state.run = run
         if params is None:
             return
         eps, delta = round_charge(params, run.rounds)
@@ -305,11 +316,9 @@ class RoundAggregator:
                     self._roster.require(parent, Role.DATA_AGGREGATOR).sealing_key, self._keys.signing,
                     self.name, body, round_frame_bytes(spec.n_params), "partial sum of updates",
                 )  # fmt: skip
-            run = self._runs.get((state.envelope.querier, spec.run_id))
-            if run is not None:
+            if state.run is not None:
                 with self._lock:
-                    run.in_flight = None
-                    run.rounds += 1
+                    _count_round(state.run, query_id)
             assert state.attested is not None
             if state.partial.items > state.attested:
                 raise DispersError(
@@ -351,15 +360,16 @@ class RoundAggregator:
             return
         if state.timer is not None:
             state.timer.cancel()
-        run = self._runs.get((state.envelope.querier, state.spec.run_id))
-        if run is not None and run.in_flight == query_id:
+        run = state.run
+        if run is not None:
             with self._lock:
-                run.in_flight = None
                 if state.charged is not None:
                     # No refund (as for queries): instances may have trained, and whether the
                     # round then failed could depend on their data. The charge stands, so the
                     # round counts: the run's next round is charged the next increment.
-                    run.rounds += 1
+                    _count_round(run, query_id)
+                elif run.in_flight == query_id:
+                    run.in_flight = None
 
 
 def _digest(spec: TrainingSpec) -> str:
