@@ -47,7 +47,13 @@ from dispers.protocol.common import (
     verify_envelope,
 )
 from dispers.protocol.learning.api import as_round_aggregator, as_round_host
-from dispers.protocol.learning.messages import RoundRequest, TrainingRequest, TrainingRound, model_frame_size
+from dispers.protocol.learning.messages import (
+    RoundRequest,
+    TrainingRequest,
+    TrainingRound,
+    check_cohort,
+    model_frame_size,
+)
 from dispers.protocol.target_finder import PSEUDONYM_FRAME
 from dispers.state.directory import AddressDirectory
 
@@ -361,6 +367,7 @@ def _training_request(
         raise malformed(f"{what} names aggregators other than the plan's leaves")
     if request.cohort != envelope.cohort:  # the root DA charges for the envelope's cohort
         raise malformed(f"{what}: its cohort is not the one the querier signed into the round")
+    check_cohort(request.cohort, envelope.k, what)
     return request, request_bytes, signature
 
 

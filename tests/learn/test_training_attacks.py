@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 import dispers.protocol.learning.querier as lq
@@ -134,7 +133,7 @@ def test_rounds_of_other_parameters_cannot_inflate_a_runs_round_counter(
 def test_a_round_counts_only_on_its_own_run_while_in_flight() -> None:
     """The root's bookkeeping: finalize and abort count a round on the run object it was charged
     to, and only while it is that run's round in flight."""
-    from dispers.protocol.learning.aggregator import _Run, _count_round
+    from dispers.protocol.learning.aggregator import _count_round, _Run
 
     run = _Run("q", None)
     run.in_flight = "a" * 32
@@ -144,3 +143,47 @@ def test_a_round_counts_only_on_its_own_run_while_in_flight() -> None:
     assert (run.rounds, run.in_flight) == (1, None)
     _count_round(run, "a" * 32)  # counted once
     assert run.rounds == 1
+
+
+def test_the_querier_refuses_a_cohort_below_k(tmp_path: Path) -> None:
+    engine = engine_for(tmp_path, plain_cfg(cohort=1))
+    try:
+        with pytest.raises(DispersError, match="cohort"):
+            engine.run_round(0, get_flat(build_model("logreg", ModelShape(64, 10))))
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("refuser", ["T", "root"])
+@pytest.mark.parametrize("dp", [False, True])
+def test_a_cohort_below_k_is_refused_by_T_and_the_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuser: str, dp: bool
+) -> None:
+    """A querier that lifts its own check (cohort=1: one person's exact update under DP-off)
+    meets T's and every DA's; nobody trains, nothing is charged or released."""
+    import dispers.protocol.learning.aggregator as la
+    import dispers.protocol.target as tg
+
+    monkeypatch.setattr(lq, "check_cohort", lambda cohort, k, what: None)
+    monkeypatch.setattr(la if refuser == "T" else tg, "check_cohort", lambda cohort, k, what: None)
+    engine = engine_for(tmp_path, dp_cfg(cohort=1) if dp else plain_cfg(cohort=1))
+    w = get_flat(build_model("logreg", ModelShape(64, 10)))
+    try:
+        record, result = engine._querier.round_outcome(
+            engine._querier.submit_round(engine.plan(0, w)), len(w), 60
+        )
+        charged = spent(engine)
+    finally:
+        engine.close()
+    assert result is None and "cohort" in record.error_message
+    assert charged == (round_charge(UserLevelDP(1.0, 1 / N, 1e-5), 0)[0] if dp and refuser == "T" else 0.0)
+
+
+def test_without_dp_the_root_releases_nothing_from_fewer_than_k_contributors(tmp_path: Path) -> None:
+    """DP-off policy: a cohort of N where all but two decline (no records) releases no model."""
+    engine = engine_for(tmp_path, plain_cfg(cohort=N), empty=tuple(range(2, N)))
+    try:
+        with pytest.raises(DispersError, match="fewer contributors than k"):
+            engine.run_round(0, get_flat(build_model("logreg", ModelShape(64, 10))))
+    finally:
+        engine.close()

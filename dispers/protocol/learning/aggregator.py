@@ -34,7 +34,7 @@ from dispers.protocol.common import (
     seal_signed,
     verify_envelope,
 )
-from dispers.protocol.learning.messages import TrainingSpec, round_frame_bytes
+from dispers.protocol.learning.messages import TrainingSpec, check_cohort, round_frame_bytes
 from dispers.protocol.target_finder import ATTESTATION_BYTES
 from dispers.state.budget import BudgetLedger, Spend
 
@@ -127,6 +127,7 @@ class RoundAggregator:
             raise malformed(f"{what} does not match the round")
         if spec.cohort != envelope.cohort:  # T checks its request against the same signed number
             raise malformed(f"{what}: its cohort is not the one the querier signed into the round")
+        check_cohort(spec.cohort, spec.k, what)
         state = _Round(spec, envelope, UpdateSum.empty(spec.n_params), frozenset(plan.children(self.name)))
         if plan.root == self.name:
             tf = self._roster.one(Role.TARGET_FINDER)
@@ -325,6 +326,13 @@ class RoundAggregator:
                     ErrorCode.FAILED_PRECONDITION,
                     "the round rests on more updates than the Target Finder attested targets; "
                     "no model is released",
+                )
+            if not self._settings.dp and state.partial.count < spec.k:
+                # The update is exact under this policy: fewer than k contributors could be one
+                # person's. (Under DP it is noised for user-level DP, and the cohort is >= k.)
+                raise DispersError(
+                    ErrorCode.FAILED_PRECONDITION,
+                    "the round has fewer contributors than k; no model is released",
                 )
             avg = average(
                 state.partial, noise_multiplier=spec.noise_multiplier, clip=spec.clip, cohort=spec.cohort

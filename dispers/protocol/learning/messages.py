@@ -61,6 +61,13 @@ def decode_model(frame: bytes, query_id: str, n_params: int) -> FloatArray:
     return v
 
 
+def check_cohort(cohort: int, k: int, what: str) -> None:
+    """A round's cohort is at least k (Q, T and every DA check it): a smaller one could release
+    one person's update, exact where the cluster's policy turns DP off."""
+    if cohort < k:
+        raise malformed(f"{what}: a cohort of {cohort} is below the round's k={k}")
+
+
 def _num(obj: dict[str, Any], key: str, what: str, *, optional: bool = False) -> float | None:
     value = obj.get(key)
     if value is None and optional:

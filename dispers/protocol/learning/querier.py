@@ -28,6 +28,7 @@ from dispers.protocol.learning.messages import (
     TrainingRequest,
     TrainingRound,
     TrainingSpec,
+    check_cohort,
     encode_model,
     model_digest,
     round_frame_bytes,
@@ -69,6 +70,7 @@ def build_round(keys: ActorKeys, roster: Roster, settings: ClusterSettings, plan
         raise DispersError(ErrorCode.UNKNOWN_CONCEPT, "training target: a concept is not in the vocabulary")
     if plan.k < settings.k_min:
         raise malformed(f"training: k={plan.k} is below the cluster minimum {settings.k_min}")
+    check_cohort(plan.cohort, plan.k, "training")
     da_plan = roster.da_plan()
     qid = new_query_id()
     weights = np.asarray(plan.weights, dtype=np.float64)
