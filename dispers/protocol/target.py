@@ -310,6 +310,9 @@ class Target:
             except DispersError as exc:
                 log.warning("round %s: host %s failed: %s", envelope.query_id[:8], host, exc.code.value)
                 return None
+            except Exception:  # noqa: BLE001  (any other failure: lost like an unreachable host's)
+                log.warning("round %s: host %s failed: INTERNAL", envelope.query_id[:8], host)
+                return None
             problem = _check_answer(batch, req.aggregators, item_size)
             if problem:
                 log.warning("round %s: host %s answered %s; its items are dropped",

@@ -187,3 +187,89 @@ def test_without_dp_the_root_releases_nothing_from_fewer_than_k_contributors(tmp
             engine.run_round(0, get_flat(build_model("logreg", ModelShape(64, 10))))
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("model", ["nope", "mlp"])  # not in the registry; the registry's, other size
+@pytest.mark.parametrize("victim_has_records", [True, False])
+def test_a_bad_model_fails_the_host_whether_or_not_anyone_is_eligible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, victim_has_records: bool
+) -> None:
+    """The host checks the model against its registry before it looks at anyone's eligibility:
+    C's 'unreachable' count is the same whether or not the one instance with records was asked."""
+    real = lq.TrainingRequest
+    monkeypatch.setattr(lq, "TrainingRequest", lambda **kw: real(**{**kw, "model": model}))
+    others = tuple(range(1, N))
+    engine = engine_for(tmp_path, dp_cfg(cohort=N), empty=others if victim_has_records else (0, *others))
+    w = get_flat(build_model("logreg", ModelShape(64, 10)))
+    try:
+        qid = engine._querier.submit_round(engine.plan(0, w))
+        engine._querier.round_outcome(qid, len(w), 60.0)
+        counts = conductor(engine).record(qid).counts
+    finally:
+        engine.close()
+    assert counts["unreachable"] == N
+
+
+def test_a_training_error_declines_the_hosts_instances_uniformly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error while training (here torch's) becomes a decline for each instance asked, of the
+    same length: the host answers, and the round goes on."""
+    import dispers.learn.local as local
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("a tensor went astray")
+
+    monkeypatch.setattr(local, "train_batched", broken)
+    engine = engine_for(tmp_path, plain_cfg(cohort=N))
+    w = get_flat(build_model("logreg", ModelShape(64, 10)))
+    try:
+        qid = engine._querier.submit_round(engine.plan(0, w))
+        record, _ = engine._querier.round_outcome(qid, len(w), 60.0)
+        counts = conductor(engine).record(qid).counts
+    finally:
+        engine.close()
+    assert counts["unreachable"] == 0 and "fewer contributors than k" in record.error_message
+
+
+def test_a_host_that_raises_anything_is_counted_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """T catches any exception from a host (not only DispersError): that host's items are lost
+    (unreachable), the round does not fail."""
+    from dispers.protocol.instance.host import PersonalCloudHost
+
+    def broken(self: object, caller: str, request: object) -> object:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(PersonalCloudHost, "train", broken)
+    engine = engine_for(tmp_path, dp_cfg(cohort=N))
+    w = get_flat(build_model("logreg", ModelShape(64, 10)))
+    try:
+        qid = engine._querier.submit_round(engine.plan(0, w))
+        record, result = engine._querier.round_outcome(qid, len(w), 60.0)
+        counts = conductor(engine).record(qid).counts
+    finally:
+        engine.close()
+    assert record.state == "done" and result is not None and counts["unreachable"] == N
+
+
+@pytest.mark.parametrize("eligible", [True, False])
+def test_concurrent_rounds_train_side_by_side(tmp_path: Path, eligible: bool) -> None:
+    """Rounds of several runs at once (one thread each, as the services run them) all finish,
+    whether or not anyone trains: a host builds one model object per round."""
+    import uuid
+
+    from dispers.protocol.conductor import run_in_thread
+
+    engine = engine_for(tmp_path, dp_cfg(cohort=N), empty=() if eligible else tuple(range(N)))
+    w = get_flat(build_model("logreg", ModelShape(64, 10)))
+    q = engine._querier
+    try:
+        conductor(engine)._executor = run_in_thread
+        ids = [q.submit_round(dataclasses.replace(engine.plan(0, w), run_id=uuid.uuid4().hex[:16]))
+               for _ in range(6)]  # fmt: skip
+        states = [q.round_outcome(i, len(w), 120.0)[0].state for i in ids]
+    finally:
+        engine.close()
+    assert states == ["done"] * 6

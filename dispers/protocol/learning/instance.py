@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -31,8 +32,11 @@ from dispers.protocol.learning.messages import RoundRequest, TrainingRequest, de
 from dispers.state.documents import DocumentStore
 
 if TYPE_CHECKING:  # torch is imported only when a host trains
+    from torch import nn
+
     from dispers.learn.data import FederatedData
 
+log = logging.getLogger(__name__)
 Claim = Callable[[str, list[str], npt.NDArray[np.bool_]], list[int]]
 
 
@@ -76,9 +80,7 @@ class HostTrainer:
 
     def answer(self, request: RoundRequest, claim: Claim) -> ContributionBatch:
         """Check Q's signed request and the sealed model; train the fresh eligible instances."""
-        from dispers.learn.aggregate import encode_update
-        from dispers.learn.data import health_from_store
-        from dispers.learn.local import LocalSettings, train_batched
+        from dispers.learn.data import HEALTH_COEF
         from dispers.learn.models import ModelShape, build_model, n_params
 
         check_query_id(request.query_id)
@@ -113,6 +115,19 @@ class HostTrainer:
         ids = list(request.instance_ids)
         held = self._data.get(tr.dataset)
         from_store = held is None and tr.dataset == "health"  # read from the documents themselves
+        model = None
+        if held is not None or from_store:
+            # The model is checked against the registry before anyone's eligibility is looked
+            # at, so whether this host fails never depends on its instances' data. One model
+            # object per round: torch.func cannot share one between concurrent rounds.
+            shape = (
+                ModelShape(held.data.n_features, held.data.n_classes)
+                if held
+                else ModelShape(len(HEALTH_COEF), 2)  # health_from_store's records
+            )
+            model = build_model(tr.model, shape)
+            if n_params(model) != tr.n_params:
+                raise malformed("the training request's model size does not match the registry's model")
         rows = np.array([held.rows.get(i, -1) if held else -1 for i in ids], dtype=np.int64)
         eligible = np.zeros(n, dtype=bool)
         if n and (held is not None or from_store):
@@ -126,38 +141,55 @@ class HostTrainer:
         fresh = claim(tr.query_id, ids, eligible)
         layout = tr.layout
         records = [layout.decline(tr.query_id)] * n
-        if fresh and from_store:
-            data = health_from_store(self._store, [ids[j] for j in fresh], self._as_of or dt.date.today())
-            chosen = list(range(len(fresh)))
-            # Each instance's batches are drawn from its own id: the same in every round order.
-            seeds = [
-                int.from_bytes(hashlib.blake2b(ids[j].encode(), digest_size=4).digest(), "big") for j in fresh
-            ]
-        elif fresh and held is not None:
-            data = held.data
-            chosen = [int(rows[j]) for j in fresh]
-            seeds = chosen
-        if fresh and (held is not None or from_store):
-            # One model object per round: torch.func cannot share one between concurrent rounds.
-            model = build_model(tr.model, ModelShape(data.n_features, data.n_classes))
-            if n_params(model) != tr.n_params:
-                raise malformed("the training request's model size does not match the registry's model")
-            settings = LocalSettings(
-                epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr, clip=tr.clip,
-                record_noise=tr.record_noise, record_clip=tr.record_clip,
-            )  # fmt: skip
-            sizes = data.sizes()
-            trained = [k for k, r in enumerate(chosen) if sizes[r] > 0]  # no records: a decline
-            result = train_batched(
-                model, weights, [data.records(chosen[k]) for k in trained], [seeds[k] for k in trained],
-                settings, seed=tr.seed, round_=tr.round,
-            )  # fmt: skip
-            for m, k in enumerate(trained):
-                w = float(result.examples[m]) if tr.weighting == "examples" else 1.0
-                records[fresh[k]] = encode_update(layout, tr.query_id, result.updates[m], w)
+        if fresh and model is not None:
+            try:
+                self._train(tr, model, weights, held, [ids[j] for j in fresh], [int(rows[j]) for j in fresh],
+                            records, fresh)  # fmt: skip
+            except Exception:  # noqa: BLE001  (torch's, or a document's): every instance declines
+                log.warning("round %s: local training failed; the instances asked decline", tr.query_id[:8])
+                records = [layout.decline(tr.query_id)] * n
         order = list(range(n))
         self._random.shuffle(order)  # the host's own order: T cannot tie an item to a position
         return ContributionBatch(
             tuple(request.aggregators[j] for j in order),
             tuple(seal(da_keys[request.aggregators[j]], records[j]) for j in order),
         )
+
+    def _train(
+        self,
+        tr: TrainingRequest,
+        model: nn.Module,
+        weights: npt.NDArray[np.float64],
+        held: InstanceRecords | None,
+        ids: list[str],
+        rows: list[int],
+        records: list[bytes],
+        positions: list[int],
+    ) -> None:
+        """Train the fresh eligible instances `ids` together; write each one's sealed-to-be update
+        record at its position in `records` (those without records keep their decline)."""
+        from dispers.learn.aggregate import encode_update
+        from dispers.learn.data import health_from_store
+        from dispers.learn.local import LocalSettings, train_batched
+
+        if held is None:
+            data = health_from_store(self._store, ids, self._as_of or dt.date.today())
+            chosen = list(range(len(ids)))
+            # Each instance's batches are drawn from its own id: the same in every round order.
+            seeds = [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=4).digest(), "big") for i in ids]
+        else:
+            data = held.data
+            chosen = seeds = rows
+        settings = LocalSettings(
+            epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr, clip=tr.clip,
+            record_noise=tr.record_noise, record_clip=tr.record_clip,
+        )  # fmt: skip
+        sizes = data.sizes()
+        trained = [k for k, r in enumerate(chosen) if sizes[r] > 0]  # no records: a decline
+        result = train_batched(
+            model, weights, [data.records(chosen[k]) for k in trained], [seeds[k] for k in trained],
+            settings, seed=tr.seed, round_=tr.round,
+        )  # fmt: skip
+        for m, k in enumerate(trained):
+            w = float(result.examples[m]) if tr.weighting == "examples" else 1.0
+            records[positions[k]] = encode_update(tr.layout, tr.query_id, result.updates[m], w)
