@@ -135,11 +135,12 @@ class UpdateSum:
 def noise_sigma(noise_multiplier: float, clip: float, n_params: int) -> tuple[float, float]:
     """(sigma, grid step) of the discrete Gaussian added to a sum of updates clipped to `clip`.
 
-    Rounding onto the grid can move each coordinate by up to one step, so one person's L2
-    influence is at most clip + sqrt(n_params) * step: sigma is z times that.
+    A DA accepts an update's norm up to clip * (1 + NORM_SLACK) (float rounding), and rounding
+    onto the grid can move each coordinate by up to one step, so one person's L2 influence is at
+    most clip * (1 + NORM_SLACK) + sqrt(n_params) * step: sigma is z times that.
     """
     step = noise_multiplier * clip / GRID_FRACTION
-    return noise_multiplier * (clip + math.sqrt(n_params) * step), step
+    return noise_multiplier * (clip * (1 + NORM_SLACK) + math.sqrt(n_params) * step), step
 
 
 def average(

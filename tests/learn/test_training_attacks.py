@@ -273,3 +273,16 @@ def test_concurrent_rounds_train_side_by_side(tmp_path: Path, eligible: bool) ->
     finally:
         engine.close()
     assert states == ["done"] * 6
+
+
+def test_the_noise_covers_the_norm_slack_the_aggregator_accepts() -> None:
+    """A DA accepts an update of norm up to C (1 + NORM_SLACK) (float rounding): the Gaussian's
+    sensitivity is that, not C, so the accountant's z holds for every update it accepts."""
+    import math
+
+    from dispers.learn.aggregate import GRID_FRACTION, NORM_SLACK, noise_sigma
+
+    z, c, n = 1.0, 1.0, 100
+    sigma, step = noise_sigma(z, c, n)
+    assert sigma >= z * (c * (1 + NORM_SLACK) + math.sqrt(n) * step)
+    assert step == pytest.approx(z * c / GRID_FRACTION)
