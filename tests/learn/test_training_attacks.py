@@ -286,3 +286,29 @@ def test_the_noise_covers_the_norm_slack_the_aggregator_accepts() -> None:
     sigma, step = noise_sigma(z, c, n)
     assert sigma >= z * (c * (1 + NORM_SLACK) + math.sqrt(n) * step)
     assert step == pytest.approx(z * c / GRID_FRACTION)
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 1000), ("batch_size", 10**7)])
+def test_hosts_cap_the_local_work_a_querier_asks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, field: str, value: int
+) -> None:
+    """Unbounded epochs (time: whether anyone trained shows in T's and C's timings, and a
+    denial of service) or batch size (memory) are refused by the host before it looks at anyone,
+    against the cluster's caps; Q checks them first."""
+    from dispers.core.config import ClusterSettings
+
+    caps = {"epochs": "max_local_epochs", "batch_size": "max_local_batch"}
+    engine = engine_for(tmp_path, dp_cfg(cohort=N))
+    w = get_flat(build_model("logreg", ModelShape(64, 10)))
+    cap = getattr(ClusterSettings(), caps[field])
+    try:
+        with pytest.raises(DispersError, match=caps[field]):
+            engine._querier.submit_round(dataclasses.replace(engine.plan(0, w), **{field: cap + 1}))
+        real = lq.TrainingRequest
+        monkeypatch.setattr(lq, "TrainingRequest", lambda **kw: real(**{**kw, field: value}))
+        qid = engine._querier.submit_round(engine.plan(0, w))
+        engine._querier.round_outcome(qid, len(w), 60.0)
+        counts = conductor(engine).record(qid).counts
+    finally:
+        engine.close()
+    assert counts["unreachable"] == N

@@ -28,7 +28,13 @@ from dispers.core.ids import Role, check_query_id
 from dispers.core.messages import ContributionBatch, request_signing_bytes
 from dispers.crypto import ActorKeys, Opener, seal
 from dispers.protocol.common import CLOCK_SKEW_S
-from dispers.protocol.learning.messages import RoundRequest, TrainingRequest, decode_model, model_digest
+from dispers.protocol.learning.messages import (
+    RoundRequest,
+    TrainingRequest,
+    check_local_work,
+    decode_model,
+    model_digest,
+)
 from dispers.state.documents import DocumentStore
 
 if TYPE_CHECKING:  # torch is imported only when a host trains
@@ -99,6 +105,7 @@ class HostTrainer:
         age = time.time() - tr.issued_at
         if age > self._settings.max_query_age_s or age < -CLOCK_SKEW_S or tr.issued_at < self._started:
             raise DispersError(ErrorCode.EXPIRED, "the training request is stale or dated in the future")
+        check_local_work(tr.epochs, tr.batch_size, self._settings)
         da_keys = {}
         for da in set(request.aggregators):
             if da not in tr.aggregators:

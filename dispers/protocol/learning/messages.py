@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dispers.core.codec import field as get_field
+from dispers.core.config import ClusterSettings
 from dispers.core.errors import malformed
 from dispers.core.ids import check_query_id
 from dispers.core.messages import QueryEnvelope
@@ -66,6 +67,15 @@ def check_cohort(cohort: int, k: int, what: str) -> None:
     one person's update, exact where the cluster's policy turns DP off."""
     if cohort < k:
         raise malformed(f"{what}: a cohort of {cohort} is below the round's k={k}")
+
+
+def check_local_work(epochs: int, batch_size: int, settings: ClusterSettings) -> None:
+    """The local work asked of a host is within the cluster's caps (Q checks, each host refuses)."""
+    if epochs > settings.max_local_epochs:
+        raise malformed(f"training: epochs={epochs} is above max_local_epochs={settings.max_local_epochs}")
+    if batch_size > settings.max_local_batch:
+        cap = settings.max_local_batch
+        raise malformed(f"training: batch_size={batch_size} is above max_local_batch={cap}")
 
 
 def _num(obj: dict[str, Any], key: str, what: str, *, optional: bool = False) -> float | None:

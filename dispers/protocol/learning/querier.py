@@ -29,6 +29,7 @@ from dispers.protocol.learning.messages import (
     TrainingRound,
     TrainingSpec,
     check_cohort,
+    check_local_work,
     encode_model,
     model_digest,
     round_frame_bytes,
@@ -71,6 +72,7 @@ def build_round(keys: ActorKeys, roster: Roster, settings: ClusterSettings, plan
     if plan.k < settings.k_min:
         raise malformed(f"training: k={plan.k} is below the cluster minimum {settings.k_min}")
     check_cohort(plan.cohort, plan.k, "training")
+    check_local_work(plan.epochs, plan.batch_size, settings)
     da_plan = roster.da_plan()
     qid = new_query_id()
     weights = np.asarray(plan.weights, dtype=np.float64)
