@@ -212,14 +212,15 @@ class ClusterEngine:
             if code is not ErrorCode.BUDGET_EXCEEDED:
                 message = f"round {round_ + 1} {record.state}: {message}"
             raise DispersError(code, message)
-        known = None not in (result.contributed, result.declined, result.dropped)
-        lost = result.asked - sum(x or 0 for x in (result.contributed, result.declined, result.dropped))
+        # T Poisson-samples the cohort (`asked` is its expected size): the instances drawn but
+        # lost (no address, a host down) are T's count, in C's record.
+        lost = record.counts.get("unreachable", 0)
         return RoundOutput(
             average_update=result.average,
             asked=result.asked,
             contributed=result.contributed,
             declined=result.declined,
-            unreachable=max(0, lost) if known else 0,
+            unreachable=lost,
             train_loss=None,
             epsilon_spent=result.epsilon_run,
             budget_left=result.budget_left,

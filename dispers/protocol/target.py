@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import random
 import secrets
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -259,8 +260,9 @@ class Target:
     ) -> CollectReport:
         """Draw a round's cohort among the targets, have their hosts train, forward the updates.
 
-        The cohort is `cohort` of the targets drawn uniformly by T's own secure generator (the
-        accountant's sampling). Each host gets the global model Q sealed to it and answers
+        The cohort is Poisson-sampled by T's own secure generator: each target independently at
+        rate cohort / targets, the rate the root DA charges for (the accountant's sampling), so
+        its size varies around `cohort`. Each host gets the global model Q sealed to it and answers
         exactly one fixed-length item per instance asked; a host that fails or breaks that
         loses its own items (counted unreachable: the round's dropouts), never anyone else's.
         """
@@ -278,11 +280,11 @@ class Target:
         obj = open_signed(self._opener.open(sealed_pseudonyms, what), tf.name, tf.verify_key, what)
         same_query(obj, envelope, what)
         pseudonyms = unpack(obj.get("pseudonyms"), 32, what)
-        found = self._directory.lookup(list(dict.fromkeys(pseudonyms)))
-        addresses = [a for a in found if a is not None]
-        self._random.shuffle(addresses)
-        cohort = addresses[: request.cohort]
-        unreachable = min(request.cohort, len(pseudonyms)) - len(cohort)
+        drawn = draw_cohort(list(dict.fromkeys(pseudonyms)), request.cohort, self._random, len(pseudonyms))
+        found = self._directory.lookup(drawn)
+        cohort = [a for a in found if a is not None]
+        self._random.shuffle(cohort)
+        unreachable = len(drawn) - len(cohort)  # drawn, but no address: the round's dropouts
         leaves = list(envelope.plan.leaves)
         by_host: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for i, address in enumerate(cohort):
@@ -349,6 +351,17 @@ class Target:
             unreachable=unreachable,
             per_aggregator=tuple((leaf, len(per_da[leaf])) for leaf in leaves),
         )
+
+
+def draw_cohort(
+    targets: Sequence[bytes], cohort: int, rng: random.Random, population: int | None = None
+) -> list[bytes]:
+    """Poisson sampling: each of `targets` independently with probability cohort / population
+    (TF's attested count of targets, by default len(targets)), capped at 1."""
+    rate = min(1.0, cohort / max(1, len(targets) if population is None else population))
+    if rate >= 1.0:
+        return list(targets)
+    return [t for t in targets if rng.random() < rate]
 
 
 def _training_request(

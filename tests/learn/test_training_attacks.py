@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import dispers.protocol.learning.querier as lq
@@ -312,3 +313,25 @@ def test_hosts_cap_the_local_work_a_querier_asks(
     finally:
         engine.close()
     assert counts["unreachable"] == N
+
+
+def test_T_samples_each_target_independently_at_the_rate_the_root_charges() -> None:
+    """The accountant (Opacus RDP/PRV) assumes Poisson sampling at rate cohort / targets (TF's
+    attested count, what the root charges for): T includes each target independently at that
+    rate, unresolvable addresses included (they count as unreachable), not a fixed-size draw."""
+    import random
+
+    from dispers.protocol.target import draw_cohort
+
+    targets = [bytes([i]) * 32 for i in range(40)]
+    rng = random.Random(7)
+    sizes = [len(draw_cohort(targets, 10, rng)) for _ in range(4000)]
+    assert len(set(sizes)) > 5  # binomial, not fixed
+    assert np.mean(sizes) == pytest.approx(10, rel=0.03)
+    assert np.var(sizes) == pytest.approx(40 * 0.25 * 0.75, rel=0.15)
+    counts = np.zeros(40)
+    for _ in range(4000):
+        for t in draw_cohort(targets, 10, rng):
+            counts[t[0]] += 1
+    assert np.abs(counts / 4000 - 0.25).max() < 0.04  # every target at the same rate
+    assert draw_cohort(targets, 40, rng) == targets and draw_cohort(targets, 400, rng) == targets

@@ -213,7 +213,7 @@ def test_a_round_whose_host_drops_out_is_tolerated_and_reported(
     from dispers.protocol.instance.host import PersonalCloudHost
 
     data = small_digits(12)
-    cfg = config(12, model="logreg", rounds=3, cohort=6)
+    cfg = config(12, model="logreg", rounds=3, cohort=12)  # rate 1: everyone is drawn
     train = PersonalCloudHost.train
     calls = {"n": 0}
 
@@ -235,7 +235,7 @@ def test_a_round_whose_host_drops_out_is_tolerated_and_reported(
         third = engine.run_round(2, w)
     finally:
         engine.close()
-    assert [(r.contributed, r.unreachable) for r in (first, third)] == [(6, 0), (6, 0)]
+    assert [(r.contributed, r.unreachable) for r in (first, third)] == [(12, 0), (12, 0)]
 
 
 def test_a_round_that_fails_after_its_charge_stays_charged(
@@ -299,6 +299,7 @@ def test_training_through_a_running_cluster_on_the_hosts_own_documents(tmp_path:
             s.stop(0)
     assert len(result.rounds) == 3
     for r in result.rounds:
-        assert r.asked == 40 and r.contributed is not None and 20 <= r.contributed <= 40
-        assert r.contributed + (r.declined or 0) + r.unreachable == 40
+        assert r.asked == 40 and r.contributed is not None and 10 <= r.contributed <= 70
+        # T Poisson-samples each target at rate 40/120: the cohort's size varies around 40.
+        assert 15 <= r.contributed + (r.declined or 0) + r.unreachable <= 70
     assert not np.allclose(get_flat(result.model), get_flat(build_model("logreg", ModelShape(4, 2), seed=2)))
