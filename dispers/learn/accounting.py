@@ -1,10 +1,13 @@
 """User-level privacy accounting of DP-FedAvg with Opacus' accountants (RDP or PRV).
 
-Each round samples a cohort of `cohort` among `population` instances (sampling rate
-q = cohort / population; the cohort is drawn uniformly, accounted as Poisson sampling at that
-rate, as Opacus and TF Privacy do), clips each update to norm C and adds Gaussian noise of
-standard deviation z * C to their sum: one step of the subsampled Gaussian mechanism with noise
-multiplier z. After r rounds the spend is the accountant's epsilon at the run's delta.
+Each round Poisson-samples its cohort: every one of `population` instances (TF's attested count
+of targets) independently with probability q = cohort / population, so the cohort's size varies
+around `cohort` (T draws it so, and so does the simulation engine); the accountants assume exactly
+this sampling. It clips each update to norm C (a DA accepts C (1 + 1e-6) for float rounding, and
+the noise is calibrated to that) and adds Gaussian noise of standard deviation z * C to their sum,
+divided by the expected cohort size: one step of the subsampled Gaussian mechanism with noise
+multiplier z. Instances drawn but lost (no address, a host down) only lower the sensitivity.
+After r rounds the spend is the accountant's epsilon at the run's delta.
 
 The budget ledger composes spends by adding them, so the root DA charges round r the increment
 eps(r) - eps(r - 1) (and the run's delta on its first round): the charges of a run add up to its

@@ -94,8 +94,10 @@ class SimulationEngine:
     def run_round(self, round_: int, weights: FloatArray) -> RoundOutput:
         cfg = self._config
         m = cfg.training.cohort
+        n = self._data.n_instances
         rng = np.random.default_rng([cfg.seed, round_, 7])
-        cohort = np.sort(rng.choice(self._data.n_instances, m, replace=False))
+        # Poisson sampling at rate m / n, as T draws and as the accountant assumes.
+        cohort = np.arange(n) if m >= n else np.flatnonzero(rng.random(n) < m / n)
         left = None
         if self._dp is not None:
             eps, delta = round_charge(self._dp, round_)
@@ -119,7 +121,7 @@ class SimulationEngine:
         )
         total = UpdateSum.empty(len(weights))
         total.add(np.concatenate([result.updates * w[:, None], w[:, None]], axis=1))
-        total.declines = m - len(active)
+        total.declines = len(cohort) - len(active)
         avg = average(
             total,
             noise_multiplier=self._dp.noise_multiplier if self._dp else None,
@@ -128,7 +130,7 @@ class SimulationEngine:
         )
         spent = epsilon_after(self._dp, round_ + 1) if self._dp else 0.0
         loss = float(np.average(result.losses, weights=np.maximum(result.examples, 1))) if active else None
-        return RoundOutput(avg, m, len(active), m - len(active), 0, loss, spent, left)
+        return RoundOutput(avg, m, len(active), len(cohort) - len(active), 0, loss, spent, left)
 
     def close(self) -> None:
         """Nothing to release."""
