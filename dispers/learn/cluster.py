@@ -212,9 +212,10 @@ class ClusterEngine:
             if code is not ErrorCode.BUDGET_EXCEEDED:
                 message = f"round {round_ + 1} {record.state}: {message}"
             raise DispersError(code, message)
-        # T Poisson-samples the cohort (`asked` is its expected size): the instances drawn but
-        # lost (no address, a host down) are T's count, in C's record.
-        lost = record.counts.get("unreachable", 0)
+        # T Poisson-samples the cohort (`asked` is its expected size): Q cannot tell instances
+        # drawn but lost (no address, a host down; T's count, in C's record, which Q is not
+        # shown) from the draw's variation, so it reports none.
+        lost = 0
         return RoundOutput(
             average_update=result.average,
             asked=result.asked,
