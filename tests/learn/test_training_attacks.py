@@ -335,3 +335,39 @@ def test_T_samples_each_target_independently_at_the_rate_the_root_charges() -> N
             counts[t[0]] += 1
     assert np.abs(counts / 4000 - 0.25).max() < 0.04  # every target at the same rate
     assert draw_cohort(targets, 40, rng) == targets and draw_cohort(targets, 400, rng) == targets
+
+
+def test_a_malicious_hosts_bad_updates_are_dropped_and_the_round_survives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN, a huge norm, a weight above 1 under uniform weighting, infinities: each is dropped
+    and counted by the DA, the round releases the average of the sound updates."""
+    import dispers.learn.aggregate as agg
+
+    real = agg.encode_update
+    calls = {"n": 0}
+
+    def evil(layout: Any, qid: str, update: Any, weight: float) -> bytes:
+        calls["n"] += 1
+        u = np.array(update, dtype=float)
+        if calls["n"] == 1:
+            u[0] = np.nan
+        elif calls["n"] == 2:
+            u *= 1e9
+        elif calls["n"] == 3:
+            return real(layout, qid, u, 1e6)
+        elif calls["n"] == 4:
+            u[:] = np.inf
+        return real(layout, qid, u, weight)
+
+    monkeypatch.setattr(agg, "encode_update", evil)
+    cfg = dataclasses.replace(
+        plain_cfg(N), training=dataclasses.replace(plain_cfg(N).training, clip=1.0, weighting="uniform")
+    )
+    engine = engine_for(tmp_path, cfg)
+    try:
+        out = engine.run_round(0, get_flat(build_model("logreg", ModelShape(64, 10))))
+    finally:
+        engine.close()
+    assert out.contributed == N - 4 and np.isfinite(out.average_update).all()
+    assert np.linalg.norm(out.average_update) <= 1.0 + 1e-6
