@@ -10,12 +10,12 @@ STAMP  := $(VENV)/.installed-dispers
 QUIET  := $(shell test -t 2 || echo -q)
 PIP    := $(BIN)/python -m pip --disable-pip-version-check $(QUIET)
 
-.PHONY: venv demo test test-long lint typecheck protos check-protos bench bench-stats bench-import bench-sim clean
+.PHONY: venv demo test test-long lint typecheck protos check-protos bench bench-stats bench-import bench-sim bench-train clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install -e '.[dev,ray]'
+	$(PIP) install -e '.[dev,ray,learn]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -55,5 +55,17 @@ bench-import: $(STAMP)
 bench-sim: $(STAMP)
 	$(BIN)/python benchmarks/bench_simulate.py
 
+# Flower needs protobuf < 7 (dispers >= 7): it gets its own venv, with dispers' learn code only.
+FLOWER := .venv-flower
+$(FLOWER)/.installed: pyproject.toml
+	@test -x $(FLOWER)/bin/python || $(PYTHON) -m venv $(FLOWER)
+	$(FLOWER)/bin/python -m pip --disable-pip-version-check -q install torch==2.13.0 'flwr[simulation]==1.41.0' scikit-learn numpy
+	$(FLOWER)/bin/python -m pip --disable-pip-version-check -q install --no-deps -e .
+	@touch $@
+
+bench-train: $(STAMP) $(FLOWER)/.installed
+	$(PIP) install -e '.[dev,learn,bench]'
+	$(BIN)/python benchmarks/bench_train.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(FLOWER) .pytest_cache .mypy_cache .ruff_cache .hypothesis

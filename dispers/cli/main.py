@@ -3,8 +3,8 @@
 A researcher's workflow: `dispers up DIR` (a local cluster, each actor its own process),
 `dispers populate` or `dispers import` (data in), `dispers subscribe`, `dispers concepts` and
 `dispers functions` (what a query may name), `dispers query SPEC --output DIR` (results as JSON,
-CSV and plots), `dispers ps`, `dispers down`. `--config` is optional: DISPERS_CONFIG,
-./cluster.toml or the cluster `dispers up` started.
+CSV and plots), `dispers ps`, `dispers down`; `dispers simulate` and `dispers train`.
+`--config` is optional: DISPERS_CONFIG, ./cluster.toml or the cluster `dispers up` started.
 """
 
 from __future__ import annotations
@@ -507,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", help="query spec file (default: the heart-rate query)")
     s.add_argument("--leaf-aggregators", type=int, default=2, help="data aggregators under the root")
     s.set_defaults(fn=_demo)
+
+    from dispers.cli.train import add_train_parser
+
+    add_train_parser(sub)
     return p
 
 

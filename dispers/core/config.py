@@ -280,6 +280,9 @@ class ClusterSettings:
     max_delta: float = 1e-6
     budget_epsilon: float = 10.0  # what each querier may spend in all (basic composition)
     budget_delta: float = 1e-5
+    # Training: the most local work a querier may ask of a host per round (time and memory).
+    max_local_epochs: int = 20
+    max_local_batch: int = 1024
     insecure: bool = False  # plain channels, caller names unauthenticated: loopback experiments only
     ca_cert: Path | None = None  # the cluster CA certificate (PEM), absolute once loaded
 
@@ -392,6 +395,8 @@ def _settings(raw: Any, base: Path | None = None) -> ClusterSettings:
     _int_setting(s, "max_bins", 1, 100_000)
     _int_setting(s, "max_fields", 1, 64)
     _int_setting(s, "max_long_polls", 0, 1024)
+    _int_setting(s, "max_local_epochs", 1, 10_000)
+    _int_setting(s, "max_local_batch", 1, 10**6)
     for key in _SIZE_KEYS:
         _int_setting(s, key, 64, 64 * 1024 * 1024)
     for key in ("max_epsilon", "budget_epsilon"):

@@ -148,6 +148,9 @@ class QueryEnvelope:
     querier_verify_key: VerifyKey
     signature: bytes = b""
     privacy: Privacy = field(default_factory=Privacy)  # public, like k: charged at the root DA
+    # A training round's cohort size (0 for a query): public, and signed here so that T (which
+    # draws it) and the root DA (which charges for it) check the same number.
+    cohort: int = 0
 
     def signing_bytes(self) -> bytes:
         """The canonical bytes Q signs: every field but the signature."""
@@ -166,6 +169,7 @@ class QueryEnvelope:
                 "sealing_key": self.querier_sealing_key.hex(),
                 "verify_key": self.querier_verify_key.hex(),
                 "privacy": self.privacy.to_obj(),
+                **({"cohort": self.cohort} if self.cohort else {}),
             }
         )
 

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64ispers/proto/common.proto\x12\rdispers.proto\"\x99\x01\n\x0bRosterEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.dispers.proto.Role\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x13\n\x0bsealing_key\x18\x04 \x01(\x0c\x12\x12\n\nverify_key\x18\x05 \x01(\x0c\x12\x13\n\x06parent\x18\x06 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_parent\"5\n\x06Roster\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.dispers.proto.RosterEntry\")\n\x08PlanEdge\x12\r\n\x05\x63hild\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\"@\n\x06\x44\x41Plan\x12\x0c\n\x04root\x18\x01 \x01(\t\x12(\n\x07parents\x18\x02 \x03(\x0b\x32\x17.dispers.proto.PlanEdge\"4\n\nSealedSpec\x12\x12\n\naggregator\x18\x01 \x01(\t\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"<\n\x07Privacy\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x11\n\tmechanism\x18\x03 \x01(\t\"\xe8\x02\n\rQueryEnvelope\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0f\n\x07querier\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\x01\x12\t\n\x01k\x18\x04 \x01(\x03\x12\x17\n\x0fsealed_concepts\x18\x05 \x01(\x0c\x12\x19\n\x11sealed_expression\x18\x06 \x01(\x0c\x12\x16\n\x0esealed_request\x18\x07 \x01(\x0c\x12/\n\x0csealed_specs\x18\x08 \x03(\x0b\x32\x19.dispers.proto.SealedSpec\x12#\n\x04plan\x18\t \x01(\x0b\x32\x15.dispers.proto.DAPlan\x12\x1b\n\x13querier_sealing_key\x18\n \x01(\x0c\x12\x1a\n\x12querier_verify_key\x18\x0b \x01(\x0c\x12\x11\n\tsignature\x18\x0c \x01(\x0c\x12\'\n\x07privacy\x18\r \x01(\x0b\x32\x16.dispers.proto.Privacy\"C\n\x10SubscriptionItem\x12\x17\n\x0fsealed_concepts\x18\x01 \x01(\x0c\x12\x16\n\x0esealed_address\x18\x02 \x01(\x0c\"\x9e\x01\n\x0b\x42\x61tchHeader\x12\x0c\n\x04host\x18\x01 \x01(\t\x12)\n\x02op\x18\x02 \x01(\x0e\x32\x1d.dispers.proto.SubscriptionOp\x12\x11\n\tissued_at\x18\x03 \x01(\x01\x12\x17\n\x0f\x63oncept_digests\x18\x04 \x03(\x0c\x12\x17\n\x0f\x61\x64\x64ress_digests\x18\x05 \x03(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"o\n\x11SubscriptionBatch\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.dispers.proto.BatchHeader\x12.\n\x05items\x18\x02 \x03(\x0b\x32\x1f.dispers.proto.SubscriptionItem\"/\n\x0bSignedItems\x12\r\n\x05items\x18\x01 \x03(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"T\n\x0c\x46oundTargets\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x19\n\x11sealed_pseudonyms\x18\x02 \x01(\x0c\x12\x1a\n\x12sealed_attestation\x18\x03 \x01(\x0c\"\x8f\x01\n\x13\x43ontributionRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0f\n\x07querier\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\x0c\x12\x19\n\x11request_signature\x18\x04 \x01(\x0c\x12\x14\n\x0cinstance_ids\x18\x05 \x03(\t\x12\x13\n\x0b\x61ggregators\x18\x06 \x03(\t\"C\n\x11\x43ontributionBatch\x12\x13\n\x0b\x61ggregators\x18\x01 \x03(\t\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0cJ\x04\x08\x03\x10\x04\"4\n\x0f\x41ggregatorCount\x12\x12\n\naggregator\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\x86\x01\n\rCollectReport\x12\x0f\n\x07targets\x18\x01 \x01(\x03\x12\x11\n\tforwarded\x18\x02 \x01(\x03\x12\x13\n\x0bunreachable\x18\x04 \x01(\x03\x12\x36\n\x0eper_aggregator\x18\x05 \x03(\x0b\x32\x1e.dispers.proto.AggregatorCountJ\x04\x08\x03\x10\x04\"-\n\x0bPhaseTiming\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\")\n\nNamedCount\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xb9\x02\n\x0bQueryRecord\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0f\n\x07querier\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\x01\x12\r\n\x05state\x18\x04 \x01(\t\x12\t\n\x01k\x18\x05 \x01(\x03\x12*\n\x06phases\x18\x06 \x03(\x0b\x32\x1a.dispers.proto.PhaseTiming\x12)\n\x06\x63ounts\x18\x07 \x03(\x0b\x32\x19.dispers.proto.NamedCount\x12\x1a\n\rsealed_result\x18\x08 \x01(\x0cH\x00\x88\x01\x01\x12\x17\n\nerror_code\x18\t \x01(\tH\x01\x88\x01\x01\x12\x1a\n\rerror_message\x18\n \x01(\tH\x02\x88\x01\x01\x42\x10\n\x0e_sealed_resultB\r\n\x0b_error_codeB\x10\n\x0e_error_message\"B\n\rSettleRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x02 \x01(\x08\x12\x0f\n\x07receipt\x18\x03 \x01(\x0c\"\x10\n\x0eSettleResponse*q\n\x0eSubscriptionOp\x12\x1f\n\x1bSUBSCRIPTION_OP_UNSPECIFIED\x10\x00\x12\x1d\n\x19SUBSCRIPTION_OP_SUBSCRIBE\x10\x01\x12\x1f\n\x1bSUBSCRIPTION_OP_UNSUBSCRIBE\x10\x02*\xb8\x01\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_QUERIER\x10\x01\x12\x12\n\x0eROLE_CONDUCTOR\x10\x02\x12\x18\n\x14ROLE_CONCEPT_INDEXOR\x10\x03\x12\x16\n\x12ROLE_TARGET_FINDER\x10\x04\x12\x0f\n\x0bROLE_TARGET\x10\x05\x12\x18\n\x14ROLE_DATA_AGGREGATOR\x10\x06\x12\x17\n\x13ROLE_PERSONAL_CLOUD\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64ispers/proto/common.proto\x12\rdispers.proto\"\x99\x01\n\x0bRosterEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x04role\x18\x02 \x01(\x0e\x32\x13.dispers.proto.Role\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x13\n\x0bsealing_key\x18\x04 \x01(\x0c\x12\x12\n\nverify_key\x18\x05 \x01(\x0c\x12\x13\n\x06parent\x18\x06 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_parent\"5\n\x06Roster\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.dispers.proto.RosterEntry\")\n\x08PlanEdge\x12\r\n\x05\x63hild\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\"@\n\x06\x44\x41Plan\x12\x0c\n\x04root\x18\x01 \x01(\t\x12(\n\x07parents\x18\x02 \x03(\x0b\x32\x17.dispers.proto.PlanEdge\"4\n\nSealedSpec\x12\x12\n\naggregator\x18\x01 \x01(\t\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"<\n\x07Privacy\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x11\n\tmechanism\x18\x03 \x01(\t\"\xf8\x02\n\rQueryEnvelope\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0f\n\x07querier\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\x01\x12\t\n\x01k\x18\x04 \x01(\x03\x12\x17\n\x0fsealed_concepts\x18\x05 \x01(\x0c\x12\x19\n\x11sealed_expression\x18\x06 \x01(\x0c\x12\x16\n\x0esealed_request\x18\x07 \x01(\x0c\x12/\n\x0csealed_specs\x18\x08 \x03(\x0b\x32\x19.dispers.proto.SealedSpec\x12#\n\x04plan\x18\t \x01(\x0b\x32\x15.dispers.proto.DAPlan\x12\x1b\n\x13querier_sealing_key\x18\n \x01(\x0c\x12\x1a\n\x12querier_verify_key\x18\x0b \x01(\x0c\x12\x11\n\tsignature\x18\x0c \x01(\x0c\x12\'\n\x07privacy\x18\r \x01(\x0b\x32\x16.dispers.proto.Privacy\x12\x0e\n\x06\x63ohort\x18\x0e \x01(\x03\"C\n\x10SubscriptionItem\x12\x17\n\x0fsealed_concepts\x18\x01 \x01(\x0c\x12\x16\n\x0esealed_address\x18\x02 \x01(\x0c\"\x9e\x01\n\x0b\x42\x61tchHeader\x12\x0c\n\x04host\x18\x01 \x01(\t\x12)\n\x02op\x18\x02 \x01(\x0e\x32\x1d.dispers.proto.SubscriptionOp\x12\x11\n\tissued_at\x18\x03 \x01(\x01\x12\x17\n\x0f\x63oncept_digests\x18\x04 \x03(\x0c\x12\x17\n\x0f\x61\x64\x64ress_digests\x18\x05 \x03(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"o\n\x11SubscriptionBatch\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.dispers.proto.BatchHeader\x12.\n\x05items\x18\x02 \x03(\x0b\x32\x1f.dispers.proto.SubscriptionItem\"/\n\x0bSignedItems\x12\r\n\x05items\x18\x01 \x03(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"T\n\x0c\x46oundTargets\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x19\n\x11sealed_pseudonyms\x18\x02 \x01(\x0c\x12\x1a\n\x12sealed_attestation\x18\x03 \x01(\x0c\"\x8f\x01\n\x13\x43ontributionRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0f\n\x07querier\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\x0c\x12\x19\n\x11request_signature\x18\x04 \x01(\x0c\x12\x14\n\x0cinstance_ids\x18\x05 \x03(\t\x12\x13\n\x0b\x61ggregators\x18\x06 \x03(\t\"C\n\x11\x43ontributionBatch\x12\x13\n\x0b\x61ggregators\x18\x01 \x03(\t\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0cJ\x04\x08\x03\x10\x04\"4\n\x0f\x41ggregatorCount\x12\x12\n\naggregator\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\x86\x01\n\rCollectReport\x12\x0f\n\x07targets\x18\x01 \x01(\x03\x12\x11\n\tforwarded\x18\x02 \x01(\x03\x12\x13\n\x0bunreachable\x18\x04 \x01(\x03\x12\x36\n\x0eper_aggregator\x18\x05 \x03(\x0b\x32\x1e.dispers.proto.AggregatorCountJ\x04\x08\x03\x10\x04\"-\n\x0bPhaseTiming\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\")\n\nNamedCount\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xb9\x02\n\x0bQueryRecord\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0f\n\x07querier\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\x01\x12\r\n\x05state\x18\x04 \x01(\t\x12\t\n\x01k\x18\x05 \x01(\x03\x12*\n\x06phases\x18\x06 \x03(\x0b\x32\x1a.dispers.proto.PhaseTiming\x12)\n\x06\x63ounts\x18\x07 \x03(\x0b\x32\x19.dispers.proto.NamedCount\x12\x1a\n\rsealed_result\x18\x08 \x01(\x0cH\x00\x88\x01\x01\x12\x17\n\nerror_code\x18\t \x01(\tH\x01\x88\x01\x01\x12\x1a\n\rerror_message\x18\n \x01(\tH\x02\x88\x01\x01\x42\x10\n\x0e_sealed_resultB\r\n\x0b_error_codeB\x10\n\x0e_error_message\"B\n\rSettleRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ommit\x18\x02 \x01(\x08\x12\x0f\n\x07receipt\x18\x03 \x01(\x0c\"\x10\n\x0eSettleResponse*q\n\x0eSubscriptionOp\x12\x1f\n\x1bSUBSCRIPTION_OP_UNSPECIFIED\x10\x00\x12\x1d\n\x19SUBSCRIPTION_OP_SUBSCRIBE\x10\x01\x12\x1f\n\x1bSUBSCRIPTION_OP_UNSUBSCRIBE\x10\x02*\xb8\x01\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_QUERIER\x10\x01\x12\x12\n\x0eROLE_CONDUCTOR\x10\x02\x12\x18\n\x14ROLE_CONCEPT_INDEXOR\x10\x03\x12\x16\n\x12ROLE_TARGET_FINDER\x10\x04\x12\x0f\n\x0bROLE_TARGET\x10\x05\x12\x18\n\x14ROLE_DATA_AGGREGATOR\x10\x06\x12\x17\n\x13ROLE_PERSONAL_CLOUD\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dispers.proto.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBSCRIPTIONOP']._serialized_start=2220
-  _globals['_SUBSCRIPTIONOP']._serialized_end=2333
-  _globals['_ROLE']._serialized_start=2336
-  _globals['_ROLE']._serialized_end=2520
+  _globals['_SUBSCRIPTIONOP']._serialized_start=2236
+  _globals['_SUBSCRIPTIONOP']._serialized_end=2349
+  _globals['_ROLE']._serialized_start=2352
+  _globals['_ROLE']._serialized_end=2536
   _globals['_ROSTERENTRY']._serialized_start=46
   _globals['_ROSTERENTRY']._serialized_end=199
   _globals['_ROSTER']._serialized_start=201
@@ -48,33 +48,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRIVACY']._serialized_start=419
   _globals['_PRIVACY']._serialized_end=479
   _globals['_QUERYENVELOPE']._serialized_start=482
-  _globals['_QUERYENVELOPE']._serialized_end=842
-  _globals['_SUBSCRIPTIONITEM']._serialized_start=844
-  _globals['_SUBSCRIPTIONITEM']._serialized_end=911
-  _globals['_BATCHHEADER']._serialized_start=914
-  _globals['_BATCHHEADER']._serialized_end=1072
-  _globals['_SUBSCRIPTIONBATCH']._serialized_start=1074
-  _globals['_SUBSCRIPTIONBATCH']._serialized_end=1185
-  _globals['_SIGNEDITEMS']._serialized_start=1187
-  _globals['_SIGNEDITEMS']._serialized_end=1234
-  _globals['_FOUNDTARGETS']._serialized_start=1236
-  _globals['_FOUNDTARGETS']._serialized_end=1320
-  _globals['_CONTRIBUTIONREQUEST']._serialized_start=1323
-  _globals['_CONTRIBUTIONREQUEST']._serialized_end=1466
-  _globals['_CONTRIBUTIONBATCH']._serialized_start=1468
-  _globals['_CONTRIBUTIONBATCH']._serialized_end=1535
-  _globals['_AGGREGATORCOUNT']._serialized_start=1537
-  _globals['_AGGREGATORCOUNT']._serialized_end=1589
-  _globals['_COLLECTREPORT']._serialized_start=1592
-  _globals['_COLLECTREPORT']._serialized_end=1726
-  _globals['_PHASETIMING']._serialized_start=1728
-  _globals['_PHASETIMING']._serialized_end=1773
-  _globals['_NAMEDCOUNT']._serialized_start=1775
-  _globals['_NAMEDCOUNT']._serialized_end=1816
-  _globals['_QUERYRECORD']._serialized_start=1819
-  _globals['_QUERYRECORD']._serialized_end=2132
-  _globals['_SETTLEREQUEST']._serialized_start=2134
-  _globals['_SETTLEREQUEST']._serialized_end=2200
-  _globals['_SETTLERESPONSE']._serialized_start=2202
-  _globals['_SETTLERESPONSE']._serialized_end=2218
+  _globals['_QUERYENVELOPE']._serialized_end=858
+  _globals['_SUBSCRIPTIONITEM']._serialized_start=860
+  _globals['_SUBSCRIPTIONITEM']._serialized_end=927
+  _globals['_BATCHHEADER']._serialized_start=930
+  _globals['_BATCHHEADER']._serialized_end=1088
+  _globals['_SUBSCRIPTIONBATCH']._serialized_start=1090
+  _globals['_SUBSCRIPTIONBATCH']._serialized_end=1201
+  _globals['_SIGNEDITEMS']._serialized_start=1203
+  _globals['_SIGNEDITEMS']._serialized_end=1250
+  _globals['_FOUNDTARGETS']._serialized_start=1252
+  _globals['_FOUNDTARGETS']._serialized_end=1336
+  _globals['_CONTRIBUTIONREQUEST']._serialized_start=1339
+  _globals['_CONTRIBUTIONREQUEST']._serialized_end=1482
+  _globals['_CONTRIBUTIONBATCH']._serialized_start=1484
+  _globals['_CONTRIBUTIONBATCH']._serialized_end=1551
+  _globals['_AGGREGATORCOUNT']._serialized_start=1553
+  _globals['_AGGREGATORCOUNT']._serialized_end=1605
+  _globals['_COLLECTREPORT']._serialized_start=1608
+  _globals['_COLLECTREPORT']._serialized_end=1742
+  _globals['_PHASETIMING']._serialized_start=1744
+  _globals['_PHASETIMING']._serialized_end=1789
+  _globals['_NAMEDCOUNT']._serialized_start=1791
+  _globals['_NAMEDCOUNT']._serialized_end=1832
+  _globals['_QUERYRECORD']._serialized_start=1835
+  _globals['_QUERYRECORD']._serialized_end=2148
+  _globals['_SETTLEREQUEST']._serialized_start=2150
+  _globals['_SETTLEREQUEST']._serialized_end=2216
+  _globals['_SETTLERESPONSE']._serialized_start=2218
+  _globals['_SETTLERESPONSE']._serialized_end=2234
 # @@protoc_insertion_point(module_scope)

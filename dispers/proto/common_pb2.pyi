@@ -252,6 +252,7 @@ class QueryEnvelope(_message.Message):
     QUERIER_VERIFY_KEY_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
+    COHORT_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
     querier: _builtins.str
     created_at: _builtins.float
@@ -266,6 +267,8 @@ class QueryEnvelope(_message.Message):
     querier_sealing_key: _builtins.bytes
     querier_verify_key: _builtins.bytes
     signature: _builtins.bytes
+    cohort: _builtins.int
+    """a training round's cohort size (0 for a query), checked by T and every DA"""
     @_builtins.property
     def sealed_specs(self) -> _containers.RepeatedCompositeFieldContainer[Global___SealedSpec]:
         """one per DA of the plan"""
@@ -292,10 +295,11 @@ class QueryEnvelope(_message.Message):
         querier_verify_key: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
         privacy: Global___Privacy | None = ...,
+        cohort: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "privacy", b"privacy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "k", b"k", "plan", b"plan", "privacy", b"privacy", "querier", b"querier", "querier_sealing_key", b"querier_sealing_key", "querier_verify_key", b"querier_verify_key", "query_id", b"query_id", "sealed_concepts", b"sealed_concepts", "sealed_expression", b"sealed_expression", "sealed_request", b"sealed_request", "sealed_specs", b"sealed_specs", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "created_at", b"created_at", "k", b"k", "plan", b"plan", "privacy", b"privacy", "querier", b"querier", "querier_sealing_key", b"querier_sealing_key", "querier_verify_key", b"querier_verify_key", "query_id", b"query_id", "sealed_concepts", b"sealed_concepts", "sealed_expression", b"sealed_expression", "sealed_request", b"sealed_request", "sealed_specs", b"sealed_specs", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

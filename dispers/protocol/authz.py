@@ -48,6 +48,18 @@ AUTHORIZATION: Mapping[str, Allowed] = MappingProxyType(
         "querier.submit": SELF,
         "querier.outcome": SELF,
         "health.check": ANY_MEMBER,  # which actor serves here: public roster facts only
+        # federated training (dispers.protocol.learning): a round is a query of its own kind
+        "conductor.submit_round": frozenset({Role.QUERIER}),
+        "target.collect_round": frozenset({Role.CONDUCTOR}),
+        "data_aggregator.prepare_round": frozenset({Role.CONDUCTOR}),
+        "data_aggregator.ingest_round": frozenset({Role.TARGET}),
+        "data_aggregator.end_round_ingest": frozenset({Role.TARGET}),
+        "data_aggregator.absorb_round": frozenset({Role.CONDUCTOR}),
+        "data_aggregator.finalize_round": frozenset({Role.CONDUCTOR}),
+        "data_aggregator.abort_round": frozenset({Role.CONDUCTOR}),
+        "personal_cloud.train": frozenset({Role.TARGET}),
+        "querier.submit_round": SELF,
+        "querier.round_outcome": SELF,
     }
 )
 

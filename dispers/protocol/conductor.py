@@ -13,11 +13,14 @@ from contextlib import contextmanager
 
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
+from dispers.core.ids import Role
 from dispers.core.messages import QueryEnvelope, SubscriptionBatch
 from dispers.crypto.permute import secure_permutation
 from dispers.protocol.api import Peers
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import frame_size, verify_envelope
+from dispers.protocol.learning.api import as_round_aggregator, as_round_target
+from dispers.protocol.learning.messages import TrainingRound
 from dispers.state.queries import QueryRecord, QueryStore
 
 log = logging.getLogger(__name__)
@@ -252,6 +255,97 @@ class Conductor:
         finally:
             with self._done:
                 self._done.notify_all()
+
+    def submit_round(self, caller: str, training_round: TrainingRound) -> str:
+        """Check who asks and record a training round; it then runs on the executor like a query.
+
+        Its result (the round's average update, sealed to Q by the root DA) is read with `status`.
+        """
+        authorize(self._roster, caller, "conductor.submit_round", callee=self.name)
+        envelope = training_round.envelope
+        if envelope.querier != caller:
+            raise DispersError(ErrorCode.UNAUTHORIZED, "a querier may submit only its own rounds")
+        verify_envelope(envelope, self._roster, self._settings)
+        hosts = sorted(h.name for h in self._roster.by_role(Role.PERSONAL_CLOUD))
+        if sorted(h for h, _ in training_round.sealed_models) != hosts:
+            raise malformed("a round must carry exactly one sealed model per host of the roster")
+        if len({len(ct) for _, ct in training_round.sealed_models}) > 1:
+            raise malformed("the sealed models of a round must have one length")
+        self._store.create(
+            QueryRecord(
+                query_id=envelope.query_id,
+                querier=envelope.querier,
+                created_at=time.time(),
+                state="pending",
+                k=envelope.k,
+            )
+        )
+        log.info("round %s from %s accepted", envelope.query_id[:8], envelope.querier)
+        self._executor(lambda: self._run_round(training_round))
+        return envelope.query_id
+
+    def _run_round(self, training_round: TrainingRound) -> None:
+        envelope = training_round.envelope
+        qid = envelope.query_id
+        plan = envelope.plan
+        prepared: list[str] = []
+        self._store.update(qid, state="running")
+        try:
+            with self._phase(qid, "tokens"):
+                sealed_tokens = self._peers.concept_indexor().tokenize_query(envelope)
+            with self._phase(qid, "targets"):
+                found = self._peers.target_finder().find_targets(envelope, sealed_tokens)
+            self._store.update(qid, counts={"targets": found.count})
+            with self._phase(qid, "prepare"):
+                for da in plan.members:
+                    attestation = found.sealed_attestation if da == plan.root else b""
+                    prepared.append(da)
+                    as_round_aggregator(self._peers.data_aggregator(da)).prepare_round(envelope, attestation)
+            with self._phase(qid, "train"):
+                report = as_round_target(self._peers.target()).collect_round(
+                    training_round, found.sealed_pseudonyms
+                )
+            self._store.update(
+                qid,
+                counts={
+                    "forwarded": report.forwarded,
+                    "unreachable": report.unreachable,
+                    **{f"to:{da}": n for da, n in report.per_aggregator},
+                },
+            )
+            with self._phase(qid, "aggregate"):
+                for layer in plan.layers()[:-1]:
+                    for da in layer:
+                        sealed = as_round_aggregator(self._peers.data_aggregator(da)).finalize_round(qid)
+                        parent = plan.parent(da)
+                        assert parent is not None
+                        as_round_aggregator(self._peers.data_aggregator(parent)).absorb_round(qid, da, sealed)
+                sealed_result = as_round_aggregator(self._peers.data_aggregator(plan.root)).finalize_round(
+                    qid
+                )
+            self._store.update(qid, state="done", sealed_result=sealed_result)
+            log.info("round %s done", qid[:8])
+        except DispersError as exc:
+            state = "refused" if exc.code is ErrorCode.TOO_FEW_TARGETS else "failed"
+            self._store.update(qid, state=state, error_code=exc.code.value, error_message=exc.message)
+            log.info("round %s %s: %s", qid[:8], state, exc.code.value)
+            self._abort_round(qid, prepared)
+        except Exception:  # a bug or a transport failure: record it, never leave a round running
+            log.exception("round %s failed unexpectedly", qid[:8])
+            self._store.update(
+                qid, state="failed", error_code=ErrorCode.INTERNAL.value, error_message="internal error"
+            )
+            self._abort_round(qid, prepared)
+        finally:
+            with self._done:
+                self._done.notify_all()
+
+    def _abort_round(self, query_id: str, prepared: list[str]) -> None:
+        for da in prepared:
+            try:
+                as_round_aggregator(self._peers.data_aggregator(da)).abort_round(query_id)
+            except Exception:  # best effort: DAs also expire unfinished rounds
+                log.warning("round %s: could not abort at %s", query_id[:8], da)
 
     def _abort(self, query_id: str, prepared: list[str]) -> None:
         for da in prepared:

@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from dispers.protocol.common import (
 )
 from dispers.protocol.target_finder import ATTESTATION_BYTES
 from dispers.state.budget import BudgetLedger, BudgetStatus, MemoryBudgetLedger, Spend
+
+if TYPE_CHECKING:
+    from dispers.protocol.learning.aggregator import RoundAggregator
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,8 @@ def spec_digest(spec: AggregateSpec) -> str:
 
 class DataAggregator:
     """A DA learns the values it is given, never who gave them; it writes none of them to disk."""
+
+    _rounds_obj: RoundAggregator | None = None  # the training half, made on first use
 
     def __init__(
         self, keys: ActorKeys, roster: Roster, settings: ClusterSettings, ledger: BudgetLedger | None = None
@@ -364,3 +370,50 @@ class DataAggregator:
         # No refund: once the root has charged a query, instances may have answered, and
         # whether the query then fails could depend on their data; refunding would make
         # that bit free.
+
+    # --- federated training (dispers.protocol.learning.aggregator) -------------------------------
+
+    @property
+    def active_rounds(self) -> int:
+        """How many training rounds this DA holds state for (tests check it returns to 0)."""
+        return self._rounds_obj.active if self._rounds_obj is not None else 0
+
+    def _round_aggregator(self) -> RoundAggregator:
+        from dispers.protocol.learning.aggregator import RoundAggregator
+
+        with self._lock:
+            if self._rounds_obj is None:
+                self._rounds_obj = RoundAggregator(
+                    self._keys, self._roster, self._settings, self._ledger, self._replays
+                )
+            return self._rounds_obj
+
+    def prepare_round(self, caller: str, envelope: QueryEnvelope, attestation: bytes = b"") -> None:
+        """Open this DA's training spec (the root: TF's count, and the round's privacy charge)."""
+        authorize(self._roster, caller, "data_aggregator.prepare_round", callee=self.name)
+        self._round_aggregator().prepare(envelope, attestation)
+
+    def ingest_round(self, caller: str, query_id: str, ciphertexts: Sequence[bytes]) -> int:
+        """Open, check and sum a batch of sealed model updates."""
+        authorize(self._roster, caller, "data_aggregator.ingest_round", callee=self.name)
+        return self._round_aggregator().ingest(query_id, ciphertexts)
+
+    def end_round_ingest(self, caller: str, query_id: str, forwarded: int) -> None:
+        """T's word that it forwarded every update of the round here, and how many."""
+        authorize(self._roster, caller, "data_aggregator.end_round_ingest", callee=self.name)
+        self._round_aggregator().end_ingest(query_id, forwarded)
+
+    def absorb_round(self, caller: str, query_id: str, child: str, sealed_partial: bytes) -> None:
+        """Merge a child DA's sum of updates."""
+        authorize(self._roster, caller, "data_aggregator.absorb_round", callee=self.name)
+        self._round_aggregator().absorb(query_id, child, sealed_partial)
+
+    def finalize_round(self, caller: str, query_id: str) -> bytes:
+        """Seal the sum to the parent, or (root) the round's average update to Q."""
+        authorize(self._roster, caller, "data_aggregator.finalize_round", callee=self.name)
+        return self._round_aggregator().finalize(query_id)
+
+    def abort_round(self, caller: str, query_id: str) -> None:
+        """Forget a round (idempotent; a charged round stays charged)."""
+        authorize(self._roster, caller, "data_aggregator.abort_round", callee=self.name)
+        self._round_aggregator().abort(query_id)

@@ -21,6 +21,9 @@ from dispers.protocol.authz import authorize
 from dispers.protocol.common import check_privacy, open_sealed_signed, seal_padded
 from dispers.protocol.instance.functions import FIELDS as GROUP_FIELDS
 from dispers.protocol.instance.functions import FUNCTIONS, get_function, validate_params
+from dispers.protocol.learning.messages import RoundResult
+from dispers.protocol.learning.querier import RoundPlan
+from dispers.state.queries import QueryRecord
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +219,32 @@ class Querier:
         if record.state == "done" and record.sealed_result is not None:
             result = self.open_result(query_id, record.sealed_result)
         return QueryOutcome(record, result)
+
+    # --- federated training (dispers.protocol.learning.querier) --------------------------------
+
+    def submit_round(self, caller: str, plan: RoundPlan) -> str:
+        """Build, seal, sign and submit one training round; returns its id."""
+        from dispers.protocol.learning.api import as_round_conductor
+        from dispers.protocol.learning.querier import build_round
+
+        authorize(self._roster_for_authz(), caller, "querier.submit_round", callee=self.name)
+        training_round = build_round(self._keys, self.roster(), self._settings, plan)
+        return as_round_conductor(self._conductor).submit_round(training_round)
+
+    def round_outcome(
+        self, caller: str, query_id: str, n_params: int, wait_s: float = 0.0
+    ) -> tuple[QueryRecord, RoundResult | None]:
+        """C's record of a round, with the opened average update once it is done."""
+        from dispers.protocol.learning.querier import open_round_result
+
+        authorize(self._roster_for_authz(), caller, "querier.round_outcome", callee=self.name)
+        record = self._conductor.status(query_id, wait_s)
+        result = None
+        if record.state == "done" and record.sealed_result is not None:
+            result = open_round_result(
+                self._opener, self.roster(), self._settings, query_id, record.sealed_result, n_params
+            )
+        return record, result
 
 
 def check_spec_names(spec: QuerySpec) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import random
+import secrets
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -27,6 +29,7 @@ from dispers.core.messages import (
 )
 from dispers.core.spec import DataRequest
 from dispers.core.vocabulary import MAX_ADDRESS_LENGTH
+from dispers.core.wire import padded_size
 from dispers.crypto import ActorKeys, Opener, keyed_hash
 from dispers.crypto.box import sealed_size
 from dispers.crypto.permute import shuffled
@@ -45,6 +48,14 @@ from dispers.protocol.common import (
     take_to_commit,
     unpack,
     verify_envelope,
+)
+from dispers.protocol.learning.api import as_round_aggregator, as_round_host
+from dispers.protocol.learning.messages import (
+    RoundRequest,
+    TrainingRequest,
+    TrainingRound,
+    check_cohort,
+    model_frame_size,
 )
 from dispers.protocol.target_finder import PSEUDONYM_FRAME
 from dispers.state.directory import AddressDirectory
@@ -282,6 +293,103 @@ class Target:
         """How long a host may take to answer a request for `items` instances."""
         return self._settings.host_deadline_s + self._settings.host_deadline_per_item_s * items
 
+    def collect_round(
+        self, caller: str, training_round: TrainingRound, sealed_pseudonyms: bytes
+    ) -> CollectReport:
+        """Draw a round's cohort among the targets, have their hosts train, forward the updates.
+
+        The cohort is Poisson-sampled by T's own secure generator: each target independently at
+        rate cohort / targets, the rate the root DA charges for (the accountant's sampling), so
+        its size varies around `cohort`. Each host gets the global model Q sealed to it and answers
+        exactly one fixed-length item per instance asked; a host that fails or breaks that
+        loses its own items (counted unreachable: the round's dropouts), never anyone else's.
+        """
+        authorize(self._roster, caller, "target.collect_round", callee=self.name)
+        envelope = training_round.envelope
+        verify_envelope(envelope, self._roster, self._settings)
+        self._replays.claim(envelope.query_id, "query", made_at=envelope.created_at)
+        request, request_bytes, signature = _training_request(self._opener, envelope, self._settings)
+        model_size = sealed_size(padded_size(model_frame_size(request.n_params)))
+        if any(len(ct) != model_size for _, ct in training_round.sealed_models):
+            raise malformed("a sealed global model does not have the round's fixed length")
+        item_size = sealed_size(request.layout.size)
+        what = "target pseudonyms"
+        tf = self._roster.one(Role.TARGET_FINDER)
+        obj = open_signed(self._opener.open(sealed_pseudonyms, what), tf.name, tf.verify_key, what)
+        same_query(obj, envelope, what)
+        pseudonyms = unpack(obj.get("pseudonyms"), 32, what)
+        drawn = draw_cohort(
+            list(dict.fromkeys(pseudonyms)), request.cohort, secrets.SystemRandom(), len(pseudonyms)
+        )
+        found = self._directory.lookup(drawn)
+        cohort = shuffled([a for a in found if a is not None])
+        unreachable = len(drawn) - len(cohort)  # drawn, but no address: the round's dropouts
+        leaves = list(envelope.plan.leaves)
+        by_host: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for i, address in enumerate(cohort):
+            host, instance = split_address(address)
+            by_host[host].append((instance, leaves[i % len(leaves)]))
+        size = self._settings.batch_size
+        jobs = [
+            (host, items[j : j + size]) for host, items in by_host.items() for j in range(0, len(items), size)
+        ]
+        per_da: dict[str, list[bytes]] = {leaf: [] for leaf in leaves}
+
+        def ask(job: tuple[str, list[tuple[str, str]]]) -> list[tuple[str, bytes]] | None:
+            host, items = job
+            try:
+                req = RoundRequest(
+                    query_id=envelope.query_id,
+                    querier=envelope.querier,
+                    request=request_bytes,
+                    request_signature=signature,
+                    sealed_model=training_round.model_for(host),
+                    instance_ids=tuple(i for i, _ in items),
+                    aggregators=tuple(a for _, a in items),
+                )
+                batch = as_round_host(self._peers.personal_cloud(host)).train(req)
+            except DispersError as exc:
+                log.warning("round %s: host %s failed: %s", envelope.query_id[:8], host, exc.code.value)
+                return None
+            except Exception:  # noqa: BLE001  (any other failure: lost like an unreachable host's)
+                log.warning("round %s: host %s failed: INTERNAL", envelope.query_id[:8], host)
+                return None
+            problem = _check_answer(batch, req.aggregators, item_size)
+            if problem:
+                log.warning("round %s: host %s answered %s; its items are dropped",
+                            envelope.query_id[:8], host, problem)  # fmt: skip
+                return None
+            return list(zip(batch.aggregators, batch.ciphertexts, strict=True))
+
+        # One host (a simulation's): ask it here, without a pool's thread handoff.
+        if len(jobs) == 1:
+            answers = [ask(jobs[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as pool:
+                answers = list(pool.map(ask, jobs))
+        for job, pairs in zip(jobs, answers, strict=True):
+            if pairs is None:
+                unreachable += len(job[1])
+                continue
+            for aggregator, ciphertext in pairs:
+                per_da[aggregator].append(ciphertext)
+
+        def forward(leaf: str) -> None:
+            items = shuffled(per_da[leaf])
+            da = as_round_aggregator(self._peers.data_aggregator(leaf))
+            for j in range(0, len(items), size):
+                da.ingest_round(envelope.query_id, items[j : j + size])
+            da.end_round_ingest(envelope.query_id, len(items))
+
+        with ThreadPoolExecutor(max_workers=len(leaves)) as pool:
+            list(pool.map(forward, leaves))
+        return CollectReport(
+            targets=len(pseudonyms),
+            forwarded=sum(len(v) for v in per_da.values()),
+            unreachable=unreachable,
+            per_aggregator=tuple((leaf, len(per_da[leaf])) for leaf in leaves),
+        )
+
 
 def _expired() -> DispersError:
     return DispersError(
@@ -354,6 +462,40 @@ class _Forwarder:
         """Stop sending (the query failed: the Conductor aborts the DAs)."""
         for worker in self._workers.values():
             worker.shutdown(wait=False, cancel_futures=True)
+
+
+def draw_cohort(
+    targets: Sequence[bytes], cohort: int, rng: random.Random, population: int | None = None
+) -> list[bytes]:
+    """Poisson sampling: each of `targets` independently with probability cohort / population
+    (TF's attested count of targets, by default len(targets)), capped at 1."""
+    rate = min(1.0, cohort / max(1, len(targets) if population is None else population))
+    if rate >= 1.0:
+        return list(targets)
+    return [t for t in targets if rng.random() < rate]
+
+
+def _training_request(
+    opener: Opener, envelope: QueryEnvelope, settings: ClusterSettings
+) -> tuple[TrainingRequest, bytes, bytes]:
+    """Open a round's training request (sealed to T) and check Q signed it for this round."""
+    what = "training request"
+    obj = open_padded(opener, envelope.sealed_request, settings.request_bytes, what)
+    try:
+        request_bytes = base64.b64decode(field(obj, "request", str, what), validate=True)
+    except ValueError:
+        raise malformed(f"{what} is not valid base64") from None
+    signature = hex_bytes(obj.get("signature"), f"{what} signature", 64)
+    envelope.querier_verify_key.verify(request_signing_bytes(request_bytes), signature, what)
+    request = TrainingRequest.from_obj(loads_object(request_bytes, what))
+    if request.query_id != envelope.query_id:
+        raise malformed(f"{what} belongs to another round")
+    if set(request.aggregators) != set(envelope.plan.leaves):
+        raise malformed(f"{what} names aggregators other than the plan's leaves")
+    if request.cohort != envelope.cohort:  # the root DA charges for the envelope's cohort
+        raise malformed(f"{what}: its cohort is not the one the querier signed into the round")
+    check_cohort(request.cohort, envelope.k, what)
+    return request, request_bytes, signature
 
 
 def _check_answer(batch: ContributionBatch, asked: Sequence[str], item_size: int) -> str | None:

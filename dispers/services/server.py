@@ -47,6 +47,7 @@ from dispers.services.personal_cloud import PersonalCloudServicer
 from dispers.services.querier import QuerierServicer
 from dispers.services.target import TargetServicer
 from dispers.services.target_finder import TargetFinderServicer
+from dispers.services.training import register_training
 from dispers.transport.grpc_client import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, GrpcPeers
 from dispers.transport.grpc_errors import DecodeGuard
 from dispers.transport.identity import caller_name, server_credentials
@@ -114,6 +115,7 @@ def _register(server: grpc.Server, actor: Actor, caller_of: CallerOf) -> None:
         personal_cloud_pb2_grpc.add_PersonalCloudServicer_to_server(
             PersonalCloudServicer(actor, caller_of), server
         )
+    register_training(server, actor, caller_of)
 
 
 @dataclass

@@ -58,6 +58,12 @@ def _positive(value: int, what: str) -> int:
     return value
 
 
+def _cohort(value: int) -> int:
+    if value < 0:
+        raise malformed("a round's cohort must not be negative")
+    return value
+
+
 def _names(values: Iterable[str], what: str) -> tuple[str, ...]:
     return tuple(check_name(v, what) for v in values)
 
@@ -172,6 +178,7 @@ def envelope_to_proto(envelope: QueryEnvelope) -> pb.QueryEnvelope:
             delta=envelope.privacy.delta,
             mechanism=envelope.privacy.mechanism,
         ),
+        cohort=envelope.cohort,
     )
 
 
@@ -195,6 +202,7 @@ def envelope_from_proto(msg: pb.QueryEnvelope) -> QueryEnvelope:
         querier_verify_key=VerifyKey(msg.querier_verify_key),
         signature=msg.signature,
         privacy=Privacy(msg.privacy.epsilon, msg.privacy.delta, msg.privacy.mechanism),
+        cohort=_cohort(msg.cohort),
     )
 
 

@@ -56,7 +56,7 @@ from dispers.protocol.api import QueryOutcome
 from dispers.protocol.health import HealthInfo
 from dispers.state.budget import BudgetStatus, Spend
 from dispers.state.queries import QueryRecord
-from dispers.transport import convert
+from dispers.transport import convert, grpc_training
 from dispers.transport.grpc_errors import error_from_rpc
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class _Client:
         self.close()
 
 
-class ConductorClient(_Client):
+class ConductorClient(_Client, grpc_training.ConductorTraining):
     """ConductorAPI over gRPC."""
 
     _stub_type = conductor_pb2_grpc.ConductorStub
@@ -285,7 +285,7 @@ class TargetFinderClient(_Client):
         return convert.found_targets_from_proto(response.found)
 
 
-class TargetClient(_Client):
+class TargetClient(_Client, grpc_training.TargetTraining):
     """TargetAPI over gRPC."""
 
     _stub_type = target_pb2_grpc.TargetStub
@@ -318,7 +318,7 @@ class TargetClient(_Client):
         return convert.collect_report_from_proto(response.report)
 
 
-class DataAggregatorClient(_Client):
+class DataAggregatorClient(_Client, grpc_training.DataAggregatorTraining):
     """DataAggregatorAPI over gRPC."""
 
     _stub_type = data_aggregator_pb2_grpc.DataAggregatorStub
@@ -374,7 +374,7 @@ class DataAggregatorClient(_Client):
         self._call("Abort", self._stub.Abort, request, SHORT_DEADLINE_S)
 
 
-class PersonalCloudClient(_Client):
+class PersonalCloudClient(_Client, grpc_training.PersonalCloudTraining):
     """PersonalCloudAPI and PersonalCloudAdminAPI over gRPC."""
 
     _stub_type = personal_cloud_pb2_grpc.PersonalCloudStub
@@ -399,7 +399,7 @@ class PersonalCloudClient(_Client):
         return response.changed
 
 
-class QuerierClient(_Client):
+class QuerierClient(_Client, grpc_training.QuerierTraining):
     """QuerierAPI over gRPC."""
 
     _stub_type = querier_pb2_grpc.QuerierStub

@@ -82,6 +82,18 @@ EXPECTED: dict[str, frozenset[Role] | str] = {
     "querier.submit": SELF,
     "querier.outcome": SELF,
     "health.check": ANY_MEMBER,
+    # federated training: a round takes the query's path, each actor with its own op
+    "conductor.submit_round": frozenset({Q}),
+    "target.collect_round": frozenset({C}),
+    "data_aggregator.prepare_round": frozenset({C}),
+    "data_aggregator.ingest_round": frozenset({T}),  # only T ingests updates
+    "data_aggregator.end_round_ingest": frozenset({T}),
+    "data_aggregator.absorb_round": frozenset({C}),
+    "data_aggregator.finalize_round": frozenset({C}),
+    "data_aggregator.abort_round": frozenset({C}),
+    "personal_cloud.train": frozenset({T}),  # only T asks a host to train
+    "querier.submit_round": SELF,
+    "querier.round_outcome": SELF,
 }
 
 # Whom each operation is called on in the test cluster (an actor of the operation's role).

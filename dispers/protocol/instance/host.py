@@ -10,8 +10,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from dispers.core.codec import loads_object
 from dispers.core.config import ClusterSettings, Roster
@@ -36,11 +38,18 @@ from dispers.protocol.instance.concepts import derive_concepts
 from dispers.protocol.instance.functions import compute_contributions, group_index
 from dispers.state.documents import Documents
 
+if TYPE_CHECKING:
+    from dispers.learn.data import FederatedData
+    from dispers.protocol.learning.instance import HostTrainer
+    from dispers.protocol.learning.messages import RoundRequest
+
 log = logging.getLogger(__name__)
 
 
 class PersonalCloudHost:
     """Serves every instance in one document store; no process or object per instance."""
+
+    _trainer_obj: HostTrainer | None = None  # the training half, made on first use (needs torch)
 
     def __init__(
         self,
@@ -217,3 +226,44 @@ class PersonalCloudHost:
         aggregators = tuple(request.aggregators[j] for j in order)
         ciphertexts = tuple(seal(da_keys[request.aggregators[j]], records[j]) for j in order)
         return ContributionBatch(aggregators, ciphertexts)
+
+    # --- federated training (dispers.protocol.learning.instance) ---------------------------------
+
+    def serve_training_data(self, dataset: str, ids: Sequence[str], data: FederatedData) -> None:
+        """Hold training records for instances of this host (the simulation attaches them)."""
+        self._trainer().serve(dataset, ids, data)
+
+    def train(self, caller: str, request: RoundRequest) -> ContributionBatch:
+        """Answer a training round: exactly one fixed-length sealed update or decline per instance."""
+        authorize(self._roster, caller, "personal_cloud.train", callee=self.name)
+        return self._trainer().answer(request, self._claim)
+
+    def _trainer(self) -> HostTrainer:
+        from dispers.protocol.learning.instance import HostTrainer
+
+        with self._lock:
+            if self._trainer_obj is None:
+                self._trainer_obj = HostTrainer(
+                    self.name,
+                    self._keys,
+                    self._roster,
+                    self._settings,
+                    self._store,
+                    self._as_of,
+                    self._started,
+                )
+            return self._trainer_obj
+
+    def _claim(self, query_id: str, ids: list[str], eligible: npt.NDArray[np.bool_]) -> list[int]:
+        """Positions of `ids` that answer `query_id` now: eligible, first time, first occurrence."""
+        with self._lock:
+            now = time.monotonic()
+            while self._answered and now - next(iter(self._answered.values()))[0] > self._memory_s:
+                self._answered.popitem(last=False)
+            _, answered = self._answered.setdefault(query_id, (now, set()))
+            fresh: list[int] = []
+            for j, instance_id in enumerate(ids):
+                if eligible[j] and instance_id not in answered:
+                    answered.add(instance_id)
+                    fresh.append(j)
+            return fresh

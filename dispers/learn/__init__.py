@@ -1,0 +1,1 @@
+"""Federated training over personal clouds: models, datasets, local training, server optimizers."""

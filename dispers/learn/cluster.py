@@ -1,0 +1,236 @@
+"""Training through the actors: each round is a query of the training kind, sealed end to end.
+
+`ClusterEngine` builds a cluster in a temporary directory (keys, TLS certificates, cluster.toml,
+one host whose instances hold the dataset's records) and runs every actor in this process:
+`engine = "local"` over the in-process transport, `engine = "grpc"` each as a gRPC service on
+loopback with mutual TLS. Either way the sealing and signatures are real. It subscribes the
+instances and runs each round as the Querier: `submit_round`, then the root DA's sealed average
+update, opened by Q only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from torch import nn
+
+from dispers.core.cluster_files import ClusterLayout, write_cluster
+from dispers.core.config import ClusterConfig
+from dispers.core.errors import DispersError, ErrorCode
+from dispers.core.messages import SubscriptionOp
+from dispers.learn.config import ExperimentConfig
+from dispers.learn.data import FederatedData
+from dispers.learn.engine import RoundOutput
+from dispers.learn.models import n_params
+from dispers.protocol.data_aggregator import DataAggregator
+from dispers.protocol.instance.host import PersonalCloudHost
+from dispers.protocol.learning.querier import RoundPlan
+from dispers.state.documents import DocumentStore, epoch_day
+
+FloatArray = npt.NDArray[np.float64]
+TRAIN_CONCEPT = "cohort:train"
+HEALTH_TARGET = "has:heart_rate"  # a running cluster's instances that measure their heart rate
+HOST = "pc-1"
+AS_OF = dt.date(2026, 11, 1)
+
+
+def instance_ids(n: int) -> list[str]:
+    """The instance ids the simulated host gives the dataset's instances."""
+    return [f"inst-{i:07d}" for i in range(n)]
+
+
+def write_training_cluster(
+    directory: Path,
+    data: FederatedData,
+    *,
+    dp: bool,
+    k_min: int = 5,
+    leaf_aggregators: int = 2,
+    extra_settings: dict[str, float] | None = None,
+    insecure: bool = False,
+    backend: str = "memory",
+) -> ClusterConfig:
+    """Keys, cluster.toml and a host store whose instances hold the dataset (returns the config).
+
+    The actors' stores (query records, directories, the budget ledger) are in memory by default:
+    an experiment's cluster lives as long as its run ("sqlite" keeps them on disk).
+    """
+    config = write_cluster(
+        directory,
+        ClusterLayout(
+            leaf_aggregators=leaf_aggregators, k_min=k_min, batch_size=1000, host_as_of=AS_OF,
+            cohorts=(TRAIN_CONCEPT,), dp=dp, extra_settings=dict(extra_settings or {}), insecure=insecure,
+            backend=backend,
+        ),
+    )  # fmt: skip
+    ids = instance_ids(data.n_instances)
+    documents = config.local_for(HOST).documents
+    assert documents is not None
+    with DocumentStore(documents) as store:
+        n = len(ids)
+        store.add_instances(
+            ids,
+            np.full(n, epoch_day(AS_OF) - 30 * 365),
+            ["F" if i % 2 else "M" for i in range(n)],
+            np.ones(n),
+        )
+        store.declare_concepts(ids, [TRAIN_CONCEPT] * n)
+    return config
+
+
+class ClusterEngine:
+    """Rounds through the actors of an in-process cluster (real sealing, signatures and ledger)."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        data: FederatedData,
+        model: nn.Module,
+        *,
+        directory: Path | None = None,
+        leaf_aggregators: int = 2,
+        cluster_config: ClusterConfig | None = None,
+    ) -> None:
+        """Write a cluster (in `directory`, else a temporary one) unless `cluster_config` is given
+        (one made by `write_training_cluster`, perhaps with another DA tree); with engine
+        "cluster", join the running cluster of `config.cluster` as its querier instead."""
+        self._config = config
+        self._n_params = n_params(model)
+        self._closers: list[Callable[[], None]] = []
+        self._run_id = uuid.uuid4().hex[:16]
+        self._tmp = None
+        self.das: dict[str, DataAggregator] = {}
+        if config.engine == "cluster":
+            self._join(config)
+            return
+        self._target = TRAIN_CONCEPT
+        if directory is None and cluster_config is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="dispers-train-")
+        root = directory or Path(self._tmp.name if self._tmp else ".")
+        p = config.privacy
+        extra = {
+            "budget_epsilon": p.budget_epsilon,
+            "budget_delta": min(0.5, 10 * p.delta),
+            "max_delta": p.delta,
+        }
+        if cluster_config is None:
+            cluster_config = write_training_cluster(
+                root, data, dp=p.user_level, leaf_aggregators=leaf_aggregators, extra_settings=extra
+            )
+        self.cluster_config = cluster_config
+        actors = (
+            self._start_grpc(cluster_config) if config.engine == "grpc" else self._start_local(cluster_config)
+        )
+        self.das = {n: a for n, a in actors.items() if isinstance(a, DataAggregator)}
+        host = actors[HOST]
+        assert isinstance(host, PersonalCloudHost)
+        host.serve_training_data(config.data.dataset, instance_ids(data.n_instances), data)
+        self._k = cluster_config.settings.k_min
+
+    def _join(self, config: ExperimentConfig) -> None:
+        """A running cluster (`dispers serve` ...): its hosts train on their own documents."""
+        from dispers.core.config import load_config
+        from dispers.core.ids import Role
+        from dispers.transport.grpc_client import QuerierClient, client_for
+
+        if config.data.dataset != "health":
+            raise DispersError(
+                ErrorCode.CONFIG,
+                "experiment: engine 'cluster' trains on the hosts' documents: data.dataset must be 'health'",
+            )
+        assert config.cluster is not None
+        cluster_config = load_config(config.cluster)
+        self.cluster_config = cluster_config
+        queriers = [e.name for e in cluster_config.roster.by_role(Role.QUERIER)]
+        name = config.querier or (queriers[0] if queriers else "")
+        if name not in queriers:
+            raise DispersError(ErrorCode.CONFIG, f"experiment: the cluster has no querier {name!r}")
+        querier = client_for(cluster_config, name, name, QuerierClient)
+        self._closers.append(querier.close)
+        self._querier: Any = querier
+        self._target = HEALTH_TARGET
+        self._k = cluster_config.settings.k_min
+
+    def _start_local(self, cluster_config: ClusterConfig) -> dict[str, object]:
+        """Every actor an object of this process, calls as method calls (the in-process transport)."""
+        from dispers.transport.local import AsCaller, LocalCluster
+
+        cluster = LocalCluster.from_config(cluster_config)
+        self._closers.append(cluster.close)
+        cluster.host_admin(HOST).subscribe_all(SubscriptionOp.SUBSCRIBE)
+        querier = cluster.querier_object()
+        self._querier = AsCaller(querier, querier.name)
+        return {"conductor": cluster.conductor_actor, **cluster.das, **cluster.hosts}
+
+    def _start_grpc(self, cluster_config: ClusterConfig) -> dict[str, object]:
+        """Every actor a gRPC service on loopback (mutual TLS), served from this process."""
+        from dispers.core.ids import Role
+        from dispers.services.server import start_all_in_process
+        from dispers.transport.grpc_client import PersonalCloudClient, QuerierClient, client_for
+
+        servers = start_all_in_process(cluster_config)
+        self._closers.extend(lambda s=s: s.stop(0) for s in servers)  # type: ignore[misc]
+        name = cluster_config.roster.by_role(Role.QUERIER)[0].name
+        querier = client_for(cluster_config, name, name, QuerierClient)
+        self._closers.insert(0, querier.close)
+        with client_for(cluster_config, HOST, HOST, PersonalCloudClient) as host:
+            host.subscribe_all(SubscriptionOp.SUBSCRIBE)
+        self._querier = querier
+        return {s.name: s.actor for s in servers}
+
+    def plan(self, round_: int, weights: FloatArray) -> RoundPlan:
+        """What the Querier asks of round `round_`."""
+        c, t, p = self._config, self._config.training, self._config.privacy
+        return RoundPlan(
+            run_id=self._run_id, round=round_, target=self._target, k=self._k, model=c.model,
+            dataset=c.data.dataset, weights=weights, epochs=t.local_epochs, batch_size=t.batch_size,
+            lr=t.lr, clip=t.clip, weighting=t.weighting, record_noise=p.record_noise,
+            record_clip=p.record_clip, seed=c.seed, cohort=t.cohort,
+            noise_multiplier=p.noise_multiplier if p.user_level else None, delta=p.delta,
+            accountant=p.accountant,
+        )  # fmt: skip
+
+    def run_round(self, round_: int, weights: FloatArray) -> RoundOutput:
+        """Submit the round as the Querier and wait for the root's sealed average update."""
+        qid = self._querier.submit_round(self.plan(round_, weights))
+        deadline = time.monotonic() + 3600
+        while True:
+            record, result = self._querier.round_outcome(qid, self._n_params, 30.0)
+            if record.state in ("done", "refused", "failed") or time.monotonic() > deadline:
+                break
+        if result is None:
+            code = ErrorCode(record.error_code) if record.error_code else ErrorCode.INTERNAL
+            message = record.error_message or f"round {round_ + 1} did not finish"
+            if code is not ErrorCode.BUDGET_EXCEEDED:
+                message = f"round {round_ + 1} {record.state}: {message}"
+            raise DispersError(code, message)
+        # T Poisson-samples the cohort (`asked` is its expected size): Q cannot tell instances
+        # drawn but lost (no address, a host down; T's count, in C's record, which Q is not
+        # shown) from the draw's variation, so it reports none.
+        lost = 0
+        return RoundOutput(
+            average_update=result.average,
+            asked=result.asked,
+            contributed=result.contributed,
+            declined=result.declined,
+            unreachable=lost,
+            train_loss=None,
+            epsilon_spent=result.epsilon_run,
+            budget_left=result.budget_left,
+        )
+
+    def close(self) -> None:
+        """Close the actors' stores and remove the temporary cluster."""
+        for close in self._closers:
+            close()
+        self._closers.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
