@@ -152,7 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _subscribe(args: argparse.Namespace) -> int:
-    from dispers.cli.progress import spinner
+    from dispers.cli.progress import polled, spinner
     from dispers.core.messages import SubscriptionOp
     from dispers.transport.grpc_client import PersonalCloudClient, client_for
 
@@ -165,13 +165,28 @@ def _subscribe(args: argparse.Namespace) -> int:
         from dispers.state.documents import DocumentStore
 
         with DocumentStore(documents) as store:
-            instances = store.count()
+            instances, before = store.count(), store.count_subscribed()
     # The host's own administrator: the call is made as the host.
-    with (
-        spinner(f"{op.value}: {args.host}'s instances"),
-        client_for(config, args.host, args.host, PersonalCloudClient) as client,
-    ):
-        count = client.subscribe_all(op, instances)
+    with client_for(config, args.host, args.host, PersonalCloudClient) as client:
+        if instances is None or documents is None:  # a remote host: how long it has taken
+            with spinner(f"{op.value}: {args.host}'s instances"):
+                count = client.subscribe_all(op, instances)
+        else:
+            # The host's store is here: a bar of its instances as the host marks each batch.
+            from dispers.state.documents import DocumentStore
+
+            path = documents
+
+            def done() -> int | None:
+                try:
+                    with DocumentStore(path) as store:
+                        now = store.count_subscribed()
+                except Exception:  # noqa: BLE001  (the host is writing: skip this reading)
+                    return None
+                return now - before if op is SubscriptionOp.SUBSCRIBE else before - now
+
+            with polled(f"{op.value}: {args.host}", instances, done):
+                count = client.subscribe_all(op, instances)
     print(f"{op.value}: {count} instances")
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -56,6 +56,38 @@ def spinner(desc: str) -> Iterator[Spinner]:
         thread.start()
     try:
         yield Spinner(progress)
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join()
+        progress.close()
+
+
+@contextmanager
+def polled(desc: str, total: int, read: Callable[[], int | None], *, every_s: float = 0.5) -> Iterator[None]:
+    """A bar of `total` whose position is `read()`, polled while the block runs (a count another
+    process advances, such as a host's subscribed instances); a None reading is skipped."""
+    progress = bar(total, desc=desc, unit="instances")
+    stop = threading.Event()
+
+    def show() -> None:
+        value = read()
+        if value is not None:
+            progress.n = max(0, min(total, value))
+            progress.refresh()
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            show()
+
+    thread = None
+    if not progress.disable:
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+    try:
+        yield
+        if not progress.disable:
+            show()
     finally:
         stop.set()
         if thread is not None:

@@ -512,6 +512,12 @@ class DocumentStore:
             (n,) = self._conn.execute("SELECT COUNT(*) FROM instances").fetchone()
         return int(n)
 
+    def count_subscribed(self) -> int:
+        """How many of this host's instances are subscribed (what `dispers subscribe` shows)."""
+        with self._lock:
+            (n,) = self._conn.execute("SELECT COUNT(*) FROM subscribed").fetchone()
+        return int(n)
+
     def _identity_rows(self, ids: Sequence[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         batch = _batch_param(ids)
         with self._lock:
