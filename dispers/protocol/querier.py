@@ -20,7 +20,7 @@ from dispers.protocol.api import ConductorAPI, QuerierAPI, QueryOutcome
 from dispers.protocol.authz import authorize
 from dispers.protocol.common import check_privacy, open_sealed_signed, seal_padded
 from dispers.protocol.instance.functions import FIELDS as GROUP_FIELDS
-from dispers.protocol.instance.functions import FUNCTIONS, get_function, validate_params
+from dispers.protocol.instance.functions import FUNCTIONS, validate_params
 from dispers.protocol.learning.messages import RoundResult
 from dispers.protocol.learning.querier import RoundPlan
 from dispers.state.queries import QueryRecord
@@ -74,27 +74,13 @@ class Querier:
         sign the whole. A concept outside the public vocabulary is refused before anything
         is sealed."""
         settings = self._settings
+        check_spec_names(spec)
         for i, f in enumerate(spec.all_fields):
-            where = "data." if not spec.fields else f"data.fields[{i}]."
-            try:
-                get_function(f.function)
-            except DispersError as exc:
-                raise DispersError(
-                    exc.code, f"query spec: {where}function: {exc.message} (`dispers functions` lists them)"
-                ) from None
             try:
                 validate_params(f.function, f.params)
             except DispersError as exc:
+                where = "data." if not spec.fields else f"data.fields[{i}]."
                 raise DispersError(exc.code, f"query spec: {where}params: {exc.message}") from None
-        level, key = spec.group_by, "data.group_by"
-        while level is not None:
-            if level.field not in GROUP_FIELDS:
-                raise DispersError(
-                    ErrorCode.NOT_FOUND,
-                    f"query spec: {key}.field: unknown group-by field {level.field[:64]!r} "
-                    f"(the fields are: {', '.join(sorted(GROUP_FIELDS))})",
-                )
-            level, key = level.then, f"{key}.then"
         if len(spec.all_fields) > settings.max_fields:
             raise malformed(
                 f"query spec: data.fields: at most {settings.max_fields} fields (cluster.max_fields)"
