@@ -101,3 +101,19 @@ def test_texts_the_standard_library_accepted_are_still_accepted() -> None:
     assert loads_object(b'{"n": 123456789012345678901234567890}', "x")["n"] == 123456789012345678901234567890
     assert loads_object(b' {"a" : 1} ', "x") == {"a": 1}
     assert loads_list(b"[9223372036854775808, -9223372036854775809]", "x") == [2**63, -(2**63) - 1]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"a":1,"a":2}',  # duplicate keys: the last wins in both
+        b'{"x":1E400}',  # orjson refuses, the standard library reads inf
+        b'{"x":"\\ud800"}',  # a lone surrogate
+        b'\xef\xbb\xbf{"x":1}',  # a byte-order mark
+        b'{"x":18446744073709551616}',  # beyond 64 bits: orjson would read a float
+        b'{"x":-9223372036854775809}',
+        b'{"x":[1e-400, -0, 0.1e1, "\\u0000"]}',
+    ],
+)
+def test_decoding_gives_the_standard_librarys_values(text: bytes) -> None:
+    assert repr(loads_object(text, "x")) == repr(json.loads(text))
