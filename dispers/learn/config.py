@@ -55,6 +55,9 @@ class TrainingConfig:
     weighting: str = "examples"
     clip: float | None = None
     batched: bool = True  # torch.func over the cohort (simulation engine)
+    # When every host answers a round (it stops training by then): None is the cluster's
+    # round_time_s, or for the clusters `dispers train` builds itself, timed from the data.
+    round_time_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +118,8 @@ class ExperimentConfig:
             raise _bad("training.cohort", "must be at most data.instances")
         if t.clip is not None:
             _pos("training.clip", t.clip)
+        if t.round_time_s is not None:
+            _pos("training.round_time_s", t.round_time_s)
         if not 0 <= s.momentum < 1:
             raise _bad("server.momentum", "must be in [0, 1)")
         if p.user_level:

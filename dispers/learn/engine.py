@@ -40,6 +40,7 @@ class RoundOutput:
     train_loss: float | None  # mean local loss (simulation only: instances keep theirs)
     epsilon_spent: float  # the run's accounted epsilon so far (0 without user-level DP)
     budget_left: float | None
+    cut: int | None = None  # declines of instances the round time stopped (exact policy only)
 
 
 class RoundEngine(Protocol):
@@ -130,7 +131,7 @@ class SimulationEngine:
         )
         spent = epsilon_after(self._dp, round_ + 1) if self._dp else 0.0
         loss = float(np.average(result.losses, weights=np.maximum(result.examples, 1))) if active else None
-        return RoundOutput(avg, m, len(active), len(cohort) - len(active), 0, loss, spent, left)
+        return RoundOutput(avg, m, len(active), len(cohort) - len(active), 0, loss, spent, left, cut=0)
 
     def close(self) -> None:
         """Nothing to release."""

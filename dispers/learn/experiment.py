@@ -108,7 +108,7 @@ def run_experiment(
             test_loss, acc = evaluate(model, fed.x_test, fed.y_test)
             row = RoundMetrics(
                 round=r, asked=out.asked, contributed=out.contributed, declined=out.declined,
-                unreachable=out.unreachable, train_loss=out.train_loss, test_loss=test_loss,
+                cut=out.cut, unreachable=out.unreachable, train_loss=out.train_loss, test_loss=test_loss,
                 test_accuracy=acc, epsilon=out.epsilon_spent, budget_left=out.budget_left,
                 seconds=time.perf_counter() - start,
             )  # fmt: skip

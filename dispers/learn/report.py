@@ -20,6 +20,7 @@ class RoundMetrics:
     asked: int
     contributed: int | None
     declined: int | None
+    cut: int | None  # of the declines, stopped by the round time (None: withheld under DP)
     unreachable: int
     train_loss: float | None
     test_loss: float

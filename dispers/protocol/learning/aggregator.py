@@ -34,7 +34,7 @@ from dispers.protocol.common import (
     seal_signed,
     verify_envelope,
 )
-from dispers.protocol.learning.messages import TrainingSpec, check_cohort, round_frame_bytes
+from dispers.protocol.learning.messages import DECLINE_CUT, TrainingSpec, check_cohort, round_frame_bytes
 from dispers.protocol.target_finder import ATTESTATION_BYTES
 from dispers.state.budget import BudgetLedger, Spend
 
@@ -251,6 +251,7 @@ class RoundAggregator:
             partial.drop("out_of_bounds", int((updates & ~sound).sum()))
             partial.add(batch.values[updates & sound])
             partial.declines += int((mine & batch.declined).sum())
+            partial.cut += int((mine & batch.declined & (batch.groups == DECLINE_CUT)).sum())
         return len(ciphertexts)
 
     def end_ingest(self, query_id: str, forwarded: int) -> None:
@@ -348,6 +349,7 @@ class RoundAggregator:
                 "contributed": p.count if exact else None,
                 "declined": p.declines if exact else None,
                 "dropped": sum(p.dropped.values()) if exact else None,
+                "cut": p.cut if exact else None,
                 "epsilon_charged": state.charged[0] if state.charged else 0.0,
                 "epsilon_run": epsilon_after(state.dp, spec.round + 1) if state.dp else 0.0,
                 "budget_left": state.left,

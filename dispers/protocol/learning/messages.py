@@ -27,6 +27,7 @@ from dispers.core.wire import MAX_FIELDS, ContributionLayout, pad, unpad
 FloatArray = npt.NDArray[np.float64]
 WEIGHTINGS = ("examples", "uniform")
 MAX_WEIGHT = 1_000_000.0  # records one instance may weigh its update by
+DECLINE_CUT = 1  # a decline's reason: its training was stopped by the round time (exact policy only)
 
 
 def round_frame_bytes(n_params: int) -> int:
@@ -69,8 +70,15 @@ def check_cohort(cohort: int, k: int, what: str) -> None:
         raise malformed(f"{what}: a cohort of {cohort} is below the round's k={k}")
 
 
-def check_local_work(epochs: int, batch_size: int, settings: ClusterSettings) -> None:
-    """The local work asked of a host is within the cluster's caps (Q checks, each host refuses)."""
+def check_local_work(epochs: int, batch_size: int, round_time_s: float, settings: ClusterSettings) -> None:
+    """The local work asked of a host is within the cluster's caps (Q checks, T and each host
+    refuse): epochs and batch size bound a host's time and memory, the round time how long T
+    waits for each host (and a host holds its answer)."""
+    if not math.isfinite(round_time_s) or round_time_s <= 0:
+        raise malformed("training: round_time_s must be a positive number")
+    if round_time_s > settings.max_round_time_s:
+        cap = settings.max_round_time_s
+        raise malformed(f"training: round_time_s={round_time_s:g} is above max_round_time_s={cap:g}")
     if epochs > settings.max_local_epochs:
         raise malformed(f"training: epochs={epochs} is above max_local_epochs={settings.max_local_epochs}")
     if batch_size > settings.max_local_batch:
@@ -118,6 +126,7 @@ class TrainingRequest:
     cohort: int
     aggregators: tuple[str, ...]
     issued_at: float
+    round_time_s: float  # every host answers this long after the request, whatever it did
 
     def __post_init__(self) -> None:
         check_query_id(self.query_id)
@@ -164,6 +173,7 @@ class TrainingRequest:
             cohort=_int(obj, "cohort", what, 1),
             aggregators=tuple(aggs),
             issued_at=float(get_field(obj, "issued_at", (int, float), what)),
+            round_time_s=float(_num(obj, "round_time_s", what) or 0.0),
         )
 
 
@@ -276,3 +286,4 @@ class RoundResult:
     epsilon_charged: float
     epsilon_run: float
     budget_left: float | None
+    cut: int | None = None  # declines of instances stopped by the round time (exact policy only)

@@ -61,6 +61,7 @@ class RoundPlan:
     noise_multiplier: float | None
     delta: float
     accountant: str
+    round_time_s: float | None = None  # when every host answers; None: the cluster's round_time_s
 
 
 def build_round(keys: ActorKeys, roster: Roster, settings: ClusterSettings, plan: RoundPlan) -> TrainingRound:
@@ -72,7 +73,8 @@ def build_round(keys: ActorKeys, roster: Roster, settings: ClusterSettings, plan
     if plan.k < settings.k_min:
         raise malformed(f"training: k={plan.k} is below the cluster minimum {settings.k_min}")
     check_cohort(plan.cohort, plan.k, "training")
-    check_local_work(plan.epochs, plan.batch_size, settings)
+    round_time = settings.round_time_s if plan.round_time_s is None else float(plan.round_time_s)
+    check_local_work(plan.epochs, plan.batch_size, round_time, settings)
     da_plan = roster.da_plan()
     qid = new_query_id()
     weights = np.asarray(plan.weights, dtype=np.float64)
@@ -81,7 +83,7 @@ def build_round(keys: ActorKeys, roster: Roster, settings: ClusterSettings, plan
         n_params=len(weights), model_digest=model_digest(weights), epochs=plan.epochs,
         batch_size=plan.batch_size, lr=plan.lr, clip=plan.clip, weighting=plan.weighting,
         record_noise=plan.record_noise, record_clip=plan.record_clip, seed=plan.seed, cohort=plan.cohort,
-        aggregators=da_plan.leaves, issued_at=time.time(),
+        aggregators=da_plan.leaves, issued_at=time.time(), round_time_s=round_time,
     )  # fmt: skip
     request_bytes = dumps(request.to_obj())
     signature = keys.signing.sign(request_signing_bytes(request_bytes))
@@ -160,4 +162,5 @@ def open_round_result(
         epsilon_charged=float(get_field(body, "epsilon_charged", (int, float), what)),
         epsilon_run=float(get_field(body, "epsilon_run", (int, float), what)),
         budget_left=float(left) if isinstance(left, int | float) else None,
+        cut=opt_int("cut"),
     )
