@@ -29,10 +29,11 @@ from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.messages import SubscriptionOp
 from dispers.learn.config import ExperimentConfig
 from dispers.learn.data import FederatedData
-from dispers.learn.engine import RoundOutput
+from dispers.learn.engine import EvaluationOutput, RoundOutput
 from dispers.learn.models import n_params
 from dispers.protocol.data_aggregator import DataAggregator
 from dispers.protocol.instance.host import PersonalCloudHost
+from dispers.protocol.learning.messages import RoundResult
 from dispers.protocol.learning.querier import RoundPlan
 from dispers.state.documents import DocumentStore, epoch_day
 
@@ -228,9 +229,29 @@ class ClusterEngine:
             accountant=p.accountant, round_time_s=t.round_time_s or self._round_time,
         )  # fmt: skip
 
-    def run_round(self, round_: int, weights: FloatArray) -> RoundOutput:
-        """Submit the round as the Querier and wait for the root's sealed average update."""
-        qid = self._querier.submit_round(self.plan(round_, weights))
+    def evaluation_plan(self, index: int, weights: FloatArray) -> RoundPlan:
+        """What the Querier asks of federated evaluation `index`: the same target and cohort as
+        training, on a run of its own (its rounds accounted apart from training's)."""
+        e, p = self._config.evaluation, self._config.privacy
+        return dataclasses.replace(
+            self.plan(index, weights), run_id=f"{self._run_id}-eval", task="evaluate",
+            max_examples=e.max_examples, epochs=1, batch_size=1, clip=None, weighting="examples",
+            record_noise=None, noise_multiplier=e.noise_multiplier if p.user_level else None,
+        )  # fmt: skip
+
+    def run_evaluation(self, index: int, weights: FloatArray) -> EvaluationOutput:
+        """Submit federated evaluation `index` as the Querier; open the root's released sums."""
+        from dispers.learn.evaluation import metrics
+
+        result = self._outcome(self._querier.submit_round(self.evaluation_plan(index, weights)),
+                               f"evaluation {index + 1}")  # fmt: skip
+        if result.task != "evaluate":
+            raise DispersError(ErrorCode.MALFORMED, "the root released a training round for an evaluation")
+        loss, acc = metrics(result.average)
+        return EvaluationOutput(result.average, loss, acc, result.epsilon_run, result.budget_left)
+
+    def _outcome(self, qid: str, what: str) -> RoundResult:
+        """Wait for a submitted round's released result (a clear error if it has none)."""
         deadline = time.monotonic() + 3600
         while True:
             record, result = self._querier.round_outcome(qid, self._n_params, 30.0)
@@ -238,10 +259,16 @@ class ClusterEngine:
                 break
         if result is None:
             code = ErrorCode(record.error_code) if record.error_code else ErrorCode.INTERNAL
-            message = record.error_message or f"round {round_ + 1} did not finish"
+            message = record.error_message or f"{what} did not finish"
             if code is not ErrorCode.BUDGET_EXCEEDED:
-                message = f"round {round_ + 1} {record.state}: {message}"
+                message = f"{what} {record.state}: {message}"
             raise DispersError(code, message)
+        assert isinstance(result, RoundResult)
+        return result
+
+    def run_round(self, round_: int, weights: FloatArray) -> RoundOutput:
+        """Submit the round as the Querier and wait for the root's sealed average update."""
+        result = self._outcome(self._querier.submit_round(self.plan(round_, weights)), f"round {round_ + 1}")
         # T Poisson-samples the cohort (`asked` is its expected size): Q cannot tell instances
         # drawn but lost (no address, a host down; T's count, in C's record, which Q is not
         # shown) from the draw's variation, so it reports none.

@@ -507,7 +507,7 @@ def _training_request(
     if request.cohort != envelope.cohort:  # the root DA charges for the envelope's cohort
         raise malformed(f"{what}: its cohort is not the one the querier signed into the round")
     check_cohort(request.cohort, envelope.k, what)
-    check_local_work(request.epochs, request.batch_size, request.round_time_s, settings)
+    check_local_work(request.epochs, request.batch_size, request.round_time_s, settings, request.max_examples)
     return request, request_bytes, signature
 
 

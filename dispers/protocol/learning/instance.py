@@ -115,7 +115,7 @@ class HostTrainer:
         age = time.time() - tr.issued_at
         if age > self._settings.max_query_age_s or age < -CLOCK_SKEW_S or tr.issued_at < self._started:
             raise DispersError(ErrorCode.EXPIRED, "the training request is stale or dated in the future")
-        check_local_work(tr.epochs, tr.batch_size, tr.round_time_s, self._settings)
+        check_local_work(tr.epochs, tr.batch_size, tr.round_time_s, self._settings, tr.max_examples)
         da_keys = {}
         for da in set(request.aggregators):
             if da not in tr.aggregators:
@@ -222,6 +222,9 @@ class HostTrainer:
         )  # fmt: skip
         sizes = data.sizes()
         trained = [k for k, r in enumerate(chosen) if sizes[r] > 0]  # no records: a decline
+        if tr.task == "evaluate":
+            return self._evaluate(tr, model, weights, data, [chosen[k] for k in trained],
+                                  [positions[k] for k in trained], stop)  # fmt: skip
         result = train_batched(
             model, weights, [data.records(chosen[k]) for k in trained], [seeds[k] for k in trained],
             settings, seed=tr.seed, round_=tr.round, stop=stop,
@@ -230,6 +233,32 @@ class HostTrainer:
         for m, k in enumerate(trained):
             w = float(result.examples[m]) if tr.weighting == "examples" else 1.0
             out[positions[k]] = encode_update(tr.layout, tr.query_id, result.updates[m], w)
+        return out
+
+    def _evaluate(
+        self,
+        tr: TrainingRequest,
+        model: nn.Module,
+        weights: npt.NDArray[np.float64],
+        data: FederatedData,
+        rows: list[int],
+        positions: list[int],
+        stop: Stop,
+    ) -> dict[int, bytes]:
+        """Each instance's evaluation of the global model on its own first max_examples records."""
+        from dispers.learn.evaluation import evaluation_record
+        from dispers.learn.local import Stopped
+        from dispers.learn.models import set_flat
+
+        set_flat(model, weights)
+        model.eval()
+        out = {}
+        for row, position in zip(rows, positions, strict=True):
+            if stop():
+                raise Stopped
+            x, y = data.records(row)
+            values = evaluation_record(model, x, y, tr.max_examples)
+            out[position] = tr.layout.encode(tr.query_id, 0, values)
         return out
 
 
