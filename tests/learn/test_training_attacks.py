@@ -221,16 +221,24 @@ def test_a_training_error_declines_the_hosts_instances_uniformly(
     def broken(*args: object, **kwargs: object) -> object:
         raise RuntimeError("a tensor went astray")
 
+    from dispers.core.wire import ContributionLayout
+    from dispers.crypto.observe import recording
+
     engine = engine_for(tmp_path, plain_cfg(cohort=N))  # (it times a training to set the round time)
     monkeypatch.setattr(local, "train_batched", broken)
     w = get_flat(build_model("logreg", ModelShape(64, 10)))
     try:
-        qid = engine._querier.submit_round(engine.plan(0, w))
-        record, _ = engine._querier.round_outcome(qid, len(w), 60.0)
+        with recording() as seen:
+            qid = engine._querier.submit_round(engine.plan(0, w))
+            record, _ = engine._querier.round_outcome(qid, len(w), 60.0)
         counts = conductor(engine).record(qid).counts
     finally:
         engine.close()
     assert counts["unreachable"] == 0 and "fewer contributors than k" in record.error_message
+    records = [s.plaintext for s in seen if s.what == "model update"]
+    opened = ContributionLayout(len(w) + 1).decode_many(records)
+    # Plain declines: an error is not the round time's cut (which an exact policy would count).
+    assert len(opened.declined) == N and opened.declined.all() and (opened.groups == 0).all()
 
 
 def test_a_host_that_raises_anything_is_counted_unreachable(

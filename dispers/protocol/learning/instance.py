@@ -286,15 +286,20 @@ class _Training:
                 sealed = seal_all(train(self._stop.is_set))
             except Stopped:
                 log.info("round %s: the round time ran out; the instances asked decline", query_id[:8])
+                self._done.set()
                 return
             except Exception:  # noqa: BLE001  (torch's, or a document's): every instance declines
                 log.warning("round %s: local training failed; the instances asked decline", query_id[:8])
-                return
-            finally:
-                self._done.set()
+                # Plain declines (not the round time's): sealing nothing but declines.
+                try:
+                    sealed = seal_all({})
+                except Exception:  # noqa: BLE001
+                    self._done.set()
+                    return
             with self._lock:
                 if not self._late:
                     self._result = sealed
+            self._done.set()
 
         threading.Thread(target=run, name=f"train-{query_id[:8]}", daemon=True).start()
 
