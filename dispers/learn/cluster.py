@@ -40,6 +40,9 @@ from dispers.state.documents import DocumentStore, epoch_day
 FloatArray = npt.NDArray[np.float64]
 TRAIN_CONCEPT = "cohort:train"
 HEALTH_TARGET = "has:heart_rate"  # a running cluster's instances that measure their heart rate
+# What a running cluster's hosts train on, by dataset: who is targeted. digits: the instances
+# `dispers import --dataset digits` wrote, each in the cohort it declares.
+CLUSTER_TARGETS = {"health": HEALTH_TARGET, "digits": "cohort:digits"}
 HOST = "pc-1"
 AS_OF = dt.date(2026, 11, 1)
 
@@ -172,14 +175,22 @@ class ClusterEngine:
         from dispers.core.ids import Role
         from dispers.transport.grpc_client import QuerierClient, client_for
 
-        if config.data.dataset != "health":
+        target = CLUSTER_TARGETS.get(config.data.dataset)
+        if target is None:
+            names = " or ".join(repr(d) for d in CLUSTER_TARGETS)
             raise DispersError(
                 ErrorCode.CONFIG,
-                "experiment: engine 'cluster' trains on the hosts' documents: data.dataset must be 'health'",
+                f"experiment: engine 'cluster' trains on the hosts' documents: data.dataset must be {names}",
             )
         assert config.cluster is not None
         cluster_config = load_config(config.cluster)
         self.cluster_config = cluster_config
+        if target not in cluster_config.settings.vocabulary:
+            raise DispersError(
+                ErrorCode.CONFIG,
+                f"experiment: data.dataset {config.data.dataset!r} trains the instances in {target}, "
+                "which the cluster's vocabulary does not hold",
+            )
         queriers = [e.name for e in cluster_config.roster.by_role(Role.QUERIER)]
         name = config.querier or (queriers[0] if queriers else "")
         if name not in queriers:
@@ -187,7 +198,7 @@ class ClusterEngine:
         querier = client_for(cluster_config, name, name, QuerierClient)
         self._closers.append(querier.close)
         self._querier: Any = querier
-        self._target = HEALTH_TARGET
+        self._target = target
         self._k = cluster_config.settings.k_min
 
     def _start_local(self, cluster_config: ClusterConfig) -> dict[str, object]:

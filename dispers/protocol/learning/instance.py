@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # torch is imported only when a host trains
     from dispers.learn.local import Stop
 
 log = logging.getLogger(__name__)
+STORE_DATASETS = ("health", "digits")  # datasets a host reads from its own documents
 Claim = Callable[[str, list[str], npt.NDArray[np.bool_]], list[int]]
 
 
@@ -95,7 +96,7 @@ class HostTrainer:
         between batches when the time is up, and then every instance asked declines, so neither
         the answer's time nor its length depends on anyone's data.
         """
-        from dispers.learn.data import HEALTH_COEF
+        from dispers.learn.data import DIGITS_SHAPE, HEALTH_COEF
         from dispers.learn.models import ModelShape, build_model, n_params
 
         received = time.monotonic()
@@ -132,17 +133,20 @@ class HostTrainer:
 
         ids = list(request.instance_ids)
         held = self._data.get(tr.dataset)
-        from_store = held is None and tr.dataset == "health"  # read from the documents themselves
+        # Without records attached (a simulation's), read from the documents themselves: the
+        # health task's measurements, or the digits records `dispers import --dataset` wrote.
+        from_store = held is None and tr.dataset in STORE_DATASETS
         model = None
         if held is not None or from_store:
             # The model is checked against the registry before anyone's eligibility is looked
             # at, so whether this host fails never depends on its instances' data. One model
             # object per round: torch.func cannot share one between concurrent rounds.
-            shape = (
-                ModelShape(held.data.n_features, held.data.n_classes)
-                if held
-                else ModelShape(len(HEALTH_COEF), 2)  # health_from_store's records
-            )
+            if held is not None:
+                shape = ModelShape(held.data.n_features, held.data.n_classes)
+            elif tr.dataset == "digits":
+                shape = ModelShape(*DIGITS_SHAPE)
+            else:
+                shape = ModelShape(len(HEALTH_COEF), 2)  # health_from_store's records
             model = build_model(tr.model, shape)
             if n_params(model) != tr.n_params:
                 raise malformed("the training request's model size does not match the registry's model")
@@ -200,16 +204,19 @@ class HostTrainer:
         """Train the fresh eligible instances `ids` together; each one's update record by its
         position in the request (those without records are left out: they decline)."""
         from dispers.learn.aggregate import encode_update
-        from dispers.learn.data import health_from_store
+        from dispers.learn.data import digits_from_store, health_from_store
         from dispers.learn.local import LocalSettings, train_batched
 
         if held is None:
             if not isinstance(self._store, DocumentStore):
-                # The health task reads raw measurement series, which only the SQLite store keeps.
+                # Measurement series and training records are kept by the SQLite store only.
                 raise DispersError(
                     ErrorCode.FAILED_PRECONDITION, "this host's store holds no measurement series"
                 )
-            data = health_from_store(self._store, ids, self._as_of or dt.date.today())
+            if tr.dataset == "digits":
+                data = digits_from_store(self._store, ids)
+            else:
+                data = health_from_store(self._store, ids, self._as_of or dt.date.today())
             chosen = list(range(len(ids)))
             # Each instance's batches are drawn from its own id: the same in every round order.
             seeds = [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=4).digest(), "big") for i in ids]
