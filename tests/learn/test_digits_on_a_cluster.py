@@ -132,3 +132,42 @@ def test_dispers_train_on_digits_through_a_running_cluster(tmp_path: Path) -> No
     assert [r.contributed for r in result.rounds] == [N] * 3
     start = evaluate(model, data.x_test, data.y_test)[1]
     assert result.final_accuracy > max(0.6, start + 0.3)
+
+
+def test_instances_the_round_time_cuts_are_counted_where_counts_are_exact(tmp_path: Path) -> None:
+    """Two hosts, one round time: pc-1's 120 instances hold ~12 images each and finish in time;
+    pc-2's 4 hold ~360 each (thirty times the steps) and are stopped. Under this exact policy
+    the round's metrics count pc-2's instances as declined and cut; pc-1's updates are released."""
+    from dispers.core.messages import SubscriptionOp
+    from dispers.services.server import start_all_in_process
+    from dispers.transport.grpc_client import PersonalCloudClient, client_for
+
+    layout = ClusterLayout(
+        k_min=5, batch_size=200, host_as_of=dt.date(2026, 11, 1), dp=False, cohorts=("cohort:digits",),
+        hosts=("pc-1", "pc-2"),
+    )  # fmt: skip
+    config = write_cluster(tmp_path, layout)
+    base = ["import", "--dataset", "digits", "--seed", str(SEED), "--config", str(config.path)]
+    assert main([*base, "--host", "pc-1", "--instances", "120"]) == 0
+    assert main([*base, "--host", "pc-2", "--instances", "4"]) == 0
+    servers = start_all_in_process(config)
+    cfg = ExperimentConfig(
+        engine="cluster", cluster=str(config.path), model="mlp", seed=SEED,
+        data=DataConfig(dataset="digits", instances=124),
+        training=TrainingConfig(rounds=1, cohort=124, local_epochs=12, batch_size=1, lr=0.05,
+                                round_time_s=3.0),  # pc-1 trains in ~0.5 s here, pc-2 would take ~9 s
+    )  # fmt: skip
+    model = build_model("mlp", ModelShape(64, 10), seed=SEED)
+    try:
+        for host in ("pc-1", "pc-2"):
+            with client_for(config, host, host, PersonalCloudClient) as client:
+                client.subscribe_all(SubscriptionOp.SUBSCRIBE)
+        engine = ClusterEngine(cfg, digits(n_instances=4, seed=SEED), model)
+        try:
+            out = engine.run_round(0, get_flat(model))
+        finally:
+            engine.close()
+    finally:
+        for s in servers:
+            s.stop(0)
+    assert (out.contributed, out.declined, out.cut) == (120, 4, 4)
