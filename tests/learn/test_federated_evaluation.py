@@ -184,3 +184,23 @@ def test_a_querier_cannot_ask_more_examples_than_the_cluster_allows(tmp_path: Pa
             engine._querier.submit_round(plan)
     finally:
         engine.close()
+
+
+def test_the_simulation_engine_evaluates_the_same_way_and_the_cli_prints_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """engine 'simulation' (no actors): the same records, sums and metrics as the root releases;
+    `dispers train` prints the last federated accuracy."""
+    from dispers.cli.main import main
+
+    data = small_digits(N)
+    config = dataclasses.replace(cfg(rounds=2), engine="simulation")
+    result = run_experiment(config, data=data)
+    assert result.rounds[-1].federated_accuracy == pytest.approx(direct(data, get_flat(result.model))[1])
+    exp = tmp_path / "exp.toml"
+    exp.write_text(
+        '[experiment]\nname = "t"\n[data]\ninstances = 20\n[model]\nname = "logreg"\n'
+        "[training]\nrounds = 2\ncohort = 5\n[evaluation]\nfederated = true\nevery = 2\n"
+    )
+    assert main(["train", str(exp), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "federated accuracy " in capsys.readouterr().out
