@@ -1,77 +1,46 @@
 """Canonical JSON encoding of the plaintexts that go inside sealed boxes and signatures.
 
-orjson does the work (every subscription passes through about ten encodings and decodings on
-the central actors; the standard library's took 5-9 us each, orjson's under 1 us). Where orjson
-would not behave as the standard library's canonical form does, the standard library decides:
-an encoding holding `null` (orjson writes NaN and infinities as null, where the canonical form
-refuses them), text beyond printable ASCII (which the canonical form escapes), integers beyond
-64 bits, non-string keys, dataclasses and dates; and any text orjson refuses to decode
-(so the same texts are accepted as before), and any text holding a run of 19 digits (orjson
-reads integers beyond 64 bits as floats). Decoding thus gives the standard library's values,
-and encoding its bytes except in the spelling of some floats: both write the shortest digits
-that read back exactly, orjson without an exponent between 1e-5 and 1e-4 (`0.00001` for
-`1e-05`); neither spelling is longer than 24 bytes, and no actor checks a signature over a
-re-encoding made by other code.
+Two codecs, chosen by the payload's kind at the call site, never by its content (how long an
+encoding takes must not depend on what it holds: an actor timed by another would tell it):
+
+- `dumps` / `loads_object` / `loads_list`: the standard library's canonical form (sorted keys,
+  no spaces, no NaN) for every payload that may hold numbers, null or nested objects — queries,
+  specs, partials, results, signed envelopes. Its bytes are what signatures and digests are
+  made over, re-encoded by verifiers, so they stay those of the standard library.
+- `dumps_strings` / `loads_strings`: orjson, for the subscription payloads, whose values are
+  only text and lists of text (concepts, tokens, an address, a pseudonym, a nonce) and which
+  nobody re-encodes: each subscription passes through eight of them on the central actors,
+  where the standard library took 5-10 us each and orjson under 1 us. For text the two read the
+  same values; orjson writes non-ASCII as UTF-8 where the standard library escapes it, always
+  so, whatever else the payload holds.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 
 from dispers.core.errors import malformed
 
-# Dataclasses, dates and subclasses of the built-in types go to the standard library, which
-# decides as before (it refuses the first two).
-_SORTED = (
-    orjson.OPT_SORT_KEYS
-    | orjson.OPT_PASSTHROUGH_DATACLASS
-    | orjson.OPT_PASSTHROUGH_DATETIME
-    | orjson.OPT_PASSTHROUGH_SUBCLASS
-)
-
-
-def _stdlib_dumps(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
 
 def dumps(obj: Any) -> bytes:
     """Encode to canonical JSON bytes: sorted keys, no spaces, no NaN."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _loads(data: bytes, what: str) -> Any:
     try:
-        data = orjson.dumps(obj, option=_SORTED)
-    except TypeError:  # an integer beyond 64 bits, a non-string key, an unknown type
-        return _stdlib_dumps(obj)
-    # A None, or a NaN / infinity orjson wrote as null; text beyond printable ASCII (the
-    # canonical form escapes it, orjson writes UTF-8): the standard library decides.
-    if b"null" in data or not data.isascii() or b"\x7f" in data:
-        return _stdlib_dumps(obj)
-    return data
-
-
-# Every digit to "0", everything else to a space: a run of 19 zeros is a number orjson might
-# read as a float (it does so beyond 64 bits). Translating is C-speed; a regular expression
-# scanning for the run cost 8 us a payload, more than the decoding.
-_DIGITS = bytes(48 if chr(b).isdigit() and b < 128 else 32 for b in range(256))
-_LONG_RUN = b"0" * 19
-
-
-def _loads(data: bytes) -> Any:
-    if _LONG_RUN in data.translate(_DIGITS):
         return json.loads(data)
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)  # the standard library accepts a few more texts; it decides
+    except (UnicodeDecodeError, ValueError, RecursionError):  # nesting too deep is malformed too
+        raise malformed(f"{what} is not valid JSON") from None
 
 
 def loads_object(data: bytes, what: str) -> dict[str, Any]:
     """Decode a JSON object, naming `what` in the error when it does not decode."""
-    try:
-        obj = _loads(data)
-    except (UnicodeDecodeError, ValueError):
-        raise malformed(f"{what} is not valid JSON") from None
+    obj = _loads(data, what)
     if not isinstance(obj, dict):
         raise malformed(f"{what} is not a JSON object")
     return obj
@@ -79,12 +48,25 @@ def loads_object(data: bytes, what: str) -> dict[str, Any]:
 
 def loads_list(data: bytes, what: str) -> list[Any]:
     """Decode a JSON array, naming `what` in the error when it does not decode."""
-    try:
-        obj = _loads(data)
-    except (UnicodeDecodeError, ValueError):
-        raise malformed(f"{what} is not valid JSON") from None
+    obj = _loads(data, what)
     if not isinstance(obj, list):
         raise malformed(f"{what} is not a JSON array")
+    return obj
+
+
+def dumps_strings(obj: Mapping[str, str | Sequence[str]]) -> bytes:
+    """Encode a payload of text and lists of text (a subscription's) with orjson, sorted keys."""
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+
+def loads_strings(data: bytes, what: str) -> dict[str, Any]:
+    """Decode a payload made with `dumps_strings` (the caller checks each field's type)."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:  # invalid JSON or UTF-8, nesting beyond 1024, NaN literals
+        raise malformed(f"{what} is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise malformed(f"{what} is not a JSON object")
     return obj
 
 

@@ -41,10 +41,11 @@ from dispers.protocol.common import (
     check_batch,
     frame_size,
     open_padded,
+    open_padded_strings,
     open_signed,
     replay_memory_s,
     same_query,
-    seal_padded,
+    seal_padded_strings,
     take_to_commit,
     unpack,
     verify_envelope,
@@ -122,7 +123,7 @@ class Target:
         sealed: list[bytes] = []
         for i, ciphertext in enumerate(sealed_addresses):
             what = f"subscription {i} address"
-            obj = open_padded(self._opener, ciphertext, self._settings.address_bytes, what)
+            obj = open_padded_strings(self._opener, ciphertext, self._settings.address_bytes, what)
             address = field(obj, "address", str, what)
             nonce = hex_bytes(obj.get("nonce"), f"{what} nonce", NONCE_BYTES)
             if len(address) > MAX_ADDRESS:
@@ -133,7 +134,7 @@ class Target:
             pseudonym = self.pseudonym(address)
             entries.append((pseudonym, address))
             body = {"pseudonym": pseudonym.hex(), "nonce": nonce.hex()}
-            sealed.append(seal_padded(self._tf_key, body, PSEUDONYM_FRAME, "pseudonym"))
+            sealed.append(seal_padded_strings(self._tf_key, body, PSEUDONYM_FRAME, "pseudonym"))
         items = tuple(sealed)
         self._staged.put(header.batch_id, (header.op, entries))
         signature = self._keys.signing.sign(signed_items_bytes(self.name, header.batch_id, header.op, items))
