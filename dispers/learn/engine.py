@@ -175,6 +175,12 @@ class SimulationEngine:
         loss = float(part.loss.value()[0]) / part.examples if part.count else None
         return RoundOutput(avg, m, part.count, part.declines, 0, loss, spent, left)
 
+    def __enter__(self) -> SimulationEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop the shards' workers, if any."""
         if self._backend is not None:
