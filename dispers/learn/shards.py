@@ -37,7 +37,7 @@ from dispers.learn.models import ModelShape, build_model, n_params
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
-MAX_CHUNK = 64  # instances per vmap call at most
+MAX_CHUNK = 256  # instances per vmap call at most
 TORCH_THREADS = 1  # the same float rounding in every shard, and one shard per core
 
 
@@ -51,7 +51,7 @@ def local_settings(config: ExperimentConfig) -> LocalSettings:
 
 
 def chunk_width(cohort: int) -> int:
-    """Instances per `vmap` call: the power of two covering the expected cohort, at most 64.
+    """Instances per `vmap` call: the power of two covering the expected cohort, at most 256.
 
     A function of the config only (never of the number of shards), so every instance is
     trained by a call of the same shape whatever the sharding.
@@ -209,9 +209,13 @@ class TrainShard:
                 )
             width = chunk_width(cfg.training.cohort)
             empty = (torch.zeros(0, records[0][0].shape[1]), torch.zeros(0, dtype=torch.int64))
+            # Instances of similar sizes share a chunk, so few run steps on an all-zero mask;
+            # the results come back in the order of `active`.
+            order = sorted(range(len(active)), key=lambda k: (len(records[k][1]), active[k]))
             parts: list[LocalResult] = []
             for c in range(0, len(active), width):
-                ids, recs = active[c : c + width], records[c : c + width]
+                ids = [active[k] for k in order[c : c + width]]
+                recs = [records[k] for k in order[c : c + width]]
                 pad = width - len(ids)
                 got = train_batched(
                     self._model, weights, recs + [empty] * pad, ids + [0] * pad, settings,
@@ -220,10 +224,11 @@ class TrainShard:
                 parts.append(
                     LocalResult(got.updates[: len(ids)], got.examples[: len(ids)], got.losses[: len(ids)])
                 )
+            back = np.argsort(order)
             return LocalResult(
-                np.concatenate([p.updates for p in parts]),
-                np.concatenate([p.examples for p in parts]),
-                np.concatenate([p.losses for p in parts]),
+                np.concatenate([p.updates for p in parts])[back],
+                np.concatenate([p.examples for p in parts])[back],
+                np.concatenate([p.losses for p in parts])[back],
             )
         finally:
             torch.set_num_threads(threads)
