@@ -3,8 +3,9 @@
 Same data split (scikit-learn digits over 100 instances, Dirichlet alpha 0.5), model (MLP),
 cohort, local epochs, batch size, learning rate and rounds for every runner:
 
-- dispers, simulation engine, cohort trained at once with torch.func (vmap over instances);
-- dispers, simulation engine, instances one after another on one model object;
+- dispers, simulation engine on one shard (in process), cohort trained at once with torch.func
+  (vmap over instances);
+- dispers, simulation engine on one shard, instances one after another on one model object;
 - dispers, local engine: every actor in this process, each update sealed to its DA, DAs summing
   partials, the root releasing the average to the Querier (real crypto, no DP);
 - a plain sequential torch loop: per instance a copy of the global model, SGD, FedAvg;
@@ -15,12 +16,22 @@ cohort, local epochs, batch size, learning rate and rounds for every runner:
 Prints seconds per round (median over rounds, the best of `--repeat` passes in turn), final
 test accuracy, and ratios against the plain torch loop measured in the same run. Machines here
 are noisy and shared: compare ratios, and runs.
+
+`--shards 1,2` (`--shards-only` to skip the runners above) then compares the simulation engine
+on 1 shard (in this process) and on 2 (worker processes, `--backend local`, or Ray actors) on
+the same digits experiment and on `simulations/train_health_dp.toml` (100,000 instances,
+`--health-rounds` rounds): seconds per round (median, the first round, which warms each
+shard's torch.func up, left out; the best of `--repeat` passes in turn), the setup (shards
+started and their records generated), and the ratio to one shard. Under user-level DP the
+noise differs run to run, so the health run's accuracy does too.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dispers.learn.config import DataConfig, ExperimentConfig, ServerConfig, TrainingConfig
+from dispers.learn.config import DataConfig, ExperimentConfig, ServerConfig, TrainingConfig, load_experiment
 from dispers.learn.data import FederatedData, digits
 from dispers.learn.experiment import run_experiment
 from dispers.learn.models import ModelShape, build_model
@@ -77,8 +88,9 @@ def plain_torch(args: argparse.Namespace, data: FederatedData) -> tuple[list[flo
 def dispers_run(
     args: argparse.Namespace, data: FederatedData, *, engine: str, batched: bool
 ) -> tuple[list[float], float]:
+    # One shard, in this process: the runners above compare on one core each.
     config = ExperimentConfig(
-        name=f"bench-{engine}", seed=args.seed, engine=engine, model=args.model,
+        name=f"bench-{engine}", seed=args.seed, engine=engine, model=args.model, shards=1,
         data=DataConfig(dataset="digits", instances=args.instances, split="dirichlet", alpha=args.alpha),
         training=TrainingConfig(rounds=args.rounds, cohort=args.cohort, local_epochs=args.epochs,
                                 batch_size=args.batch, lr=args.lr, batched=batched),
@@ -108,6 +120,42 @@ def peer_run(
     ]  # the first round starts Ray's actors
 
 
+def shard_runs(args: argparse.Namespace) -> None:
+    """The simulation engine on 1 shard and on more, on digits and on the health task."""
+    digits_cfg = ExperimentConfig(
+        name="bench-digits", seed=args.seed, model=args.model,
+        data=DataConfig(dataset="digits", instances=args.instances, split="dirichlet", alpha=args.alpha),
+        training=TrainingConfig(rounds=args.rounds, cohort=args.cohort, local_epochs=args.epochs,
+                                batch_size=args.batch, lr=args.lr),
+    )  # fmt: skip
+    health_cfg = load_experiment(ROOT / "simulations" / "train_health_dp.toml")
+    health_cfg = dataclasses.replace(
+        health_cfg, training=dataclasses.replace(health_cfg.training, rounds=args.health_rounds)
+    )
+    counts = [int(n) for n in args.shards.split(",")]
+    print(f"\nsimulation engine on shards ({args.backend} backend), load average {os.getloadavg()}")
+    head = f"{'experiment':12} {'shards':>6} {'setup s':>8} {'s/round (median)':>17} {'final acc':>10}"
+    print(f"{head} {'vs 1 shard':>11}")
+    for label, cfg in (("digits", digits_cfg), ("health 100k", health_cfg)):
+        best: dict[int, tuple[float, float, float]] = {}
+        for _ in range(args.repeat):
+            for n in counts:  # in turn, so both see the machine's load alike
+                run = dataclasses.replace(cfg, shards=n, backend=args.backend)
+                start = time.perf_counter()
+                result = run_experiment(run)
+                total = time.perf_counter() - start
+                per_round = [r.seconds for r in result.rounds[1:]] or [r.seconds for r in result.rounds]
+                median = statistics.median(per_round)
+                setup = total - sum(r.seconds for r in result.rounds)
+                if n not in best or median < best[n][1]:
+                    best[n] = (setup, median, result.final_accuracy)
+        one = best[counts[0]][1]
+        for n in counts:
+            setup, median, acc = best[n]
+            print(f"{label:12} {n:6d} {setup:8.1f} {median:17.4f} {acc:10.4f} {one / median:10.2f}x")
+    print(f"load average after: {os.getloadavg()}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=100)
@@ -123,7 +171,14 @@ def main() -> int:
     p.add_argument("--flower-python", default=str(ROOT / ".venv-flower" / "bin" / "python"))
     p.add_argument("--skip-peers", action="store_true", help="run neither Flower nor pfl")
     p.add_argument("--repeat", type=int, default=2, help="passes over the runners (best median kept)")
+    p.add_argument("--shards", default="", help="compare the simulation engine on these shard counts (1,2)")
+    p.add_argument("--shards-only", action="store_true", help="only the shard comparison")
+    p.add_argument("--backend", default="local", help="where the shards run: local or ray")
+    p.add_argument("--health-rounds", type=int, default=20)
     args = p.parse_args()
+    if args.shards_only:
+        shard_runs(args)
+        return 0
     torch.set_num_threads(1)  # every runner on one core: the machine is shared
     data = digits(n_instances=args.instances, split="dirichlet", alpha=args.alpha, seed=args.seed)
     print(
@@ -176,6 +231,8 @@ def main() -> int:
             print(f"{name:40} {res}")
         else:
             print(f"{name:40} {res[0]:17.4f} {res[1]:10.4f} {res[0] / floor[0]:13.2f}x")
+    if args.shards:
+        shard_runs(args)
     return 0
 
 

@@ -141,6 +141,8 @@ class SimulationEngine:
         for s, run in enumerate(self._runs):
             members = cohort[(cohort >= run.start) & (cohort < run.stop)]
             calls.append(self._backend.call(s, "train", round_, weights, members.tolist()))
+        if self._dp is not None:  # while the shards train: the next round's charge (cached)
+            epsilon_after(self._dp, round_ + 2)
         for call in calls:
             total.merge(call.result())
         return total
