@@ -19,11 +19,12 @@ are noisy and shared: compare ratios, and runs.
 
 `--shards 1,2` (`--shards-only` to skip the runners above) then compares the simulation engine
 on 1 shard (in this process) and on 2 (worker processes, `--backend local`, or Ray actors) on
-the same digits experiment and on `simulations/train_health_dp.toml` (100,000 instances,
-`--health-rounds` rounds): seconds per round (median, the first round, which warms each
-shard's torch.func up, left out; the best of `--repeat` passes in turn), the setup (shards
-started and their records generated), and the ratio to one shard. Under user-level DP the
-noise differs run to run, so the health run's accuracy does too.
+the same digits experiment, on `simulations/train_health_dp.toml` (100,000 instances,
+`--health-rounds` rounds) and on the same with a cohort of 10,000: seconds per round (median,
+the first round, which warms each shard's torch.func up, left out; the best of `--repeat`
+passes in turn), the setup (shards started and their records generated), and the ratio to
+one shard. Under user-level DP the noise differs run to run, so the health runs' accuracy
+does too.
 """
 
 from __future__ import annotations
@@ -132,11 +133,16 @@ def shard_runs(args: argparse.Namespace) -> None:
     health_cfg = dataclasses.replace(
         health_cfg, training=dataclasses.replace(health_cfg.training, rounds=args.health_rounds)
     )
+    # Ten times the cohort: a round's training outweighs what the driver does around it.
+    health_big = dataclasses.replace(
+        health_cfg, name="health-cohort-10k", training=dataclasses.replace(health_cfg.training, cohort=10_000)
+    )
     counts = [int(n) for n in args.shards.split(",")]
     print(f"\nsimulation engine on shards ({args.backend} backend), load average {os.getloadavg()}")
     head = f"{'experiment':12} {'shards':>6} {'setup s':>8} {'s/round (median)':>17} {'final acc':>10}"
     print(f"{head} {'vs 1 shard':>11}")
-    for label, cfg in (("digits", digits_cfg), ("health 100k", health_cfg)):
+    runs = [("digits", digits_cfg), ("health 100k", health_cfg), ("health, 10k", health_big)]
+    for label, cfg in runs:
         best: dict[int, tuple[float, float, float]] = {}
         for _ in range(args.repeat):
             for n in counts:  # in turn, so both see the machine's load alike

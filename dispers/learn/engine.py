@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import BrokenExecutor, Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -111,14 +112,12 @@ class SimulationEngine:
             return
         specs = []
         for run in self._runs:
-            records = shard_records(data, run)
+            records = shard_records(data, run, copy=not generated)
             specs.append(self._spec(run, records, ship=not generated))
         self._backend = make_backend(config.backend, address=config.address)
         try:
             self._backend.start(specs, TrainShard)
-            loading = [self._backend.call(s, "load") for s in range(len(specs))]
-            for f in loading:
-                f.result()
+            _results([self._backend.call(s, "load") for s in range(len(specs))])
         except BaseException:
             self._backend.close()
             raise
@@ -143,8 +142,8 @@ class SimulationEngine:
             calls.append(self._backend.call(s, "train", round_, weights, members.tolist()))
         if self._dp is not None:  # while the shards train: the next round's charge (cached)
             epsilon_after(self._dp, round_ + 2)
-        for call in calls:
-            total.merge(call.result())
+        for part in _results(calls):
+            total.merge(part)
         return total
 
     def run_round(self, round_: int, weights: FloatArray) -> RoundOutput:
@@ -188,6 +187,14 @@ class SimulationEngine:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+
+
+def _results(calls: list[Future[Any]]) -> list[Any]:
+    """Every call's result; a worker that died (killed, out of memory) is a DispersError."""
+    try:
+        return [call.result() for call in calls]
+    except BrokenExecutor:
+        raise DispersError(ErrorCode.UNAVAILABLE, "a training shard's worker process died") from None
 
 
 def cores() -> int:

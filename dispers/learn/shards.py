@@ -71,11 +71,15 @@ def assign_instances(n_instances: int, shards: int) -> list[range]:
 Records = tuple[torch.Tensor, torch.Tensor, IntArray]  # x, y, offsets (from 0) of a run of instances
 
 
-def shard_records(data: datasets.FederatedData, run: range) -> Records:
-    """The records of instances `run` of `data`, with offsets starting at 0."""
+def shard_records(data: datasets.FederatedData, run: range, *, copy: bool = True) -> Records:
+    """The records of instances `run` of `data`, with offsets starting at 0.
+
+    A copy by default: a view would keep (and pickle) the whole dataset's storage.
+    """
     a, b = int(data.offsets[run.start]), int(data.offsets[run.stop])
     offsets = (data.offsets[run.start : run.stop + 1] - a).astype(np.int64)
-    return data.x[a:b].clone(), data.y[a:b].clone(), offsets
+    x, y = data.x[a:b], data.y[a:b]
+    return (x.clone(), y.clone(), offsets) if copy else (x, y, offsets)
 
 
 def records_digest(records: Records) -> str:
