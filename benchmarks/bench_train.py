@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from dispers.learn.config import DataConfig, ExperimentConfig, ServerConfig, TrainingConfig, load_experiment
 from dispers.learn.data import FederatedData, digits
 from dispers.learn.experiment import run_experiment
-from dispers.learn.models import ModelShape, build_model
+from dispers.learn.models import ModelShape, build_model, get_flat
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,6 +165,64 @@ def shard_runs(args: argparse.Namespace) -> None:
                 f"{label:12} {n:6d} {rounds:6d} {setup:8.1f} {median:17.4f} {acc:10.4f} {one / median:10.2f}x"
             )
     print(f"load average after: {os.getloadavg()}")
+    for label, cfg in runs:
+        shard_work(label, cfg, min(args.health_rounds, cfg.training.rounds))
+
+
+def shard_work(label: str, cfg: ExperimentConfig, rounds: int) -> None:
+    """CPU seconds a round's training takes on 1 shard and on each of 2, all in this process.
+
+    The thread's CPU time (torch trains on this one thread), one shard after another: unlike
+    wall time on a shared machine, it does not depend on what else runs. The longer of the 2
+    shards is a round's critical path on 2 free cores; 1 shard's time over it is the speed-up
+    training could reach there.
+    """
+    from dispers.learn.shards import (
+        TrainShard,
+        TrainShardSpec,
+        assign_instances,
+        records_digest,
+        shard_records,
+    )
+
+    fed = load_data(cfg)
+    w = get_flat(build_model(cfg.model, ModelShape(fed.n_features, fed.n_classes), seed=cfg.seed))
+    layouts: dict[int, list[TrainShard]] = {}
+    for n in (1, 2):
+        layouts[n] = []
+        for run in assign_instances(fed.n_instances, n):
+            records = shard_records(fed, run)
+            shard = TrainShard(TrainShardSpec(cfg, run, records_digest(records), fed.n_features,
+                                              fed.n_classes, records))  # fmt: skip
+            shard.load()
+            layouts[n].append(shard)
+    one, longest, total = [], [], []
+    for r in range(rounds + 1):
+        rng = np.random.default_rng([cfg.seed, r, 7])
+        cohort = np.flatnonzero(rng.random(fed.n_instances) < cfg.training.cohort / fed.n_instances)
+        times = {}
+        for n, shards in layouts.items():
+            times[n] = []
+            for shard, run in zip(shards, assign_instances(fed.n_instances, n), strict=True):
+                members = cohort[(cohort >= run.start) & (cohort < run.stop)].tolist()
+                start = time.thread_time()
+                shard.train(r, w, members)
+                times[n].append(time.thread_time() - start)
+        if r:  # round 0 warms torch.func up
+            one.append(times[1][0])
+            longest.append(max(times[2]))
+            total.append(sum(times[2]))
+    a, b, c = statistics.median(one), statistics.median(longest), statistics.median(total)
+    print(f"{label:12} CPU s/round: 1 shard {a:.4f}; 2 shards: longest {b:.4f}, both {c:.4f}; "
+          f"training's speed-up on 2 free cores at most {a / b:.2f}x")  # fmt: skip
+
+
+def load_data(cfg: ExperimentConfig) -> FederatedData:
+    """The dataset a config describes."""
+    from dispers.learn import data as datasets
+
+    d = cfg.data
+    return datasets.load(d.dataset, n_instances=d.instances, split=d.split, alpha=d.alpha, seed=cfg.seed)
 
 
 def main() -> int:
