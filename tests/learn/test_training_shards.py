@@ -238,3 +238,19 @@ def test_a_fixed_sum_refuses_non_finite_or_huge_updates() -> None:
     for bad in (np.nan, np.inf, 2.0**41):
         with pytest.raises(DispersError):
             FixedSum.empty(2).add(np.array([[1.0, bad]]))
+
+
+def test_a_shard_worker_that_dies_is_a_clear_error(data: FederatedData) -> None:
+    import os
+    import signal
+
+    engine = SimulationEngine(experiment(shards=2), data, build_model("mlp", ModelShape(64, 10)))
+    try:
+        pool = engine._backend._pools[1]  # type: ignore[union-attr]
+        for pid in list(pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(DispersError) as info:
+            engine.run_round(0, get_flat(build_model("mlp", ModelShape(64, 10), seed=SEED)))
+        assert info.value.code is ErrorCode.UNAVAILABLE and "worker process died" in info.value.message
+    finally:
+        engine.close()
