@@ -117,6 +117,50 @@ def plot(rows: list[dict[str, Any]], path: str, shards: int) -> None:
     print(f"wrote {path}")
 
 
+def _seal_and_open_us(size: int, count: int = 5000) -> tuple[float, float]:
+    """Microseconds to seal, and to open, one box of `size` bytes, in this process."""
+    key = nacl.public.PrivateKey.generate()
+    sealer, opener = nacl.public.SealedBox(key.public_key), nacl.public.SealedBox(key)
+    message = b"x" * size
+    start = time.perf_counter()
+    boxes = [sealer.encrypt(message) for _ in range(count)]
+    sealed = time.perf_counter()
+    for box in boxes:
+        opener.decrypt(box)
+    opened = time.perf_counter()
+    return (sealed - start) / count * 1e6, (opened - sealed) / count * 1e6
+
+
+def scaling(n: int, scenario: Any, repeat: int) -> list[dict[str, Any]]:
+    """The query phase with one shard and with two, alternated `repeat` times, beside the
+    speed-up two cores allow: the hosts' seals are spread over the shards, but the DAs' opens
+    run on the same two cores. With one shard its seals are the critical path (s per item, the
+    DAs opening beside it), with two the cores share seals and opens ((s + o) / 2 per item),
+    so the speed-up is at most 2 s / (s + o), whatever the code."""
+    seal_us, open_us = _seal_and_open_us(QUERY_BOXES[0])
+    bound = 2 * seal_us / (seal_us + open_us)
+    rows = []
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(repeat):
+        for shards in (1, 2):
+            report = simulate(scenario.with_overrides(instances=n), shards=shards, crypto="real")
+            times[shards].append(report.phases["query: collect"])
+            print(f"{n:,} instances, {shards} shard(s): query {report.phases['query']:.2f} s, "
+                  f"collect {report.phases['query: collect']:.2f} s", flush=True)  # fmt: skip
+    one, two = min(times[1]), min(times[2])
+    print(
+        f"collect phase, best of {repeat}: 1 shard {one:.2f} s, 2 shards {two:.2f} s: speed-up "
+        f"{one / two:.2f}x; two cores allow at most {bound:.2f}x (seal {seal_us:.1f} us, "
+        f"open {open_us:.1f} us a record)"
+    )
+    rows.append({
+        "instances": n, "scaling": True, "collect_1_shard_s": times[1], "collect_2_shards_s": times[2],
+        "speedup": one / two, "bound": bound, "seal_us": seal_us, "open_us": open_us,
+        "load_average": os.getloadavg()[0],
+    })  # fmt: skip
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
@@ -127,6 +171,11 @@ def main() -> int:
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--plot", default="benchmarks/bench_simulate.png")
     parser.add_argument("--replot", help="only redraw the plot from a --json file of earlier runs")
+    parser.add_argument(
+        "--scaling", type=int, metavar="N",
+        help="only the query phase over N instances with 1 shard and with 2, alternated --repeat times",
+    )  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     if args.replot:
         plot(json.loads(Path(args.replot).read_text()), args.plot, args.shards)
@@ -134,6 +183,11 @@ def main() -> int:
     scenario = load_scenario(args.scenario).with_overrides(dp=False)
     rows: list[dict[str, Any]] = []
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (compare ratios)")
+    if args.scaling:
+        rows = scaling(args.scaling, scenario, args.repeat)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
     with ProcessPoolExecutor(2) as pool:
         pool.submit(int).result()  # the workers are up before anything is timed
         for n in [int(x) for x in args.sizes.split(",")]:

@@ -76,6 +76,11 @@ def run_train(args: argparse.Namespace) -> int:
             else ""
         )
         print(f"test accuracy {last.test_accuracy:.4f}, test loss {last.test_loss:.4f}{spent}")
+        federated = [r for r in result.rounds if r.federated_accuracy is not None]
+        if federated:
+            r = federated[-1]
+            print(f"federated accuracy {r.federated_accuracy:.4f}, federated loss {r.federated_loss:.4f} "
+                  f"(round {r.round + 1}, on the instances' own records)")  # fmt: skip
     if result.stopped:
         print(result.stopped)
     for path in result.outputs:

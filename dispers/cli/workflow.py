@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import time
@@ -110,6 +111,12 @@ def _import(args: argparse.Namespace) -> int:
     if documents is None:
         hosts = ", ".join(e.name for e in config.roster if config.local_for(e.name).documents is not None)
         raise DispersError(ErrorCode.NOT_FOUND, f"no host {args.host!r} with documents (hosts: {hosts})")
+    if args.dataset is not None:
+        if args.file is not None:
+            raise DispersError(ErrorCode.CONFIG, "import: give a FILE or --dataset, not both")
+        return _import_dataset(args, config, documents)
+    if args.file is None:
+        raise DispersError(ErrorCode.CONFIG, "import: give a FILE (CSV or JSON Lines) or --dataset digits")
     path = Path(args.file)
     if not path.is_file():
         raise DispersError(ErrorCode.NOT_FOUND, f"no file {path}")
@@ -140,6 +147,47 @@ def _import(args: argparse.Namespace) -> int:
           f"measurements, {report.cohorts} cohort memberships ({report.rows} rows in {seconds:.1f} s); "
           f"`dispers subscribe --host {args.host}` makes them answer queries")  # fmt: skip
     return 0
+
+
+def _import_dataset(args: argparse.Namespace, config: ClusterConfig, documents: Path) -> int:
+    """`dispers import --dataset digits`: a registered dataset's training split, one synthetic
+    person per instance (consenting, in the dataset's cohort), their records in the host's store."""
+    from dispers.learn.data import digits
+    from dispers.state.documents import DocumentStore, epoch_day
+
+    cohort = f"cohort:{args.dataset}"
+    if cohort not in config.settings.vocabulary:
+        raise DispersError(
+            ErrorCode.CONFIG,
+            f"import: the cluster's vocabulary has no {cohort} (add it to [cluster] vocabulary)",
+        )
+    if args.instances < 1:
+        raise DispersError(ErrorCode.CONFIG, "import: --instances must be at least 1")
+    if not args.alpha > 0:
+        raise DispersError(ErrorCode.CONFIG, "import: --alpha must be a positive number")
+    data = digits(n_instances=args.instances, split=args.split, alpha=args.alpha, seed=args.seed)
+    ids = dataset_instance_ids(args.dataset, args.instances)
+    n = len(ids)
+    if args.dry_run:
+        print(f"{args.dataset}: {n} instances, {len(data.y)} records; nothing written (--dry-run)")
+        return 0
+    born = epoch_day(dt.date(1990, 1, 1))
+    with DocumentStore(documents) as store:
+        store.import_documents(
+            people=(ids, [born] * n, ["F" if i % 2 else "M" for i in range(n)], [True] * n),
+            measurements={},
+            declared=(ids, [cohort] * n),
+        )
+        store.import_training_records(args.dataset, ids, data.offsets, data.x.numpy(), data.y.numpy())
+    print(f"imported {args.dataset} into {args.host}: {n} instances ({ids[0]} ...), {len(data.y)} records "
+          f"(split {args.split}, seed {args.seed}; the seed's 20 % held out stays the querier's test set), "
+          f"in {cohort}; `dispers subscribe --host {args.host}` makes them answer")  # fmt: skip
+    return 0
+
+
+def dataset_instance_ids(dataset: str, n: int) -> list[str]:
+    """The ids `dispers import --dataset` gives a dataset's instances."""
+    return [f"{dataset}-{i:06d}" for i in range(n)]
 
 
 def _functions(args: argparse.Namespace) -> int:
@@ -214,8 +262,16 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--grace", type=float, default=10.0, help="seconds each actor gets to stop before SIGKILL")
     s.set_defaults(fn=_down)
 
-    s = sub.add_parser("import", help="load people, measurements, cohorts and consent from CSV or JSON Lines")
-    s.add_argument("file", help="a .csv or .jsonl file (schema: README, 'Your own data')")
+    s = sub.add_parser(
+        "import",
+        help="load people, measurements, cohorts and consent from CSV or JSON Lines, or a training dataset",
+    )
+    s.add_argument("file", nargs="?", help="a .csv or .jsonl file (schema: README, 'Your own data')")
+    s.add_argument("--dataset", choices=["digits"], help="instead of a file: a training dataset's records")
+    s.add_argument("--instances", type=int, default=100, help="--dataset: instances to split it over")
+    s.add_argument("--split", choices=["iid", "dirichlet"], default="iid", help="--dataset: how")
+    s.add_argument("--alpha", type=float, default=0.5, help="--dataset: Dirichlet concentration")
+    s.add_argument("--seed", type=int, default=0, help="--dataset: the split's seed (and the held-out set's)")
     s.add_argument("--host", default="pc-1", help="the personal-cloud host that keeps them (default pc-1)")
     s.add_argument("--format", choices=["csv", "jsonl"], help="the file's format (default: from its suffix)")
     s.add_argument("--dry-run", action="store_true", help="check the whole file, write nothing")

@@ -246,6 +246,9 @@ class Roster:
         return out
 
 
+MAX_ROUND_TIME_S = 480.0  # a training round's answer time fits the transport's longest call (600 s)
+
+
 @dataclass(frozen=True)
 class ClusterSettings:
     """Cluster-wide policy and tuning.
@@ -283,6 +286,11 @@ class ClusterSettings:
     # Training: the most local work a querier may ask of a host per round (time and memory).
     max_local_epochs: int = 20
     max_local_batch: int = 1024
+    # A host answers a round no earlier than round_time_s after the request, whatever it did (so
+    # the answer's time tells nothing of who trained), and stops training by then; Q may ask for
+    # another time up to max_round_time_s (T waits that long, plus host_deadline_s, per host).
+    round_time_s: float = 30.0
+    max_round_time_s: float = 120.0
     insecure: bool = False  # plain channels, caller names unauthenticated: loopback experiments only
     ca_cert: Path | None = None  # the cluster CA certificate (PEM), absolute once loaded
 
@@ -414,10 +422,17 @@ def _settings(raw: Any, base: Path | None = None) -> ClusterSettings:
         "max_wait_s",
         "host_deadline_s",
         "host_deadline_per_item_s",
+        "round_time_s",
+        "max_round_time_s",
     ):
         value = getattr(s, key)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
             raise _config_error(f"cluster.{key} must be a positive number")
+    if s.max_round_time_s > MAX_ROUND_TIME_S:
+        # T's call to a host, and the host's answer, must fit the transport's longest call.
+        raise _config_error(f"cluster.max_round_time_s must be at most {MAX_ROUND_TIME_S:g}")
+    if s.round_time_s > s.max_round_time_s:
+        raise _config_error(f"cluster.round_time_s must be at most max_round_time_s = {s.max_round_time_s:g}")
     # Whether a payload fits its frame must never depend on a person's data: the frames must
     # hold the worst case the other settings allow.
     need = s.max_concepts * (MAX_CONCEPT_LENGTH + 3) + 64

@@ -109,10 +109,13 @@ class ContributionLayout:
             v.tobytes()
         )
 
-    def decline(self, query_id: str) -> bytes:
-        """A decline: the same length as a contribution, all values zero."""
+    def decline(self, query_id: str, reason: int = 0) -> bytes:
+        """A decline: the same length as a contribution, all values zero. `reason` (in the group
+        field, 0 by default) is set only where the cluster's policy releases exact counts."""
         check_query_id(query_id)
-        return _RECORD_HEADER.pack(RECORD_VERSION, KIND_DECLINE, bytes.fromhex(query_id), 0) + bytes(
+        if not 0 <= reason < 2**32:
+            raise malformed("a decline's reason is out of range")
+        return _RECORD_HEADER.pack(RECORD_VERSION, KIND_DECLINE, bytes.fromhex(query_id), reason) + bytes(
             8 * self.n_fields
         )
 

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 Observer = Callable[[str, str, bytes], None]
 
 _lock = threading.Lock()
-_observers: list[Observer] = []
+# Replaced whole under _lock, read without it: notify, called on every opened box, takes no lock
+# and copies nothing (a tuple is immutable; swapping the reference is atomic).
+_observers: tuple[Observer, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -24,23 +26,23 @@ class Seen:
 
 def add_observer(observer: Observer) -> None:
     """Register a callable(actor, what, plaintext) called on every opened box."""
+    global _observers
     with _lock:
-        _observers.append(observer)
+        _observers = (*_observers, observer)
 
 
 def remove_observer(observer: Observer) -> None:
     """Unregister an observer."""
+    global _observers
     with _lock:
-        _observers.remove(observer)
+        current = list(_observers)
+        current.remove(observer)
+        _observers = tuple(current)
 
 
 def notify(actor: str, what: str, plaintext: bytes) -> None:
     """Called by crypto.box for every plaintext it hands to an actor."""
-    if not _observers:
-        return
-    with _lock:
-        current = list(_observers)
-    for observer in current:
+    for observer in _observers:
         observer(actor, what, plaintext)
 
 

@@ -67,6 +67,7 @@ class UpdateSum:
     weight: float = 0.0
     count: int = 0  # updates added
     declines: int = 0
+    cut: int = 0  # of the declines, instances whose training the round time stopped
     dropped: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -97,6 +98,7 @@ class UpdateSum:
         self.weight += other.weight
         self.count += other.count
         self.declines += other.declines
+        self.cut += other.cut
         for reason, n in other.dropped.items():
             self.drop(reason, n)
 
@@ -107,6 +109,7 @@ class UpdateSum:
             "weight": self.weight,
             "count": self.count,
             "declines": self.declines,
+            "cut": self.cut,
             "dropped": dict(self.dropped),
         }
 
@@ -117,19 +120,22 @@ class UpdateSum:
         if not isinstance(obj, dict):
             raise malformed(f"{what} is not an object")
         weight, count, declines = obj.get("weight"), obj.get("count"), obj.get("declines")
+        cut = obj.get("cut")
         dropped = obj.get("dropped")
         if not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
             raise malformed(f"{what}: weight must be a non-negative number")
-        for name, n in (("count", count), ("declines", declines)):
+        for name, n in (("count", count), ("declines", declines), ("cut", cut)):
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise malformed(f"{what}: {name} must be a non-negative integer")
         if not isinstance(dropped, dict) or not all(
             isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in dropped.items()
         ):
             raise malformed(f"{what}: dropped must map reasons to counts")
-        assert isinstance(count, int) and isinstance(declines, int)
+        assert isinstance(count, int) and isinstance(declines, int) and isinstance(cut, int)
+        if cut > declines:
+            raise malformed(f"{what}: more cut than declines")
         return cls(_vector(obj.get("total"), n_params, f"{what} vector"), float(weight), count, declines,
-                   dict(dropped))  # fmt: skip
+                   cut, dict(dropped))  # fmt: skip
 
 
 def noise_sigma(noise_multiplier: float, clip: float, n_params: int) -> tuple[float, float]:

@@ -10,6 +10,7 @@ update, opened by Q only.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import tempfile
 import time
@@ -28,16 +29,20 @@ from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.messages import SubscriptionOp
 from dispers.learn.config import ExperimentConfig
 from dispers.learn.data import FederatedData
-from dispers.learn.engine import RoundOutput
+from dispers.learn.engine import EvaluationOutput, RoundOutput
 from dispers.learn.models import n_params
 from dispers.protocol.data_aggregator import DataAggregator
 from dispers.protocol.instance.host import PersonalCloudHost
+from dispers.protocol.learning.messages import RoundResult
 from dispers.protocol.learning.querier import RoundPlan
 from dispers.state.documents import DocumentStore, epoch_day
 
 FloatArray = npt.NDArray[np.float64]
 TRAIN_CONCEPT = "cohort:train"
 HEALTH_TARGET = "has:heart_rate"  # a running cluster's instances that measure their heart rate
+# What a running cluster's hosts train on, by dataset: who is targeted. digits: the instances
+# `dispers import --dataset digits` wrote, each in the cohort it declares.
+CLUSTER_TARGETS = {"health": HEALTH_TARGET, "digits": "cohort:digits"}
 HOST = "pc-1"
 AS_OF = dt.date(2026, 11, 1)
 
@@ -86,6 +91,32 @@ def write_training_cluster(
     return config
 
 
+def timed_round(config: ExperimentConfig, data: FederatedData, model: nn.Module) -> float:
+    """A round time for a cluster `dispers train` builds itself, whose one host (in this process)
+    trains its whole cohort at once: that training timed here, once torch is warm, on the largest
+    instances (twice the cohort: T's Poisson draw varies around it), twice over plus a second.
+    The data is the experiment's own, so nothing about anyone leaks by it."""
+    import copy
+
+    from dispers.learn.local import train_batched
+    from dispers.learn.models import get_flat
+    from dispers.learn.shards import local_settings
+
+    sizes = data.sizes()
+    largest = [int(i) for i in np.argsort(-sizes, kind="stable")[: 2 * config.training.cohort] if sizes[i]]
+    if not largest:
+        return 1.0
+    twin = copy.deepcopy(model)
+    settings = local_settings(config)
+    w = get_flat(twin)
+    # A first call pays torch's one-time costs (imports, torch.func setup), which the host does not.
+    train_batched(twin, w, [data.records(largest[-1])], largest[-1:], dataclasses.replace(settings, epochs=1),
+                  seed=config.seed, round_=0)  # fmt: skip
+    start = time.monotonic()
+    train_batched(twin, w, [data.records(i) for i in largest], largest, settings, seed=config.seed, round_=0)
+    return 1.0 + 2 * (time.monotonic() - start)
+
+
 class ClusterEngine:
     """Rounds through the actors of an in-process cluster (real sealing, signatures and ledger)."""
 
@@ -108,6 +139,7 @@ class ClusterEngine:
         self._run_id = uuid.uuid4().hex[:16]
         self._tmp = None
         self.das: dict[str, DataAggregator] = {}
+        self._round_time: float | None = None  # None: the running cluster's round_time_s
         if config.engine == "cluster":
             self._join(config)
             return
@@ -134,6 +166,8 @@ class ClusterEngine:
         assert isinstance(host, PersonalCloudHost)
         host.serve_training_data(config.data.dataset, instance_ids(data.n_instances), data)
         self._k = cluster_config.settings.k_min
+        if config.training.round_time_s is None:
+            self._round_time = min(timed_round(config, data, model), cluster_config.settings.max_round_time_s)
 
     def _join(self, config: ExperimentConfig) -> None:
         """A running cluster (`dispers serve` ...): its hosts train on their own documents."""
@@ -141,14 +175,22 @@ class ClusterEngine:
         from dispers.core.ids import Role
         from dispers.transport.grpc_client import QuerierClient, client_for
 
-        if config.data.dataset != "health":
+        target = CLUSTER_TARGETS.get(config.data.dataset)
+        if target is None:
+            names = " or ".join(repr(d) for d in CLUSTER_TARGETS)
             raise DispersError(
                 ErrorCode.CONFIG,
-                "experiment: engine 'cluster' trains on the hosts' documents: data.dataset must be 'health'",
+                f"experiment: engine 'cluster' trains on the hosts' documents: data.dataset must be {names}",
             )
         assert config.cluster is not None
         cluster_config = load_config(config.cluster)
         self.cluster_config = cluster_config
+        if target not in cluster_config.settings.vocabulary:
+            raise DispersError(
+                ErrorCode.CONFIG,
+                f"experiment: data.dataset {config.data.dataset!r} trains the instances in {target}, "
+                "which the cluster's vocabulary does not hold",
+            )
         queriers = [e.name for e in cluster_config.roster.by_role(Role.QUERIER)]
         name = config.querier or (queriers[0] if queriers else "")
         if name not in queriers:
@@ -156,7 +198,7 @@ class ClusterEngine:
         querier = client_for(cluster_config, name, name, QuerierClient)
         self._closers.append(querier.close)
         self._querier: Any = querier
-        self._target = HEALTH_TARGET
+        self._target = target
         self._k = cluster_config.settings.k_min
 
     def _start_local(self, cluster_config: ClusterConfig) -> dict[str, object]:
@@ -195,12 +237,32 @@ class ClusterEngine:
             lr=t.lr, clip=t.clip, weighting=t.weighting, record_noise=p.record_noise,
             record_clip=p.record_clip, seed=c.seed, cohort=t.cohort,
             noise_multiplier=p.noise_multiplier if p.user_level else None, delta=p.delta,
-            accountant=p.accountant,
+            accountant=p.accountant, round_time_s=t.round_time_s or self._round_time,
         )  # fmt: skip
 
-    def run_round(self, round_: int, weights: FloatArray) -> RoundOutput:
-        """Submit the round as the Querier and wait for the root's sealed average update."""
-        qid = self._querier.submit_round(self.plan(round_, weights))
+    def evaluation_plan(self, index: int, weights: FloatArray) -> RoundPlan:
+        """What the Querier asks of federated evaluation `index`: the same target and cohort as
+        training, on a run of its own (its rounds accounted apart from training's)."""
+        e, p = self._config.evaluation, self._config.privacy
+        return dataclasses.replace(
+            self.plan(index, weights), run_id=f"{self._run_id}-eval", task="evaluate",
+            max_examples=e.max_examples, epochs=1, batch_size=1, clip=None, weighting="examples",
+            record_noise=None, noise_multiplier=e.noise_multiplier if p.user_level else None,
+        )  # fmt: skip
+
+    def run_evaluation(self, index: int, weights: FloatArray) -> EvaluationOutput:
+        """Submit federated evaluation `index` as the Querier; open the root's released sums."""
+        from dispers.learn.evaluation import metrics
+
+        result = self._outcome(self._querier.submit_round(self.evaluation_plan(index, weights)),
+                               f"evaluation {index + 1}")  # fmt: skip
+        if result.task != "evaluate":
+            raise DispersError(ErrorCode.MALFORMED, "the root released a training round for an evaluation")
+        loss, acc = metrics(result.average)
+        return EvaluationOutput(result.average, loss, acc, result.epsilon_run, result.budget_left)
+
+    def _outcome(self, qid: str, what: str) -> RoundResult:
+        """Wait for a submitted round's released result (a clear error if it has none)."""
         deadline = time.monotonic() + 3600
         while True:
             record, result = self._querier.round_outcome(qid, self._n_params, 30.0)
@@ -208,10 +270,16 @@ class ClusterEngine:
                 break
         if result is None:
             code = ErrorCode(record.error_code) if record.error_code else ErrorCode.INTERNAL
-            message = record.error_message or f"round {round_ + 1} did not finish"
+            message = record.error_message or f"{what} did not finish"
             if code is not ErrorCode.BUDGET_EXCEEDED:
-                message = f"round {round_ + 1} {record.state}: {message}"
+                message = f"{what} {record.state}: {message}"
             raise DispersError(code, message)
+        assert isinstance(result, RoundResult)
+        return result
+
+    def run_round(self, round_: int, weights: FloatArray) -> RoundOutput:
+        """Submit the round as the Querier and wait for the root's sealed average update."""
+        result = self._outcome(self._querier.submit_round(self.plan(round_, weights)), f"round {round_ + 1}")
         # T Poisson-samples the cohort (`asked` is its expected size): Q cannot tell instances
         # drawn but lost (no address, a host down; T's count, in C's record, which Q is not
         # shown) from the draw's variation, so it reports none.
@@ -225,6 +293,7 @@ class ClusterEngine:
             train_loss=None,
             epsilon_spent=result.epsilon_run,
             budget_left=result.budget_left,
+            cut=result.cut,
         )
 
     def close(self) -> None:

@@ -10,6 +10,7 @@
 [training]                    # rounds, cohort, local_epochs, batch_size, lr, weighting, clip, batched
 [server]                      # optimizer = "fedavg" | "fedavgm" | "fedadam", lr, momentum
 [privacy]                     # user_level, noise_multiplier, delta, accountant, budget_epsilon, record_noise
+[evaluation]                  # federated, every, max_examples, noise_multiplier
 ```
 """
 
@@ -59,6 +60,9 @@ class TrainingConfig:
     weighting: str = "examples"
     clip: float | None = None
     batched: bool = True  # torch.func over the cohort (simulation engine)
+    # When every host answers a round (it stops training by then): None is the cluster's
+    # round_time_s, or for the clusters `dispers train` builds itself, timed from the data.
+    round_time_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +88,17 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvaluationConfig:
+    """Federated evaluation: every `every` rounds, the cohort's instances score the global model
+    on their own first `max_examples` records, through the same actors as a training round."""
+
+    federated: bool = False
+    every: int = 1
+    max_examples: int = 64  # bounds one person's influence on the sums (and the DP noise)
+    noise_multiplier: float = 1.0  # under user-level DP: Gaussian noise per unit of that bound
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """Everything a training run needs; `load_experiment` reads it from TOML."""
 
@@ -100,6 +115,7 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         d, t, s, p = self.data, self.training, self.server, self.privacy
@@ -123,6 +139,8 @@ class ExperimentConfig:
             raise _bad("training.cohort", "must be at most data.instances")
         if t.clip is not None:
             _pos("training.clip", t.clip)
+        if t.round_time_s is not None:
+            _pos("training.round_time_s", t.round_time_s)
         if not 0 <= s.momentum < 1:
             raise _bad("server.momentum", "must be in [0, 1)")
         if p.user_level:
@@ -149,6 +167,12 @@ class ExperimentConfig:
         if p.record_noise is not None:
             _pos("privacy.record_noise", p.record_noise)
             _pos("privacy.record_clip", p.record_clip)
+        e = self.evaluation
+        if not isinstance(e.federated, bool):
+            raise _bad("evaluation.federated", "must be true or false")
+        _int("evaluation.every", e.every, 1)
+        _int("evaluation.max_examples", e.max_examples, 1)
+        _pos("evaluation.noise_multiplier", e.noise_multiplier)
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -189,7 +213,7 @@ def _section(cls: type[Any], table: object, name: str) -> Any:
 
 def parse_experiment(data: dict[str, Any]) -> ExperimentConfig:
     """Validate a parsed TOML document."""
-    known = {"experiment", "data", "model", "training", "server", "privacy"}
+    known = {"experiment", "data", "model", "training", "server", "privacy", "evaluation"}
     for key in data:
         if key not in known:
             raise _bad(f"[{key}]", f"is not a known section (known: {', '.join(sorted(known))})")
@@ -220,6 +244,7 @@ def parse_experiment(data: dict[str, Any]) -> ExperimentConfig:
             training=_section(TrainingConfig, data.get("training"), "training"),
             server=_section(ServerConfig, data.get("server"), "server"),
             privacy=_section(PrivacyConfig, data.get("privacy"), "privacy"),
+            evaluation=_section(EvaluationConfig, data.get("evaluation"), "evaluation"),
         )
     except TypeError as exc:  # a wrong type the checks above did not name
         raise _bad("file", f"has a value of the wrong type ({exc})") from None

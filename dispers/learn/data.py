@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from dispers.state.documents import DocumentStore
 
 DATASETS = ("digits", "health")
+DIGITS_SHAPE = (64, 10)  # features (8x8 pixels in [0, 1]) and classes of the digits dataset
 HEALTH_AS_OF = date(2026, 11, 1)
 # The known model behind the health labels: logit = sum(coef * standardized feature) + intercept.
 HEALTH_COEF = {"bpm": 1.1, "age": 0.9, "steps": -0.7, "female": -0.3}
@@ -184,6 +185,19 @@ def health_from_store(store: DocumentStore, ids: Sequence[str], as_of: date) -> 
     gx, gy, offsets = _grouped(feats, label, pos, len(ids))
     empty = torch.zeros(0, 4)
     return FederatedData(gx, gy, offsets, empty, torch.zeros(0, dtype=torch.int64), 2)
+
+
+def digits_from_store(store: DocumentStore, ids: Sequence[str]) -> FederatedData:
+    """The digits records of `ids` as a host keeps them (`dispers import --dataset digits`); no
+    test set (the Querier holds its own)."""
+    n_features, n_classes = DIGITS_SHAPE
+    offsets, x, y = store.training_records("digits", list(ids), n_features)
+    if len(y) and (y.max() >= n_classes or x.min() < 0 or x.max() > 1):
+        raise DispersError(ErrorCode.MALFORMED, "a digits record is out of its range")
+    return FederatedData(
+        torch.from_numpy(x), torch.from_numpy(y), offsets,
+        torch.zeros(0, n_features), torch.zeros(0, dtype=torch.int64), n_classes,
+    )  # fmt: skip
 
 
 def load(

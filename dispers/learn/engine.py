@@ -53,12 +53,25 @@ class RoundOutput:
     train_loss: float | None  # mean local loss (simulation only: instances keep theirs)
     epsilon_spent: float  # the run's accounted epsilon so far (0 without user-level DP)
     budget_left: float | None
+    cut: int | None = None  # declines of instances the round time stopped (exact policy only)
+
+
+@dataclass(frozen=True)
+class EvaluationOutput:
+    """A federated evaluation as the Querier sees it: (noised) sums, then mean loss and accuracy."""
+
+    sums: FloatArray  # loss (nats), correct, examples: summed over the instances, noised under DP
+    loss: float | None  # None when the (noised) number of examples is not positive
+    accuracy: float | None
+    epsilon_spent: float  # the evaluation run's accounted epsilon so far
+    budget_left: float | None
 
 
 class RoundEngine(Protocol):
     """Runs one federated round from the global weights."""
 
     def run_round(self, round_: int, weights: FloatArray) -> RoundOutput: ...
+    def run_evaluation(self, index: int, weights: FloatArray) -> EvaluationOutput: ...
     def close(self) -> None: ...
 
 
@@ -71,10 +84,10 @@ def user_level(config: ExperimentConfig, population: int) -> UserLevelDP | None:
     return UserLevelDP(p.noise_multiplier, rate, p.delta, p.accountant)
 
 
-def budget_message(round_: int, need: float, left: float) -> str:
-    """Why training stopped: the next round would overspend the querier's budget."""
+def budget_message(round_: int, need: float, left: float, what: str = "round") -> str:
+    """Why training stopped: the next round (or evaluation) would overspend the querier's budget."""
     return (
-        f"training stopped before round {round_ + 1}: it would spend epsilon {need:.4g} "
+        f"training stopped before {what} {round_ + 1}: it would spend epsilon {need:.4g} "
         f"and the querier's budget has {left:.4g} left"
     )
 
@@ -174,13 +187,55 @@ class SimulationEngine:
         )
         spent = epsilon_after(self._dp, round_ + 1) if self._dp else 0.0
         loss = float(part.loss.value()[0]) / part.examples if part.count else None
-        return RoundOutput(avg, m, part.count, part.declines, 0, loss, spent, left)
+        return RoundOutput(avg, m, part.count, part.declines, 0, loss, spent, left, cut=0)
 
     def __enter__(self) -> SimulationEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def run_evaluation(self, index: int, weights: FloatArray) -> EvaluationOutput:
+        """Evaluation `index`: a cohort drawn as for training scores `weights` on its own records;
+        sums noised and charged as the root does (a run of its own in the accountant)."""
+        from dispers.learn.evaluation import evaluation_record, metrics, release_sums
+        from dispers.learn.models import set_flat
+
+        cfg, e = self._config, self._config.evaluation
+        m = cfg.training.cohort
+        n = self._data.n_instances
+        rng = np.random.default_rng([cfg.seed, index, 11])
+        cohort = np.arange(n) if m >= n else np.flatnonzero(rng.random(n) < m / n)
+        dp = (
+            UserLevelDP(
+                e.noise_multiplier, min(1.0, m / max(1, n)), cfg.privacy.delta, cfg.privacy.accountant
+            )
+            if cfg.privacy.user_level
+            else None
+        )
+        left = None
+        if dp is not None:
+            eps, delta = round_charge(dp, index)
+            try:
+                status = self._ledger.charge(SIM_QUERIER, new_query_id(), Spend(eps, delta), self._total)
+            except DispersError as exc:
+                if exc.code is ErrorCode.BUDGET_EXCEEDED:
+                    now = self._ledger.status(SIM_QUERIER, self._total)
+                    message = budget_message(index, eps, now.left.epsilon, "evaluation")
+                    raise DispersError(exc.code, message) from None
+                raise
+            left = status.left.epsilon
+        set_flat(self._model, weights)
+        sums = np.zeros(3)
+        for i in cohort:
+            x, y = self._data.records(int(i))
+            if len(y):
+                sums += evaluation_record(self._model, x, y, e.max_examples)
+        released = release_sums(
+            sums, noise_multiplier=dp.noise_multiplier if dp else None, max_examples=e.max_examples
+        )
+        loss, acc = metrics(released)
+        return EvaluationOutput(released, loss, acc, epsilon_after(dp, index + 1) if dp else 0.0, left)
 
     def close(self) -> None:
         """Stop the shards' workers, if any."""

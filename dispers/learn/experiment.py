@@ -94,6 +94,8 @@ def run_experiment(
         from tqdm import tqdm
 
         bar = tqdm(total=config.training.rounds, unit="round", desc=config.name)
+    evaluated = 0  # federated evaluations run
+    eval_epsilon = 0.0
     try:
         for r in range(config.training.rounds):
             start = time.perf_counter()
@@ -108,18 +110,35 @@ def run_experiment(
             weights = server.step(weights, out.average_update)
             set_flat(model, weights)
             test_loss, acc = evaluate(model, fed.x_test, fed.y_test)
+            fed_loss = fed_acc = None
+            budget_left = out.budget_left
+            if config.evaluation.federated and (r + 1) % config.evaluation.every == 0:
+                try:
+                    ev = engine.run_evaluation(evaluated, weights)
+                except DispersError as exc:
+                    if exc.code is not ErrorCode.BUDGET_EXCEEDED:
+                        raise
+                    result.stopped = exc.message
+                    log.info("%s", exc.message)
+                else:
+                    evaluated += 1
+                    fed_loss, fed_acc, eval_epsilon = ev.loss, ev.accuracy, ev.epsilon_spent
+                    budget_left = ev.budget_left if ev.budget_left is not None else budget_left
             row = RoundMetrics(
                 round=r, asked=out.asked, contributed=out.contributed, declined=out.declined,
-                unreachable=out.unreachable, train_loss=out.train_loss, test_loss=test_loss,
-                test_accuracy=acc, epsilon=out.epsilon_spent, budget_left=out.budget_left,
+                cut=out.cut, unreachable=out.unreachable, train_loss=out.train_loss, test_loss=test_loss,
+                test_accuracy=acc, federated_loss=fed_loss, federated_accuracy=fed_acc,
+                epsilon=out.epsilon_spent + eval_epsilon, budget_left=budget_left,
                 seconds=time.perf_counter() - start,
             )  # fmt: skip
             result.rounds.append(row)
             if on_round is not None:
                 on_round(row)
             if bar is not None:
-                bar.set_postfix(acc=f"{acc:.3f}", eps=f"{out.epsilon_spent:.2f}")
+                bar.set_postfix(acc=f"{acc:.3f}", eps=f"{row.epsilon:.2f}")
                 bar.update(1)
+            if result.stopped:
+                break
     finally:
         engine.close()
         if bar is not None:

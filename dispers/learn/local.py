@@ -12,6 +12,7 @@ any test, see the same ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,16 @@ from torch.func import functional_call, grad, vmap
 from dispers.learn.models import get_flat, set_flat
 
 FloatArray = npt.NDArray[np.float64]
+Stop = Callable[[], bool]  # asked between batches: True stops the training (a host's round time)
+
+
+class Stopped(Exception):
+    """Training was stopped between batches (the host's round time is up)."""
+
+
+def _check(stop: Stop | None) -> None:
+    if stop is not None and stop():
+        raise Stopped
 
 
 @dataclass(frozen=True)
@@ -82,8 +93,10 @@ def train_sequential(
     *,
     seed: int,
     round_: int,
+    stop: Stop | None = None,
 ) -> LocalResult:
-    """Train each instance in turn on the one `model` object, starting from `global_flat`."""
+    """Train each instance in turn on the one `model` object, starting from `global_flat`
+    (`stop`, asked between batches, raises Stopped when it says so)."""
     updates = np.zeros((len(records), len(global_flat)))
     losses = np.zeros(len(records))
     examples = np.array([len(y) for _, y in records], dtype=np.int64)
@@ -91,12 +104,13 @@ def train_sequential(
         set_flat(model, global_flat)
         plan = batches(len(y), settings, seed=seed, round_=round_, instance=inst)
         if settings.record_noise is not None:
-            losses[k] = _train_dp_sgd(model, x, y, plan, settings, seed=seed, round_=round_, instance=inst)
+            losses[k] = _train_dp_sgd(model, x, y, plan, settings, stop=stop)
         else:
             opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
             tail_from = len(plan) - _last_epoch_steps(len(y), settings)
             total = 0.0
             for s, b in enumerate(plan):
+                _check(stop)
                 idx = torch.from_numpy(b)
                 opt.zero_grad()
                 loss = F.cross_entropy(model(x[idx]), y[idx])
@@ -116,9 +130,7 @@ def _train_dp_sgd(
     plan: list[npt.NDArray[np.int64]],
     settings: LocalSettings,
     *,
-    seed: int,
-    round_: int,
-    instance: int,
+    stop: Stop | None = None,
 ) -> float:
     """Record-level DP-SGD inside the instance: Opacus' `make_private` over its own records.
 
@@ -146,10 +158,10 @@ def _train_dp_sgd(
             data_loader=loader, noise_multiplier=settings.record_noise,
             max_grad_norm=settings.record_clip, noise_generator=noise,
         )  # fmt: skip
-        return _dp_epochs(private, optimizer, batches_, settings.epochs)
+        return _dp_epochs(private, optimizer, batches_, settings.epochs, stop)
 
 
-def _dp_epochs(private: Any, optimizer: Any, batches_: Any, epochs: int) -> float:
+def _dp_epochs(private: Any, optimizer: Any, batches_: Any, epochs: int, stop: Stop | None) -> float:
     import warnings
 
     with warnings.catch_warnings():
@@ -158,6 +170,7 @@ def _dp_epochs(private: Any, optimizer: Any, batches_: Any, epochs: int) -> floa
             total, seen = 0.0, 0
             for _ in range(epochs):
                 for xb, yb in batches_:
+                    _check(stop)
                     optimizer.zero_grad()
                     out = private(xb)
                     # An empty Poisson batch still takes its (noise-only) step, as accounted.
@@ -180,6 +193,7 @@ def train_batched(
     *,
     seed: int,
     round_: int,
+    stop: Stop | None = None,
 ) -> LocalResult:
     """The same local SGD as `train_sequential`, many instances at once with torch.func.
 
@@ -187,7 +201,9 @@ def train_batched(
     instance out of batches gets an all-zero mask: a zero gradient, no change).
     """
     if settings.record_noise is not None:  # Opacus' per-record clipping is done sequentially
-        return train_sequential(model, global_flat, records, instances, settings, seed=seed, round_=round_)
+        return train_sequential(
+            model, global_flat, records, instances, settings, seed=seed, round_=round_, stop=stop
+        )
     k = len(records)
     set_flat(model, global_flat)
     names = [n for n, _ in model.named_parameters()]
@@ -228,6 +244,7 @@ def train_batched(
     )
     loss_sum = torch.zeros(k)
     for s in range(steps):
+        _check(stop)
         xb = xs[rows, idx_t[s]]
         yb = ys[rows, idx_t[s]]
         mb = mask_t[s]

@@ -20,10 +20,13 @@ class RoundMetrics:
     asked: int
     contributed: int | None
     declined: int | None
+    cut: int | None  # of the declines, stopped by the round time (None: withheld under DP)
     unreachable: int
     train_loss: float | None
     test_loss: float
     test_accuracy: float
+    federated_loss: float | None  # the instances' own records (federated evaluation rounds only)
+    federated_accuracy: float | None
     epsilon: float
     budget_left: float | None
     seconds: float
@@ -58,6 +61,9 @@ def _plot(path: Path, rows: list[RoundMetrics], title: str) -> None:
     x = [r.round + 1 for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(x, [r.test_accuracy for r in rows], label="test accuracy")
+    federated = [(r.round + 1, r.federated_accuracy) for r in rows if r.federated_accuracy is not None]
+    if federated:
+        axes[0].plot([a for a, _ in federated], [b for _, b in federated], "o-", label="federated accuracy")
     axes[0].set_ylim(0, 1)
     axes[1].plot(x, [r.test_loss for r in rows], label="test loss")
     train = [(r.round + 1, r.train_loss) for r in rows if r.train_loss is not None]

@@ -6,10 +6,10 @@ import base64
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
-from dispers.core.codec import dumps, hex_bytes, loads_object
+from dispers.core.codec import dumps, dumps_strings, hex_bytes, loads_object, loads_strings
 from dispers.core.config import ClusterSettings, Roster, RosterEntry
 from dispers.core.errors import DispersError, ErrorCode, malformed
 from dispers.core.ids import Role, check_batch_id, check_query_id
@@ -199,6 +199,18 @@ def seal_padded(recipient: SealingPublicKey, obj: dict[str, Any], size: int, wha
 def open_padded(opener: Opener, ciphertext: bytes, size: int, what: str) -> dict[str, Any]:
     """Open a box sealed with seal_padded."""
     return loads_object(unpad(opener.open(ciphertext, what), size, what), what)
+
+
+def seal_padded_strings(
+    recipient: SealingPublicKey, obj: Mapping[str, str | Sequence[str]], size: int, what: str
+) -> bytes:
+    """seal_padded for a payload of text and lists of text (a subscription's), encoded by orjson."""
+    return seal(recipient, pad(dumps_strings(obj), size, what))
+
+
+def open_padded_strings(opener: Opener, ciphertext: bytes, size: int, what: str) -> dict[str, Any]:
+    """Open a box sealed with seal_padded_strings."""
+    return loads_strings(unpad(opener.open(ciphertext, what), size, what), what)
 
 
 def seal_signed(

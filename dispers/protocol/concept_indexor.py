@@ -24,8 +24,9 @@ from dispers.protocol.common import (
     Staging,
     frame_size,
     open_padded,
+    open_padded_strings,
     replay_memory_s,
-    seal_padded,
+    seal_padded_strings,
     seal_signed,
     signed_tokens_bytes,
     take_to_commit,
@@ -108,13 +109,13 @@ class ConceptIndexor:
         sealed: list[bytes] = []
         for i, ciphertext in enumerate(sealed_concepts):
             what = f"subscription {i} concepts"
-            obj = open_padded(self._opener, ciphertext, size, what)
+            obj = open_padded_strings(self._opener, ciphertext, size, what)
             nonce = hex_bytes(obj.get("nonce"), f"{what} nonce", NONCE_BYTES)
             # An unsubscription carries none: TF removes the instance from every set.
             concepts = self._concepts(field(obj, "concepts", list, what), what, least=0)
             per_item.append(concepts)
             body = {"tokens": [self.token(c).hex() for c in concepts], "nonce": nonce.hex()}
-            sealed.append(seal_padded(self._tf_key, body, out_size, "token list"))
+            sealed.append(seal_padded_strings(self._tf_key, body, out_size, "token list"))
         items = tuple(sealed)
         self._staged.put(batch_id, (op, sorted({c for concepts in per_item for c in concepts})))
         signature = self._keys.signing.sign(signed_items_bytes(self.name, batch_id, op, items))

@@ -51,7 +51,10 @@ class _QueryState:
     partial: Partial
     expected_children: frozenset[str]
     received_children: set[str] = field(default_factory=set)
-    seen: set[bytes] = field(default_factory=set)  # digests of ciphertexts, against duplicates
+    # Digests of the ciphertexts taken, against duplicates: a dict holding only bytes and None
+    # is untracked by the cyclic collector, where each of its full collections would walk
+    # every member of a set (a leaf of a million-target query holds half a million).
+    seen: dict[bytes, None] = field(default_factory=dict)
     attested: int | None = None  # root only: TF's signed number of targets
     forwarded: int | None = None  # leaves only: how many items T says it forwarded (stream closed)
     left: tuple[float, float] | None = None  # root, under DP: the querier's budget left once charged
@@ -211,7 +214,7 @@ class DataAggregator:
                 if item_digest in state.seen:
                     drop("duplicate")
                     continue
-                state.seen.add(item_digest)
+                state.seen[item_digest] = None
                 plaintext = self._opener.try_open(ciphertext, "contribution")
                 if plaintext is None:
                     drop("unopenable")

@@ -41,10 +41,11 @@ from dispers.protocol.common import (
     check_batch,
     frame_size,
     open_padded,
+    open_padded_strings,
     open_signed,
     replay_memory_s,
     same_query,
-    seal_padded,
+    seal_padded_strings,
     take_to_commit,
     unpack,
     verify_envelope,
@@ -55,6 +56,7 @@ from dispers.protocol.learning.messages import (
     TrainingRequest,
     TrainingRound,
     check_cohort,
+    check_local_work,
     model_frame_size,
 )
 from dispers.protocol.target_finder import PSEUDONYM_FRAME
@@ -121,7 +123,7 @@ class Target:
         sealed: list[bytes] = []
         for i, ciphertext in enumerate(sealed_addresses):
             what = f"subscription {i} address"
-            obj = open_padded(self._opener, ciphertext, self._settings.address_bytes, what)
+            obj = open_padded_strings(self._opener, ciphertext, self._settings.address_bytes, what)
             address = field(obj, "address", str, what)
             nonce = hex_bytes(obj.get("nonce"), f"{what} nonce", NONCE_BYTES)
             if len(address) > MAX_ADDRESS:
@@ -132,7 +134,7 @@ class Target:
             pseudonym = self.pseudonym(address)
             entries.append((pseudonym, address))
             body = {"pseudonym": pseudonym.hex(), "nonce": nonce.hex()}
-            sealed.append(seal_padded(self._tf_key, body, PSEUDONYM_FRAME, "pseudonym"))
+            sealed.append(seal_padded_strings(self._tf_key, body, PSEUDONYM_FRAME, "pseudonym"))
         items = tuple(sealed)
         self._staged.put(header.batch_id, (header.op, entries))
         signature = self._keys.signing.sign(signed_items_bytes(self.name, header.batch_id, header.op, items))
@@ -361,12 +363,20 @@ class Target:
                 return None
             return list(zip(batch.aggregators, batch.ciphertexts, strict=True))
 
-        # One host (a simulation's): ask it here, without a pool's thread handoff.
-        if len(jobs) == 1:
-            answers = [ask(jobs[0])]
-        else:
-            with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as pool:
-                answers = list(pool.map(ask, jobs))
+        # Every host answers at the round's fixed time (it holds its answer until then), so every
+        # host is asked at once (in waves beyond MAX_ROUND_CALLS); T waits that long plus a host's
+        # usual deadline per wave, then counts a host still silent unreachable.
+        workers = min(MAX_ROUND_CALLS, max(1, len(jobs)))
+        waves = -(-len(jobs) // workers)
+        deadline = time.monotonic() + waves * (request.round_time_s + self._deadline(size))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="t-round")
+        futures = [pool.submit(ask, job) for job in jobs]
+        wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+        pool.shutdown(wait=False, cancel_futures=True)
+        answers = [f.result() if f.done() and not f.cancelled() else None for f in futures]
+        late = sum(1 for f in futures if not f.done())
+        if late:
+            log.warning("round %s: %d host call(s) past the round's deadline", envelope.query_id[:8], late)
         for job, pairs in zip(jobs, answers, strict=True):
             if pairs is None:
                 unreachable += len(job[1])
@@ -398,6 +408,9 @@ def _expired() -> DispersError:
         "the query fails rather than release a result on part of its targets",
     )
 
+
+MAX_ROUND_CALLS = 256
+"""Host calls T has in flight at once in a training round (each waits for the round time)."""
 
 MIN_WINDOW = 1000
 """Fewest items in one shuffled window (unless a DA's whole stream is smaller: then all of it)."""
@@ -495,6 +508,7 @@ def _training_request(
     if request.cohort != envelope.cohort:  # the root DA charges for the envelope's cohort
         raise malformed(f"{what}: its cohort is not the one the querier signed into the round")
     check_cohort(request.cohort, envelope.k, what)
+    check_local_work(request.epochs, request.batch_size, request.round_time_s, settings, request.max_examples)
     return request, request_bytes, signature
 
 

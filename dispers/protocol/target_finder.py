@@ -26,6 +26,7 @@ from dispers.protocol.common import (
     ReplayGuard,
     frame_size,
     open_padded,
+    open_padded_strings,
     open_sealed_signed,
     pack,
     replay_memory_s,
@@ -93,14 +94,14 @@ class TargetFinder:
             zip(tokens.items, pseudonyms.items, strict=True)
         ):
             what = f"subscription {i} tokens"
-            obj = open_padded(self._opener, sealed_tokens, size, what)
+            obj = open_padded_strings(self._opener, sealed_tokens, size, what)
             raw = field(obj, "tokens", list, what)
             if len(raw) > self._settings.max_concepts:
                 raise malformed(f"{what}: more than {self._settings.max_concepts} tokens")
             toks = [hex_bytes(tk, what, TOKEN_BYTES) for tk in raw]
             nonce = hex_bytes(obj.get("nonce"), f"{what} nonce", NONCE_BYTES)
             what = f"subscription {i} pseudonym"
-            pobj = open_padded(self._opener, sealed_pseudonym, PSEUDONYM_FRAME, what)
+            pobj = open_padded_strings(self._opener, sealed_pseudonym, PSEUDONYM_FRAME, what)
             pseudonym = hex_bytes(pobj.get("pseudonym"), what, PSEUDONYM_BYTES)
             if hex_bytes(pobj.get("nonce"), f"{what} nonce", NONCE_BYTES) != nonce:
                 raise malformed(f"subscription {i}: its tokens and pseudonym carry different nonces")

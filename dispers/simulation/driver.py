@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import re
 import resource
 import tempfile
@@ -48,13 +49,12 @@ from dispers.simulation.transport import Meter, ShardHost, SimPeers, _Metered
 log = logging.getLogger(__name__)
 
 CRYPTO_MODES = ("real", "off")
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _INDEX = re.compile(r" \d+")
 
 
 def default_shards() -> int:
     """One shard per core."""
-    import os
-
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
@@ -86,23 +86,79 @@ def _crypto(real: bool) -> Iterator[None]:
 
 @contextmanager
 def _observed() -> Iterator[Counter[tuple[str, str]]]:
+    # Called for every box opened in this process, from many threads: each thread counts in its
+    # own Counter (no lock per box), and the counters are summed when the block ends.
     seen: Counter[tuple[str, str]] = Counter()
+    counters: list[Counter[tuple[str, str]]] = []
+    mine = threading.local()
     lock = threading.Lock()
 
-    kinds: dict[str, str] = {}  # "subscription 12 concepts" -> "subscription concepts"
-
     def count(actor: str, what: str, plaintext: bytes) -> None:
-        kind = kinds.get(what)
-        if kind is None:
-            kind = kinds[what] = _INDEX.sub("", what)
-        with lock:
-            seen[(actor, kind)] += 1
+        try:
+            counter = mine.counter
+        except AttributeError:
+            counter = mine.counter = Counter()
+            with lock:
+                counters.append(counter)
+        counter[(actor, what)] += 1
 
     observe.add_observer(count)
     try:
         yield seen
     finally:
         observe.remove_observer(count)
+        with lock:
+            for counter in counters:
+                for (actor, what), n in counter.items():
+                    seen[(actor, _INDEX.sub("", what))] += n
+
+
+def _rss(pid: int) -> int | None:
+    """A process's resident memory in bytes, or None where /proc does not show it."""
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _MemorySampler:
+    """The resident memory of the driver and its shards, summed at the same instants (every
+    `every` seconds): the whole simulation's peak, where the sum of each process's own peak
+    adds peaks reached at different times (a shard peaks while it builds its columns, the
+    driver at the end of subscription). Shards on other machines (a remote Ray cluster) are
+    not visible here: then only the sum of peaks is reported."""
+
+    def __init__(self, pids: list[int], every: float = 0.25) -> None:
+        self._pids = [os.getpid(), *pids]
+        self.visible = all(_rss(p) is not None for p in self._pids)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._every = every
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+
+    def sample(self) -> None:
+        total = 0
+        for pid in self._pids:
+            total += _rss(pid) or 0
+        self.peak = max(self.peak, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self.sample()
+
+    def start(self) -> None:
+        """Sample now, then every `every` seconds until stop()."""
+        if self.visible:
+            self.sample()
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling (after a last sample); calling it again does nothing."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+            self.sample()
 
 
 def _progress(enabled: bool, total: int, desc: str) -> Any:
@@ -286,12 +342,20 @@ def simulate(
             ),
         )
         cluster = _central_actors(config, runner, on_answer)
+        sampler: _MemorySampler | None = None
+        populate_peak = 0
         try:
             start, cpu_start = time.perf_counter(), time.process_time()
             runner.start(_shard_specs(config, scenario, n_shards, real))
             sizes = [int(f.result()) for f in [runner.call(s, "ready") for s in range(n_shards)]]
             phases["populate"] = time.perf_counter() - start
             cpu["populate"] = time.process_time() - cpu_start
+            # While they build their columns the shards peak and the driver holds little: the
+            # populate phase's total is each shard's peak so far plus the driver's present size.
+            built = [runner.call(s, "usage").result() for s in range(n_shards)]
+            populate_peak = (_rss(os.getpid()) or 0) + sum(int(u["peak_rss"]) for u in built)
+            sampler = _MemorySampler([int(runner.call(s, "pid").result()) for s in range(n_shards)])
+            sampler.start()
 
             start, cpu_start = time.perf_counter(), time.process_time()
             subscribed = _subscribe(
@@ -321,6 +385,7 @@ def simulate(
             truth, truth_counts = _truth(
                 [runner.call(s, "truth").result() for s in range(n_shards)], scenario.spec
             )
+            sampler.stop()
             usage = [runner.call(s, "usage").result() for s in range(n_shards)]
         except (BrokenExecutor, OSError) as exc:
             raise DispersError(
@@ -333,6 +398,8 @@ def simulate(
                 ) from None
             raise
         finally:
+            if sampler is not None:
+                sampler.stop()
             gc.unfreeze()
             cluster.close()
             runner.close()
@@ -348,6 +415,7 @@ def simulate(
         learned.setdefault(actor, {"role": roles.get(actor, "?"), "opened": {}})["opened"][what] = n
     messages = cluster.meter.per_actor()
     main_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sampled_peak = sampler.peak if sampler is not None and sampler.visible else 0
     shard_peaks = [int(u["peak_rss"]) for u in usage]
     result = outcome.result
     return SimulationReport(
@@ -384,7 +452,12 @@ def simulate(
         memory={
             "driver_peak_bytes": main_peak,
             "shard_peak_bytes": shard_peaks,
-            "total_peak_bytes": main_peak + sum(shard_peaks),
+            "sum_of_peaks_bytes": main_peak + sum(shard_peaks),
+            # At the same instants where the shards' memory is visible here; else the sum of peaks.
+            "total_peak_bytes": (
+                max(populate_peak, sampled_peak) if sampled_peak else main_peak + sum(shard_peaks)
+            ),
+            "total_peak_sampled": bool(sampled_peak),
         },  # fmt: skip
         learned=learned,
         querier=name,

@@ -240,7 +240,12 @@ class SimulationReport:
         lines.append(
             f"\npeak memory: driver {_bytes(m['driver_peak_bytes'])}, shards "
             + ", ".join(_bytes(b) for b in m["shard_peak_bytes"])
-            + f"; sum {_bytes(m['total_peak_bytes'])}"
+            + f"; sum of peaks {_bytes(m.get('sum_of_peaks_bytes', m['total_peak_bytes']))}"
+            + (
+                f"; whole simulation at its peak {_bytes(m['total_peak_bytes'])} (sampled)"
+                if m.get("total_peak_sampled")
+                else ""
+            )
         )
         return "\n".join(lines)
 

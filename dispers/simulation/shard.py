@@ -12,12 +12,15 @@ instance would contribute (the ground truth), and applies the scenario's faults.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
+import os
 import resource
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from typing import cast
@@ -43,6 +46,7 @@ from dispers.state.columns import Column, ColumnStore
 
 BLOCK_MIN = 250
 BLOCK_MAX = 10_000
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 _EPOCH = date(1970, 1, 1)
 
 
@@ -200,10 +204,33 @@ def _joined(parts: list[Column]) -> Column:
     return owner, day, value
 
 
+def _hand_back_freed_memory() -> Callable[[], None]:
+    """Have glibc give freed arrays back to the system; returns a call that trims the heap.
+
+    A shard builds its columns from a hundred blocks, each freed once copied. glibc raises its
+    mmap threshold as large blocks are freed, so the later ones come from the heap, where
+    freed memory stays resident: a 500,000-instance shard kept 680 MB resident (and peaked at
+    820 MB) for 200 MB of arrays. A fixed threshold of 256 KiB (arrays above it are mapped,
+    and unmapped when freed) and a trim once built brought it to 400 MB (peak 580 MB).
+    Elsewhere than glibc this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+    except (OSError, AttributeError):
+        return lambda: None
+
+    def trim() -> None:
+        libc.malloc_trim(0)
+
+    return trim
+
+
 class Shard:
     """One worker's instances, host and ground truth."""
 
     def __init__(self, spec: ShardSpec) -> None:
+        trim = _hand_back_freed_memory()
         set_crypto(spec.crypto)
         self.spec = spec
         self._seen: Counter[tuple[str, str]] = Counter()
@@ -252,6 +279,7 @@ class Shard:
             self._ids, np.concatenate(birth), np.concatenate(female), np.concatenate(consent), joined
         )
         del joined
+        trim()
         self._offline = np.concatenate([f[0] for f in flags])
         self._truth = ShardTruth(
             value=np.concatenate([t[0] for t in truths]),
@@ -322,6 +350,10 @@ class Shard:
     def truth(self) -> ShardTruth:
         """What every instance of this shard holds, by the reference code, and its faults."""
         return self._truth
+
+    def pid(self) -> int:
+        """This worker's process id (the driver samples its memory while the simulation runs)."""
+        return os.getpid()
 
     def usage(self) -> dict[str, object]:
         """This worker's peak memory (bytes) and the plaintexts opened in it, by (actor, kind)."""

@@ -96,6 +96,14 @@ CREATE TABLE IF NOT EXISTS declared_concepts (  -- concepts an owner opts into (
     concept TEXT NOT NULL,
     PRIMARY KEY (instance_id, concept)
 );
+CREATE TABLE IF NOT EXISTS training_records (  -- labelled records of a registered dataset
+    instance_id TEXT NOT NULL,
+    dataset TEXT NOT NULL,  -- a name of dispers.learn.data's registry (digits)
+    idx INTEGER NOT NULL,  -- the record's position among its owner's records of the dataset
+    features BLOB NOT NULL,  -- little-endian float32, the dataset's number of features
+    label INTEGER NOT NULL,
+    PRIMARY KEY (instance_id, dataset, idx)
+);
 """
 
 _MIGRATE_HEART_RATE = (
@@ -457,6 +465,77 @@ class DocumentStore:
                 raise
             self._conn.execute("COMMIT")
         logger.debug("import: %d people, %d measurements", len(person_rows), len(measured))
+
+    def import_training_records(
+        self,
+        dataset: str,
+        ids: Sequence[str],
+        offsets: npt.ArrayLike,
+        features: npt.ArrayLike,
+        labels: npt.ArrayLike,
+    ) -> None:
+        """Set the records of `dataset` each of `ids` holds, in one transaction: instance ids[i]
+        holds rows offsets[i]:offsets[i+1] of `features` (float32) and `labels`, replacing what it
+        held of that dataset (importing again changes nothing). Every owner must be on this host."""
+        _batch_param(ids)
+        off = np.asarray(offsets, dtype=np.int64)
+        x = np.ascontiguousarray(features, dtype="<f4")
+        y = np.asarray(labels, dtype=np.int64)
+        _check_lengths("import_training_records: offsets", len(ids) + 1, len(off))
+        if x.ndim != 2 or len(x) != len(y) or off[0] != 0 or off[-1] != len(y) or (np.diff(off) < 0).any():
+            raise DispersError(ErrorCode.MALFORMED, "import_training_records: rows do not match the offsets")
+        if not np.isfinite(x).all() or (y < 0).any():
+            raise DispersError(ErrorCode.MALFORMED, "import_training_records: non-finite features or labels")
+        rows = [
+            (ids[i], dataset, j - int(off[i]), x[j].tobytes(), int(y[j]))
+            for i in range(len(ids))
+            for j in range(int(off[i]), int(off[i + 1]))
+        ]
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                (missing,) = self._conn.execute(
+                    "SELECT COUNT(*) FROM json_each(?) AS b WHERE NOT EXISTS "
+                    "(SELECT 1 FROM instances AS i WHERE i.instance_id = b.value)",
+                    (json.dumps(list(ids)),),
+                ).fetchone()
+                if missing:
+                    raise DispersError(
+                        ErrorCode.NOT_FOUND, f"import_training_records: {missing} owners are not on this host"
+                    )
+                self._conn.executemany(
+                    "DELETE FROM training_records WHERE instance_id = ? AND dataset = ?",
+                    [(i, dataset) for i in ids],
+                )
+                self._conn.executemany("INSERT INTO training_records VALUES (?, ?, ?, ?, ?)", rows)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        logger.debug("import: %d training records of %d instances", len(rows), len(ids))
+
+    def training_records(
+        self, dataset: str, ids: Sequence[str], n_features: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """(offsets, features, labels) of the `dataset` records each of `ids` holds, in the order
+        of `ids` (an instance without any holds none); one query per batch."""
+        batch = _batch_param(ids)
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT b.key, r.features, r.label FROM json_each(?) AS b "
+                "JOIN training_records AS r ON r.instance_id = b.value AND r.dataset = ? "
+                "ORDER BY b.key, r.idx",
+                (batch, dataset),
+            ).fetchall()
+        pos = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        counts = np.bincount(pos, minlength=len(ids)) if len(rows) else np.zeros(len(ids), dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        width = 4 * n_features
+        if any(len(r[1]) != width for r in rows):
+            raise DispersError(ErrorCode.MALFORMED, f"a {dataset} record does not hold {n_features} features")
+        x = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), n_features)
+        y = np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows))
+        return offsets, x.astype(np.float32), y
 
     def declare_concepts(self, ids: Sequence[str], concepts: Sequence[str]) -> None:
         """Record that instance ids[i] opts into concepts[i] (idempotent), in one transaction."""

@@ -84,6 +84,20 @@ def test_update_sums_merge_to_the_direct_sum_in_any_split(cuts: list[int], n_par
     )
 
 
+def test_declines_cut_by_the_round_time_are_counted_through_the_wire_form() -> None:
+    """A leaf's count of cut declines merges up the tree; a partial claiming more cut instances
+    than declines is refused."""
+    a, b = UpdateSum.empty(3), UpdateSum.empty(3)
+    a.declines, a.cut, b.declines, b.cut = 4, 1, 2, 2
+    merged = UpdateSum.empty(3)
+    for s in (a, b):
+        merged.merge(UpdateSum.from_obj(s.to_obj(), 3))
+    assert (merged.declines, merged.cut) == (6, 3)
+    bad = {**a.to_obj(), "cut": 5}
+    with pytest.raises(DispersError, match="cut"):
+        UpdateSum.from_obj(bad, 3)
+
+
 def test_an_update_record_has_the_length_of_a_decline() -> None:
     layout = update_layout(650)
     qid = "ab" * 16
@@ -169,6 +183,7 @@ def test_models_fit_one_contribution_record() -> None:
         ({"privacy": {"user_level": True}}, "training.clip"),
         ({"privacy": {"user_level": True}, "training": {"clip": 1.0}}, "training.weighting"),
         ({"server": {"optimizer": "sgd"}}, "server.optimizer"),
+        ({"training": {"round_time_s": 0}}, "training.round_time_s"),
     ],
 )
 def test_config_errors_name_the_bad_key(doc: dict[str, object], key: str) -> None:

@@ -221,16 +221,24 @@ def test_a_training_error_declines_the_hosts_instances_uniformly(
     def broken(*args: object, **kwargs: object) -> object:
         raise RuntimeError("a tensor went astray")
 
+    from dispers.core.wire import ContributionLayout
+    from dispers.crypto.observe import recording
+
+    engine = engine_for(tmp_path, plain_cfg(cohort=N))  # (it times a training to set the round time)
     monkeypatch.setattr(local, "train_batched", broken)
-    engine = engine_for(tmp_path, plain_cfg(cohort=N))
     w = get_flat(build_model("logreg", ModelShape(64, 10)))
     try:
-        qid = engine._querier.submit_round(engine.plan(0, w))
-        record, _ = engine._querier.round_outcome(qid, len(w), 60.0)
+        with recording() as seen:
+            qid = engine._querier.submit_round(engine.plan(0, w))
+            record, _ = engine._querier.round_outcome(qid, len(w), 60.0)
         counts = conductor(engine).record(qid).counts
     finally:
         engine.close()
     assert counts["unreachable"] == 0 and "fewer contributors than k" in record.error_message
+    records = [s.plaintext for s in seen if s.what == "model update"]
+    opened = ContributionLayout(len(w) + 1).decode_many(records)
+    # Plain declines: an error is not the round time's cut (which an exact policy would count).
+    assert len(opened.declined) == N and opened.declined.all() and (opened.groups == 0).all()
 
 
 def test_a_host_that_raises_anything_is_counted_unreachable(
@@ -293,9 +301,10 @@ def test_the_noise_covers_the_norm_slack_the_aggregator_accepts() -> None:
 def test_hosts_cap_the_local_work_a_querier_asks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, field: str, value: int
 ) -> None:
-    """Unbounded epochs (time: whether anyone trained shows in T's and C's timings, and a
-    denial of service) or batch size (memory) are refused by the host before it looks at anyone,
-    against the cluster's caps; Q checks them first."""
+    """Unbounded epochs (time, and a denial of service) or batch size (memory) are refused against
+    the cluster's caps by Q, then by T (before any host is asked), then by each host before it
+    looks at anyone."""
+    import dispers.protocol.target as tg
     from dispers.core.config import ClusterSettings
 
     caps = {"epochs": "max_local_epochs", "batch_size": "max_local_batch"}
@@ -308,10 +317,14 @@ def test_hosts_cap_the_local_work_a_querier_asks(
         real = lq.TrainingRequest
         monkeypatch.setattr(lq, "TrainingRequest", lambda **kw: real(**{**kw, field: value}))
         qid = engine._querier.submit_round(engine.plan(0, w))
+        by_t, _ = engine._querier.round_outcome(qid, len(w), 60.0)
+        monkeypatch.setattr(tg, "check_local_work", lambda *args: None)
+        qid = engine._querier.submit_round(engine.plan(1, w))  # round 0 was charged: it counts
         engine._querier.round_outcome(qid, len(w), 60.0)
         counts = conductor(engine).record(qid).counts
     finally:
         engine.close()
+    assert by_t.state == "failed" and caps[field] in by_t.error_message
     assert counts["unreachable"] == N
 
 

@@ -279,7 +279,10 @@ def test_training_through_a_running_cluster_on_the_hosts_own_documents(tmp_path:
     from dispers.transport.grpc_client import PersonalCloudClient, client_for
 
     as_of = __import__("datetime").date(2026, 11, 1)
-    cluster = write_cluster(tmp_path, ClusterLayout(k_min=5, batch_size=200, host_as_of=as_of, dp=False))
+    # Hosts answer each round 3 s after they are asked (the cluster's round_time_s).
+    fixed = {"round_time_s": 3.0}
+    layout = ClusterLayout(k_min=5, batch_size=200, host_as_of=as_of, dp=False, extra_settings=fixed)
+    cluster = write_cluster(tmp_path, layout)
     documents = cluster.local_for("pc-1").documents
     assert documents is not None
     with DocumentStore(documents) as store:

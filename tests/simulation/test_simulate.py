@@ -160,6 +160,12 @@ def test_learned_items_follow_the_design_table() -> None:
     assert opened["researcher"] == {"query result": 1}
     # Every byte the Conductor handled is counted, and it relayed both ways.
     assert report.messages["conductor"]["bytes_received"] > 0
+    # The whole simulation's memory, sampled at the same instants over the driver and its
+    # shards: never above the sum of each process's own peak, which adds peaks of other times.
+    memory = report.memory
+    assert memory["total_peak_sampled"]
+    assert max(memory["shard_peak_bytes"]) < memory["total_peak_bytes"] <= memory["sum_of_peaks_bytes"]
+    assert memory["sum_of_peaks_bytes"] == memory["driver_peak_bytes"] + sum(memory["shard_peak_bytes"])
 
 
 def test_thirty_percent_offline_answers_on_the_rest_and_says_how_many_were_missing() -> None:

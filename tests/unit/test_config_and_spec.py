@@ -192,6 +192,14 @@ BAD_CONFIGS = {
     "k_min not an integer": (lambda d: d["cluster"].update(k_min=2.5), ["k_min"]),
     "batch_size 0": (lambda d: d["cluster"].update(batch_size=0), ["batch_size"]),
     "negative timeout": (lambda d: d["cluster"].update(query_timeout_s=-1), ["query_timeout_s"]),
+    "round time above its cap": (
+        lambda d: d["cluster"].update(round_time_s=200.0, max_round_time_s=100.0),
+        ["round_time_s", "max_round_time_s"],
+    ),
+    "round time cap above the transport's": (
+        lambda d: d["cluster"].update(max_round_time_s=1000.0),
+        ["max_round_time_s", "480"],
+    ),
     "backend mongo": (lambda d: _actor_of(d, "tf").update(backend="mongo"), ["backend", "actor[3]"]),
     "sqlite without state_path": (
         lambda d: _actor_of(d, "t").update(backend="sqlite"),

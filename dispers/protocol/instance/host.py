@@ -33,7 +33,7 @@ from dispers.crypto import ActorKeys, seal
 from dispers.crypto.permute import secure_permutation
 from dispers.protocol.api import ConductorAPI
 from dispers.protocol.authz import authorize
-from dispers.protocol.common import CLOCK_SKEW_S, replay_memory_s, seal_padded
+from dispers.protocol.common import CLOCK_SKEW_S, replay_memory_s, seal_padded_strings
 from dispers.protocol.instance.concepts import derive_concepts
 from dispers.protocol.instance.functions import compute_contributions, group_index
 from dispers.state.documents import Documents
@@ -101,13 +101,13 @@ class PersonalCloudHost:
             nonce = secrets.token_bytes(NONCE_BYTES).hex()
             items.append(
                 SubscriptionItem(
-                    sealed_concepts=seal_padded(
+                    sealed_concepts=seal_padded_strings(
                         self._ci_key,
                         {"concepts": row[: settings.max_concepts], "nonce": nonce},
                         settings.concepts_bytes,
                         "concept list",
                     ),
-                    sealed_address=seal_padded(
+                    sealed_address=seal_padded_strings(
                         self._t_key,
                         {"address": self.address(instance_id), "nonce": nonce},
                         settings.address_bytes,

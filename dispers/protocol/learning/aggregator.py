@@ -34,7 +34,7 @@ from dispers.protocol.common import (
     seal_signed,
     verify_envelope,
 )
-from dispers.protocol.learning.messages import TrainingSpec, check_cohort, round_frame_bytes
+from dispers.protocol.learning.messages import DECLINE_CUT, TrainingSpec, check_cohort, round_frame_bytes
 from dispers.protocol.target_finder import ATTESTATION_BYTES
 from dispers.state.budget import BudgetLedger, Spend
 
@@ -128,7 +128,7 @@ class RoundAggregator:
         if spec.cohort != envelope.cohort:  # T checks its request against the same signed number
             raise malformed(f"{what}: its cohort is not the one the querier signed into the round")
         check_cohort(spec.cohort, spec.k, what)
-        state = _Round(spec, envelope, UpdateSum.empty(spec.n_params), frozenset(plan.children(self.name)))
+        state = _Round(spec, envelope, UpdateSum.empty(spec.sum_size), frozenset(plan.children(self.name)))
         if plan.root == self.name:
             tf = self._roster.one(Role.TARGET_FINDER)
             body = open_sealed_signed(
@@ -155,7 +155,10 @@ class RoundAggregator:
         if spec.noise_multiplier is None:
             if self._settings.dp:
                 raise malformed(
-                    "training under the cluster's DP policy needs user-level noise "
+                    "federated evaluation under the cluster's DP policy needs noise "
+                    "(privacy.user_level and evaluation.noise_multiplier)"
+                    if spec.task == "evaluate"
+                    else "training under the cluster's DP policy needs user-level noise "
                     "(privacy.user_level with a noise multiplier and a clip norm)"
                 )
             params = None
@@ -194,7 +197,8 @@ class RoundAggregator:
                 left = self._ledger.status(querier, total).left
                 raise DispersError(
                     exc.code,
-                    f"training stopped before round {spec.round + 1}: it would spend epsilon {eps:.4g} "
+                    f"training stopped before {'evaluation' if spec.task == 'evaluate' else 'round'} "
+                    f"{spec.round + 1}: it would spend epsilon {eps:.4g} "
                     f"(delta {delta:g}) and the querier's budget has epsilon {left.epsilon:.4g} "
                     f"(delta {left.delta:g}) left",
                 ) from None
@@ -245,12 +249,20 @@ class RoundAggregator:
             sound &= (weight > 0) & (weight <= spec.max_weight)
             if spec.weighting == "uniform":
                 sound &= weight == 1.0
-            if spec.clip is not None and len(opened):
+            if spec.task == "evaluate" and len(opened):
+                # (loss / MAX_LOSS, correct, examples): whole counts, 0 <= correct <= examples
+                # and 0 <= loss <= examples (each record's loss is capped at MAX_LOSS).
+                loss, correct = batch.values[:, 0], batch.values[:, 1]
+                with np.errstate(invalid="ignore"):
+                    sound &= (weight == np.round(weight)) & (correct == np.round(correct))
+                    sound &= (correct >= 0) & (correct <= weight) & (loss >= 0) & (loss <= weight)
+            elif spec.clip is not None and len(opened):
                 norms = np.linalg.norm(batch.values[:, :-1], axis=1)
                 sound &= norms <= spec.clip * np.maximum(weight, 0) * (1 + NORM_SLACK)
             partial.drop("out_of_bounds", int((updates & ~sound).sum()))
             partial.add(batch.values[updates & sound])
             partial.declines += int((mine & batch.declined).sum())
+            partial.cut += int((mine & batch.declined & (batch.groups == DECLINE_CUT)).sum())
         return len(ciphertexts)
 
     def end_ingest(self, query_id: str, forwarded: int) -> None:
@@ -277,7 +289,7 @@ class RoundAggregator:
         )
         if body.get("query_id") != query_id or body.get("spec") != _digest(state.spec):
             raise malformed(f"{what} belongs to another round")
-        partial = UpdateSum.from_obj(body.get("partial"), state.spec.n_params)
+        partial = UpdateSum.from_obj(body.get("partial"), state.spec.sum_size)
         if partial.weight > state.spec.max_weight * partial.count * (1 + NORM_SLACK):
             raise malformed(f"{what} carries more weight than its updates may")
         with state.lock:
@@ -327,6 +339,8 @@ class RoundAggregator:
                     "the round rests on more updates than the Target Finder attested targets; "
                     "no model is released",
                 )
+            if spec.task == "evaluate":
+                return self._release_evaluation(state)
             if not self._settings.dp and state.partial.count < spec.k:
                 # The update is exact under this policy: fewer than k contributors could be one
                 # person's. (Under DP it is noised for user-level DP, and the cohort is >= k.)
@@ -348,6 +362,7 @@ class RoundAggregator:
                 "contributed": p.count if exact else None,
                 "declined": p.declines if exact else None,
                 "dropped": sum(p.dropped.values()) if exact else None,
+                "cut": p.cut if exact else None,
                 "epsilon_charged": state.charged[0] if state.charged else 0.0,
                 "epsilon_run": epsilon_after(state.dp, spec.round + 1) if state.dp else 0.0,
                 "budget_left": state.left,
@@ -356,6 +371,44 @@ class RoundAggregator:
                 state.envelope.querier_sealing_key, self._keys.signing, self.name, released,
                 round_frame_bytes(spec.n_params), "round result",
             )  # fmt: skip
+
+    def _release_evaluation(self, state: _Round) -> bytes:
+        """The root's release of an evaluation round: the sums of loss, correct and examples,
+        noised under DP (calibrated to one instance's bound, charged at prepare), never from
+        fewer than k contributors."""
+        from dispers.learn.evaluation import release_sums
+
+        spec, p = state.spec, state.partial
+        if p.count < spec.k:
+            raise DispersError(
+                ErrorCode.FAILED_PRECONDITION,
+                "the evaluation has fewer contributors than k; nothing is released",
+            )
+        sums = release_sums(
+            np.array([p.total[0], p.total[1], p.weight]),
+            noise_multiplier=spec.noise_multiplier,
+            max_examples=spec.max_examples,
+        )
+        exact = not self._settings.dp
+        released: dict[str, object] = {
+            "query_id": spec.query_id,
+            "run_id": spec.run_id,
+            "round": spec.round,
+            "task": "evaluate",
+            "average": base64.b64encode(sums.astype("<f8").tobytes()).decode(),
+            "asked": spec.cohort,
+            "contributed": p.count if exact else None,
+            "declined": p.declines if exact else None,
+            "dropped": sum(p.dropped.values()) if exact else None,
+            "cut": p.cut if exact else None,
+            "epsilon_charged": state.charged[0] if state.charged else 0.0,
+            "epsilon_run": epsilon_after(state.dp, spec.round + 1) if state.dp else 0.0,
+            "budget_left": state.left,
+        }
+        return seal_signed(
+            state.envelope.querier_sealing_key, self._keys.signing, self.name, released,
+            round_frame_bytes(spec.n_params), "round result",
+        )  # fmt: skip
 
     def abort(self, query_id: str) -> None:
         """Forget a round (idempotent); a charged round stays charged."""

@@ -27,6 +27,24 @@ from dispers.core.wire import MAX_FIELDS, ContributionLayout, pad, unpad
 FloatArray = npt.NDArray[np.float64]
 WEIGHTINGS = ("examples", "uniform")
 MAX_WEIGHT = 1_000_000.0  # records one instance may weigh its update by
+DECLINE_CUT = 1  # a decline's reason: its training was stopped by the round time (exact policy only)
+TASKS = ("train", "evaluate")
+# An evaluation record: the instance's loss sum (each record's loss capped at MAX_LOSS, in units
+# of MAX_LOSS), how many of its records the model got right, and how many it evaluated (at most
+# the round's max_examples): each at most max_examples, so one person moves the sums by at most
+# max_examples * sqrt(3) (L2), whatever their data.
+EVAL_FIELDS = 3
+MAX_LOSS = 10.0  # nats of cross-entropy one record may add (a sure wrong answer costs more)
+
+
+def task_layout(task: str, n_params: int) -> ContributionLayout:
+    """The fixed record of a round: an update (n_params values and the weight) or an evaluation."""
+    return ContributionLayout(EVAL_FIELDS if task == "evaluate" else n_params + 1)
+
+
+def eval_sensitivity(max_examples: int) -> float:
+    """L2 bound on one instance's evaluation record (loss in MAX_LOSS units, correct, count)."""
+    return max_examples * math.sqrt(EVAL_FIELDS)
 
 
 def round_frame_bytes(n_params: int) -> int:
@@ -69,8 +87,28 @@ def check_cohort(cohort: int, k: int, what: str) -> None:
         raise malformed(f"{what}: a cohort of {cohort} is below the round's k={k}")
 
 
-def check_local_work(epochs: int, batch_size: int, settings: ClusterSettings) -> None:
-    """The local work asked of a host is within the cluster's caps (Q checks, each host refuses)."""
+def check_task(task: str, max_examples: int, what: str) -> None:
+    """A round trains, or evaluates at most max_examples (>= 1) records per instance."""
+    if task not in TASKS:
+        raise malformed(f"{what}: task must be 'train' or 'evaluate'")
+    if task == "evaluate" and max_examples < 1:
+        raise malformed(f"{what}: an evaluation needs max_examples >= 1")
+
+
+def check_local_work(
+    epochs: int, batch_size: int, round_time_s: float, settings: ClusterSettings, max_examples: int = 0
+) -> None:
+    """The local work asked of a host is within the cluster's caps (Q checks, T and each host
+    refuse): epochs and batch size bound a host's time and memory, the round time how long T
+    waits for each host (and a host holds its answer)."""
+    if not math.isfinite(round_time_s) or round_time_s <= 0:
+        raise malformed("training: round_time_s must be a positive number")
+    if max_examples > settings.max_local_batch:
+        most = settings.max_local_batch
+        raise malformed(f"evaluation: max_examples={max_examples} is above max_local_batch={most}")
+    if round_time_s > settings.max_round_time_s:
+        cap = settings.max_round_time_s
+        raise malformed(f"training: round_time_s={round_time_s:g} is above max_round_time_s={cap:g}")
     if epochs > settings.max_local_epochs:
         raise malformed(f"training: epochs={epochs} is above max_local_epochs={settings.max_local_epochs}")
     if batch_size > settings.max_local_batch:
@@ -118,6 +156,9 @@ class TrainingRequest:
     cohort: int
     aggregators: tuple[str, ...]
     issued_at: float
+    round_time_s: float  # every host answers this long after the request, whatever it did
+    task: str = "train"  # or "evaluate": the global model on each instance's own records
+    max_examples: int = 0  # evaluate: records of each instance evaluated, at most
 
     def __post_init__(self) -> None:
         check_query_id(self.query_id)
@@ -125,11 +166,13 @@ class TrainingRequest:
             raise malformed("training request: weighting must be 'examples' or 'uniform'")
         if not 1 <= self.n_params < MAX_FIELDS:
             raise malformed("training request: the model does not fit a contribution record")
+        check_task(self.task, self.max_examples, "training request")
 
     @property
     def layout(self) -> ContributionLayout:
-        """The fixed record of an update: n_params weighted values, then the weight."""
-        return ContributionLayout(self.n_params + 1)
+        """The fixed record of the round: an update (n_params weighted values, then the weight),
+        or an evaluation (EVAL_FIELDS values)."""
+        return task_layout(self.task, self.n_params)
 
     def to_obj(self) -> dict[str, Any]:
         """JSON form (what Q signs)."""
@@ -164,6 +207,9 @@ class TrainingRequest:
             cohort=_int(obj, "cohort", what, 1),
             aggregators=tuple(aggs),
             issued_at=float(get_field(obj, "issued_at", (int, float), what)),
+            round_time_s=float(_num(obj, "round_time_s", what) or 0.0),
+            task=get_field(obj, "task", str, what),
+            max_examples=_int(obj, "max_examples", what),
         )
 
 
@@ -182,15 +228,24 @@ class TrainingSpec:
     noise_multiplier: float | None  # user-level DP-FedAvg noise at the root, or None
     delta: float
     accountant: str
+    task: str = "train"
+    max_examples: int = 0
 
     @property
     def layout(self) -> ContributionLayout:
-        """The update record of this round."""
-        return ContributionLayout(self.n_params + 1)
+        """The record of this round (an update, or an evaluation)."""
+        return task_layout(self.task, self.n_params)
+
+    @property
+    def sum_size(self) -> int:
+        """Values summed per record besides the weight: the update, or (loss, correct)."""
+        return EVAL_FIELDS - 1 if self.task == "evaluate" else self.n_params
 
     @property
     def max_weight(self) -> float:
-        """The largest weight one update may carry."""
+        """The largest weight one record may carry (an evaluation's: its example count)."""
+        if self.task == "evaluate":
+            return float(self.max_examples)
         return 1.0 if self.weighting == "uniform" else MAX_WEIGHT
 
     def to_obj(self) -> dict[str, Any]:
@@ -224,11 +279,20 @@ class TrainingSpec:
             noise_multiplier=_num(obj, "noise_multiplier", what, optional=True),
             delta=delta,
             accountant=accountant,
+            task=get_field(obj, "task", str, what),
+            max_examples=_int(obj, "max_examples", what),
         )
         check_query_id(spec.query_id)
+        check_task(spec.task, spec.max_examples, what)
         if spec.n_params >= MAX_FIELDS:
             raise malformed(f"{what}: the model does not fit a contribution record")
-        if spec.noise_multiplier is not None and (spec.clip is None or weighting != "uniform" or delta <= 0):
+        if spec.noise_multiplier is not None and delta <= 0:
+            raise malformed(f"{what}: user-level noise needs delta > 0")
+        if (
+            spec.noise_multiplier is not None
+            and spec.task == "train"
+            and (spec.clip is None or weighting != "uniform")
+        ):
             raise malformed(f"{what}: user-level noise needs a clip norm, uniform weighting and delta > 0")
         return spec
 
@@ -276,3 +340,5 @@ class RoundResult:
     epsilon_charged: float
     epsilon_run: float
     budget_left: float | None
+    cut: int | None = None  # declines of instances stopped by the round time (exact policy only)
+    task: str = "train"  # "evaluate": average holds the (noised) sums of loss, correct, examples

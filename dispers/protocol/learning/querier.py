@@ -24,6 +24,8 @@ from dispers.core.messages import QueryEnvelope, request_signing_bytes
 from dispers.crypto import ActorKeys, Opener, seal
 from dispers.protocol.common import open_sealed_signed, seal_padded
 from dispers.protocol.learning.messages import (
+    EVAL_FIELDS,
+    TASKS,
     RoundResult,
     TrainingRequest,
     TrainingRound,
@@ -61,6 +63,9 @@ class RoundPlan:
     noise_multiplier: float | None
     delta: float
     accountant: str
+    round_time_s: float | None = None  # when every host answers; None: the cluster's round_time_s
+    task: str = "train"  # or "evaluate": the weights evaluated on each instance's own records
+    max_examples: int = 0  # evaluate: each instance's records evaluated, at most
 
 
 def build_round(keys: ActorKeys, roster: Roster, settings: ClusterSettings, plan: RoundPlan) -> TrainingRound:
@@ -72,7 +77,8 @@ def build_round(keys: ActorKeys, roster: Roster, settings: ClusterSettings, plan
     if plan.k < settings.k_min:
         raise malformed(f"training: k={plan.k} is below the cluster minimum {settings.k_min}")
     check_cohort(plan.cohort, plan.k, "training")
-    check_local_work(plan.epochs, plan.batch_size, settings)
+    round_time = settings.round_time_s if plan.round_time_s is None else float(plan.round_time_s)
+    check_local_work(plan.epochs, plan.batch_size, round_time, settings, plan.max_examples)
     da_plan = roster.da_plan()
     qid = new_query_id()
     weights = np.asarray(plan.weights, dtype=np.float64)
@@ -81,7 +87,8 @@ def build_round(keys: ActorKeys, roster: Roster, settings: ClusterSettings, plan
         n_params=len(weights), model_digest=model_digest(weights), epochs=plan.epochs,
         batch_size=plan.batch_size, lr=plan.lr, clip=plan.clip, weighting=plan.weighting,
         record_noise=plan.record_noise, record_clip=plan.record_clip, seed=plan.seed, cohort=plan.cohort,
-        aggregators=da_plan.leaves, issued_at=time.time(),
+        aggregators=da_plan.leaves, issued_at=time.time(), round_time_s=round_time, task=plan.task,
+        max_examples=plan.max_examples,
     )  # fmt: skip
     request_bytes = dumps(request.to_obj())
     signature = keys.signing.sign(request_signing_bytes(request_bytes))
@@ -89,6 +96,7 @@ def build_round(keys: ActorKeys, roster: Roster, settings: ClusterSettings, plan
         query_id=qid, k=plan.k, run_id=plan.run_id, round=plan.round, n_params=len(weights),
         clip=plan.clip, weighting=plan.weighting, cohort=plan.cohort,
         noise_multiplier=plan.noise_multiplier, delta=plan.delta, accountant=plan.accountant,
+        task=plan.task, max_examples=plan.max_examples,
     )  # fmt: skip
     unsigned = QueryEnvelope(
         query_id=qid,
@@ -140,7 +148,10 @@ def open_round_result(
     if body.get("query_id") != query_id:
         raise malformed(f"{what} belongs to another query")
     raw = base64.b64decode(get_field(body, "average", str, what))
-    if len(raw) != 8 * n_params:
+    task = body.get("task", "train")
+    if task not in TASKS:
+        raise malformed(f"{what}: unknown task")
+    if len(raw) != 8 * (EVAL_FIELDS if task == "evaluate" else n_params):
         raise malformed(f"{what}: the average has the wrong length")
 
     def opt_int(key: str) -> int | None:
@@ -160,4 +171,6 @@ def open_round_result(
         epsilon_charged=float(get_field(body, "epsilon_charged", (int, float), what)),
         epsilon_run=float(get_field(body, "epsilon_run", (int, float), what)),
         budget_left=float(left) if isinstance(left, int | float) else None,
+        cut=opt_int("cut"),
+        task=str(task),
     )
