@@ -65,7 +65,7 @@ $(FLOWER)/.installed: pyproject.toml
 
 bench-train: $(STAMP) $(FLOWER)/.installed
 	$(PIP) install -e '.[dev,learn,bench]'
-	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_train.py --shards 1,2
 
 clean:
 	rm -rf $(VENV) $(FLOWER) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -20,6 +20,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     s.add_argument(
         "--cluster", help="train through this running cluster (its cluster.toml): engine 'cluster'"
     )
+    s.add_argument(
+        "--shards", type=int, help="override experiment.shards (simulation engine; default one per core)"
+    )
+    s.add_argument("--backend", help="override experiment.backend: where shards run, local or ray")
+    s.add_argument("--address", help="override experiment.address: a running Ray cluster (backend ray)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (also when not a terminal)")
     s.set_defaults(fn=run_train)
 
@@ -48,6 +53,16 @@ def run_train(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, engine=args.engine)
     if args.cluster is not None:
         config = dataclasses.replace(config, engine="cluster", cluster=args.cluster)
+    sharding = {
+        key: value
+        for key, value in (("shards", args.shards), ("backend", args.backend), ("address", args.address))
+        if value is not None
+    }
+    if sharding:
+        if config.engine != "simulation":
+            flags = ", ".join(f"--{key}" for key in sharding)
+            raise DispersError(ErrorCode.CONFIG, f"{flags}: for engine 'simulation' (not {config.engine!r})")
+        config = dataclasses.replace(config, **sharding)  # validated again: errors name the key
     output = Path(args.output) if args.output else Path("runs") / config.name
     progress = not args.no_progress and sys.stderr.isatty()
     result = run_experiment(config, output=output, progress=progress)

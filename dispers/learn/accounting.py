@@ -16,6 +16,7 @@ accounted epsilon, tighter than charging each round on its own.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from dispers.core.errors import DispersError, ErrorCode
@@ -43,8 +44,12 @@ class UserLevelDP:
             raise DispersError(ErrorCode.MALFORMED, "delta must be in (0, 1)")
 
 
+@functools.lru_cache(maxsize=256)
 def epsilon_after(params: UserLevelDP, rounds: int) -> float:
-    """The epsilon of `rounds` rounds at the run's delta, by Opacus' accountant."""
+    """The epsilon of `rounds` rounds at the run's delta, by Opacus' accountant.
+
+    Cached: a round asks for its own and the previous round's epsilon (tens of ms each).
+    """
     if rounds <= 0:
         return 0.0
     from opacus.accountants import PRVAccountant, RDPAccountant

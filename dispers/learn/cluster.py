@@ -98,9 +98,9 @@ def timed_round(config: ExperimentConfig, data: FederatedData, model: nn.Module)
     The data is the experiment's own, so nothing about anyone leaks by it."""
     import copy
 
-    from dispers.learn.engine import local_settings
     from dispers.learn.local import train_batched
     from dispers.learn.models import get_flat
+    from dispers.learn.shards import local_settings
 
     sizes = data.sizes()
     largest = [int(i) for i in np.argsort(-sizes, kind="stable")[: 2 * config.training.cohort] if sizes[i]]

@@ -3,6 +3,8 @@
 ```toml
 [experiment]                  # name, seed, engine = "simulation" | "local" | "grpc"
                               # (local: every actor in process; grpc: each a gRPC service, mTLS)
+                              # simulation: shards (default one per core), backend = "local" | "ray",
+                              # address (an existing Ray cluster)
 [data]                        # dataset = "digits" | "health", instances, split, alpha
 [model]                       # name = "logreg" | "mlp" | "cnn"
 [training]                    # rounds, cohort, local_epochs, batch_size, lr, weighting, clip, batched
@@ -27,6 +29,8 @@ from dispers.learn.models import MODELS
 from dispers.learn.server import OPTIMIZERS
 
 ENGINES = ("simulation", "local", "grpc", "cluster")
+SHARD_BACKENDS = ("local", "ray")
+EXPERIMENT_KEYS = ("address", "backend", "cluster", "engine", "name", "querier", "seed", "shards")
 WEIGHTINGS = ("examples", "uniform")
 
 
@@ -103,6 +107,9 @@ class ExperimentConfig:
     engine: str = "simulation"
     cluster: str | None = None  # engine "cluster": the running cluster's cluster.toml
     querier: str | None = None  # engine "cluster": which querier of its roster (default: the first)
+    shards: int | None = None  # engine "simulation": worker shards (None: one per core, at most instances)
+    backend: str = "local"  # engine "simulation": where shards run, "local" processes or "ray" actors
+    address: str | None = None  # backend "ray": an existing Ray cluster (default: start a local one)
     model: str = "mlp"
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -113,6 +120,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         d, t, s, p = self.data, self.training, self.server, self.privacy
         _choice("experiment.engine", self.engine, ENGINES)
+        _choice("experiment.backend", self.backend, SHARD_BACKENDS)
         _choice("model.name", self.model, tuple(MODELS))
         _choice("data.dataset", d.dataset, DATASETS)
         _choice("data.split", d.split, ("iid", "dirichlet"))
@@ -144,6 +152,14 @@ class ExperimentConfig:
                 raise _bad("training.clip", "must be set under user-level DP (it bounds one person's update)")
             if t.weighting != "uniform":
                 raise _bad("training.weighting", "must be 'uniform' under user-level DP")
+        if self.shards is not None:
+            _int("experiment.shards", self.shards, 1)
+            if self.shards > d.instances:
+                raise _bad("experiment.shards", f"must be at most data.instances ({d.instances})")
+        if self.address is not None and (not isinstance(self.address, str) or not self.address):
+            raise _bad("experiment.address", "must be a Ray cluster's address (a non-empty string)")
+        if self.address is not None and self.backend != "ray":
+            raise _bad("experiment.address", "is for backend 'ray' (a running Ray cluster)")
         if self.engine == "cluster" and not self.cluster:
             raise _bad(
                 "experiment.cluster", "must name the running cluster's cluster.toml for engine 'cluster'"
@@ -206,10 +222,8 @@ def parse_experiment(data: dict[str, Any]) -> ExperimentConfig:
     if not isinstance(exp, dict) or not isinstance(model, dict):
         raise _bad("[experiment] / [model]", "must be tables")
     for key in exp:
-        if key not in ("name", "seed", "engine", "cluster", "querier"):
-            raise _bad(
-                f"experiment.{key}", "is not a known key (known: cluster, engine, name, querier, seed)"
-            )
+        if key not in EXPERIMENT_KEYS:
+            raise _bad(f"experiment.{key}", f"is not a known key (known: {', '.join(EXPERIMENT_KEYS)})")
     for key in model:
         if key != "name":
             raise _bad(f"model.{key}", "is not a known key (known: name)")
@@ -222,6 +236,9 @@ def parse_experiment(data: dict[str, Any]) -> ExperimentConfig:
             engine=exp.get("engine", "simulation"),
             cluster=exp.get("cluster"),
             querier=exp.get("querier"),
+            shards=exp.get("shards"),
+            backend=exp.get("backend", "local"),
+            address=exp.get("address"),
             model=model.get("name", "mlp"),
             data=_section(DataConfig, data.get("data"), "data"),
             training=_section(TrainingConfig, data.get("training"), "training"),

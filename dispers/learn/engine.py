@@ -7,8 +7,10 @@ Both take the global weights and return the round's (noised) average update and 
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import BrokenExecutor, Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -20,11 +22,22 @@ from dispers.learn.accounting import UserLevelDP, epsilon_after, round_charge
 from dispers.learn.aggregate import UpdateSum, average
 from dispers.learn.config import ExperimentConfig
 from dispers.learn.data import FederatedData
-from dispers.learn.local import LocalSettings, train_batched, train_sequential
+from dispers.learn.models import n_params
+from dispers.learn.shards import (
+    Records,
+    ShardPartial,
+    TrainShard,
+    TrainShardSpec,
+    assign_instances,
+    records_digest,
+    shard_records,
+)
+from dispers.simulation.backends import ShardBackend, make_backend
 from dispers.state.budget import MemoryBudgetLedger, Spend
 
 log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
 SIM_QUERIER = "researcher"
 
 
@@ -62,15 +75,6 @@ class RoundEngine(Protocol):
     def close(self) -> None: ...
 
 
-def local_settings(config: ExperimentConfig) -> LocalSettings:
-    """What each instance is told to do locally."""
-    t, p = config.training, config.privacy
-    return LocalSettings(
-        epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, clip=t.clip,
-        record_noise=p.record_noise, record_clip=p.record_clip,
-    )  # fmt: skip
-
-
 def user_level(config: ExperimentConfig, population: int) -> UserLevelDP | None:
     """The run's user-level DP parameters (the sampling rate from the population size)."""
     p = config.privacy
@@ -89,20 +93,71 @@ def budget_message(round_: int, need: float, left: float, what: str = "round") -
 
 
 class SimulationEngine:
-    """Every instance in this process as columns of arrays, one model object, no crypto.
+    """Every instance as columns of arrays in shards, one model object per shard, no crypto.
 
-    The same maths as the actors (clipped updates summed into an UpdateSum, the root's
-    `average`, the accountant and a budget ledger), without sealing: for experiments at scale.
+    The same maths as the actors (clipped updates summed, the root's `average`, the accountant
+    and a budget ledger), without sealing: for experiments at scale. The driver draws the
+    cohort and charges the round; each shard (`dispers.learn.shards`) trains its cohort
+    members and returns one exact partial sum; the driver adds the partials and averages.
+    One shard on the local backend runs in this process; more run as worker processes or Ray
+    actors (`dispers.simulation.backends`), and give the same model bit for bit.
     """
 
-    def __init__(self, config: ExperimentConfig, data: FederatedData, model: nn.Module) -> None:
+    def __init__(
+        self, config: ExperimentConfig, data: FederatedData, model: nn.Module, *, generated: bool = False
+    ) -> None:
+        """`generated`: `data` is what the config's dataset generates, so shards make their own."""
         self._config = config
         self._data = data
         self._model = model
-        self._settings = local_settings(config)
         self._dp = user_level(config, data.n_instances)
         self._ledger = MemoryBudgetLedger()
         self._total = Spend(config.privacy.budget_epsilon, config.privacy.delta)
+        self._n_params = n_params(model)
+        n_shards = config.shards or min(cores(), data.n_instances)
+        self._runs = assign_instances(data.n_instances, n_shards)
+        self._local: TrainShard | None = None
+        self._backend: ShardBackend | None = None
+        whole = (data.x, data.y, data.offsets)
+        if n_shards == 1 and config.backend == "local":
+            self._local = TrainShard(self._spec(self._runs[0], whole))
+            self._local.load()
+            return
+        specs = []
+        for run in self._runs:
+            records = shard_records(data, run, copy=not generated)
+            specs.append(self._spec(run, records, ship=not generated))
+        self._backend = make_backend(config.backend, address=config.address)
+        try:
+            self._backend.start(specs, TrainShard)
+            _results([self._backend.call(s, "load") for s in range(len(specs))])
+        except BaseException:
+            self._backend.close()
+            raise
+
+    def _spec(self, run: range, records: Records, *, ship: bool = True) -> TrainShardSpec:
+        d = self._data
+        return TrainShardSpec(
+            self._config, run, records_digest(records), d.n_features, d.n_classes,
+            records if ship else None,
+        )  # fmt: skip
+
+    def _train(self, round_: int, weights: FloatArray, cohort: IntArray) -> ShardPartial:
+        """Every shard's partial for the cohort, added up."""
+        total = ShardPartial.empty(self._n_params)
+        if self._local is not None:
+            total.merge(self._local.train(round_, weights, cohort.tolist()))
+            return total
+        assert self._backend is not None
+        calls = []
+        for s, run in enumerate(self._runs):
+            members = cohort[(cohort >= run.start) & (cohort < run.stop)]
+            calls.append(self._backend.call(s, "train", round_, weights, members.tolist()))
+        if self._dp is not None:  # while the shards train: the next round's charge (cached)
+            epsilon_after(self._dp, round_ + 2)
+        for part in _results(calls):
+            total.merge(part)
+        return total
 
     def run_round(self, round_: int, weights: FloatArray) -> RoundOutput:
         cfg = self._config
@@ -122,19 +177,8 @@ class SimulationEngine:
                     raise DispersError(exc.code, budget_message(round_, eps, now.left.epsilon)) from None
                 raise
             left = status.left.epsilon
-        sizes = self._data.sizes()[cohort]
-        active = [int(i) for i, n in zip(cohort, sizes, strict=True) if n > 0]
-        records = [self._data.records(i) for i in active]
-        train = train_batched if cfg.training.batched else train_sequential
-        result = train(self._model, weights, records, active, self._settings, seed=cfg.seed, round_=round_)
-        w = (
-            result.examples.astype(np.float64)
-            if cfg.training.weighting == "examples"
-            else np.ones(len(active))
-        )
-        total = UpdateSum.empty(len(weights))
-        total.add(np.concatenate([result.updates * w[:, None], w[:, None]], axis=1))
-        total.declines = len(cohort) - len(active)
+        part = self._train(round_, weights, cohort.astype(np.int64))
+        total = UpdateSum(part.updates.value(), part.weight, part.count, part.declines)
         avg = average(
             total,
             noise_multiplier=self._dp.noise_multiplier if self._dp else None,
@@ -142,8 +186,14 @@ class SimulationEngine:
             cohort=m,
         )
         spent = epsilon_after(self._dp, round_ + 1) if self._dp else 0.0
-        loss = float(np.average(result.losses, weights=np.maximum(result.examples, 1))) if active else None
-        return RoundOutput(avg, m, len(active), len(cohort) - len(active), 0, loss, spent, left, cut=0)
+        loss = float(part.loss.value()[0]) / part.examples if part.count else None
+        return RoundOutput(avg, m, part.count, part.declines, 0, loss, spent, left, cut=0)
+
+    def __enter__(self) -> SimulationEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def run_evaluation(self, index: int, weights: FloatArray) -> EvaluationOutput:
         """Evaluation `index`: a cohort drawn as for training scores `weights` on its own records;
@@ -188,4 +238,23 @@ class SimulationEngine:
         return EvaluationOutput(released, loss, acc, epsilon_after(dp, index + 1) if dp else 0.0, left)
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Stop the shards' workers, if any."""
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+
+def _results(calls: list[Future[Any]]) -> list[Any]:
+    """Every call's result; a worker that died (killed, out of memory) is a DispersError."""
+    try:
+        return [call.result() for call in calls]
+    except BrokenExecutor:
+        raise DispersError(ErrorCode.UNAVAILABLE, "a training shard's worker process died") from None
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -53,10 +53,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
         return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
 
 
-def build_engine(config: ExperimentConfig, data: datasets.FederatedData, model: nn.Module) -> RoundEngine:
-    """The engine the config names."""
+def build_engine(
+    config: ExperimentConfig, data: datasets.FederatedData, model: nn.Module, *, generated: bool = False
+) -> RoundEngine:
+    """The engine the config names (`generated`: `data` is what the config's dataset generates)."""
     if config.engine == "simulation":
-        return SimulationEngine(config, data, model)
+        return SimulationEngine(config, data, model, generated=generated)
     from dispers.learn.cluster import ClusterEngine
 
     return ClusterEngine(config, data, model)
@@ -85,7 +87,7 @@ def run_experiment(
         raise DispersError(ErrorCode.CONFIG, "experiment: the model is too large for one contribution record")
     weights = get_flat(model)
     server = ServerOptimizer(config.server.optimizer, lr=config.server.lr, momentum=config.server.momentum)
-    engine = build_engine(config, fed, model)
+    engine = build_engine(config, fed, model, generated=data is None)
     result = TrainingResult(model)
     bar = None
     if progress:

@@ -1,8 +1,9 @@
 """Where shards run: local worker processes (one per shard) or Ray actors (one per shard).
 
-A backend starts one worker per :class:`ShardSpec` and calls methods of the
-:class:`dispers.simulation.shard.Shard` it holds, answering a
-:class:`concurrent.futures.Future`. Never a process, an actor or a task per instance.
+A backend starts one worker per spec and calls methods of the shard it holds (by default a
+:class:`dispers.simulation.shard.Shard` built from a :class:`ShardSpec`; training passes its
+own shard class), answering a :class:`concurrent.futures.Future`. Never a process, an actor or
+a task per instance.
 """
 
 from __future__ import annotations
@@ -10,21 +11,24 @@ from __future__ import annotations
 import multiprocessing
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 from dispers.core.errors import DispersError, ErrorCode
-from dispers.simulation.shard import Shard, ShardSpec
+from dispers.simulation.shard import Shard
 
 BACKENDS = ("local", "ray")
 
-_shard: Shard | None = None  # the shard of this worker process (local backend)
+# What a worker builds its shard with: a picklable callable (a class) taking the spec.
+ShardFactory = Callable[[Any], Any]
+
+_shard: Any = None  # the shard of this worker process (local backend)
 
 
-def _build(spec: ShardSpec) -> None:
+def _build(factory: ShardFactory, spec: Any) -> None:
     global _shard
-    _shard = Shard(spec)
+    _shard = factory(spec)
 
 
 def _call(method: str, args: tuple[Any, ...]) -> Any:
@@ -37,8 +41,8 @@ class ShardBackend(ABC):
     """Runs the shards of one simulation."""
 
     @abstractmethod
-    def start(self, specs: Sequence[ShardSpec]) -> None:
-        """Start one worker per spec; each builds its shard (they build at once)."""
+    def start(self, specs: Sequence[Any], factory: ShardFactory = Shard) -> None:
+        """Start one worker per spec; each builds its shard, `factory(spec)` (they build at once)."""
 
     @abstractmethod
     def call(self, shard: int, method: str, *args: Any) -> Future[Any]:
@@ -55,12 +59,12 @@ class LocalBackend(ShardBackend):
     def __init__(self) -> None:
         self._pools: list[ProcessPoolExecutor] = []
 
-    def start(self, specs: Sequence[ShardSpec]) -> None:
+    def start(self, specs: Sequence[Any], factory: ShardFactory = Shard) -> None:
         """Start the processes; each builds its shard as its first task."""
         context = multiprocessing.get_context("spawn")
         for spec in specs:
             pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=context, initializer=_build, initargs=(spec,)
+                max_workers=1, mp_context=context, initializer=_build, initargs=(factory, spec)
             )
             self._pools.append(pool)
 
@@ -78,8 +82,8 @@ class LocalBackend(ShardBackend):
 class _RayShard:
     """The Ray actor holding one shard."""
 
-    def __init__(self, spec: ShardSpec) -> None:
-        self._shard = Shard(spec)
+    def __init__(self, factory: ShardFactory, spec: Any) -> None:
+        self._shard = factory(spec)
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self._shard, method)(*args)
@@ -101,7 +105,7 @@ class RayBackend(ShardBackend):
         self._started_ray = False
         self._actors: list[Any] = []
 
-    def start(self, specs: Sequence[ShardSpec]) -> None:
+    def start(self, specs: Sequence[Any], factory: ShardFactory = Shard) -> None:
         """Connect to (or start) Ray and create one actor per shard."""
         ray = self._ray
         if not ray.is_initialized():
@@ -120,7 +124,7 @@ class RayBackend(ShardBackend):
         # One CPU each would stop more shards than cores from starting at all on a small
         # machine; a shard is mostly waiting on the driver, so each asks for a share.
         actor = ray.remote(num_cpus=0.5)(_RayShard)
-        self._actors = [actor.remote(spec) for spec in specs]
+        self._actors = [actor.remote(factory, spec) for spec in specs]
 
     def call(self, shard: int, method: str, *args: Any) -> Future[Any]:
         """Call the shard's actor."""
