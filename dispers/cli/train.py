@@ -21,7 +21,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         "--cluster", help="train through this running cluster (its cluster.toml): engine 'cluster'"
     )
     s.add_argument(
-        "--shards", type=int, help="override experiment.shards (simulation engine; default one per core)"
+        "--shards",
+        type=int,
+        help="override experiment.shards (simulation engine; default one per core from 10,000 instances)",
     )
     s.add_argument("--backend", help="override experiment.backend: where shards run, local or ray")
     s.add_argument("--address", help="override experiment.address: a running Ray cluster (backend ray)")

@@ -3,8 +3,8 @@
 ```toml
 [experiment]                  # name, seed, engine = "simulation" | "local" | "grpc"
                               # (local: every actor in process; grpc: each a gRPC service, mTLS)
-                              # simulation: shards (default one per core), backend = "local" | "ray",
-                              # address (an existing Ray cluster)
+                              # simulation: shards (default one per core from 10,000 instances),
+                              # backend = "local" | "ray", address (an existing Ray cluster)
 [data]                        # dataset = "digits" | "health", instances, split, alpha
 [model]                       # name = "logreg" | "mlp" | "cnn"
 [training]                    # rounds, cohort, local_epochs, batch_size, lr, weighting, clip, batched
@@ -107,7 +107,8 @@ class ExperimentConfig:
     engine: str = "simulation"
     cluster: str | None = None  # engine "cluster": the running cluster's cluster.toml
     querier: str | None = None  # engine "cluster": which querier of its roster (default: the first)
-    shards: int | None = None  # engine "simulation": worker shards (None: one per core, at most instances)
+    # engine "simulation": worker shards (None: one per core from 10,000 instances, else 1)
+    shards: int | None = None
     backend: str = "local"  # engine "simulation": where shards run, "local" processes or "ray" actors
     address: str | None = None  # backend "ray": an existing Ray cluster (default: start a local one)
     model: str = "mlp"

@@ -114,7 +114,7 @@ class SimulationEngine:
         self._ledger = MemoryBudgetLedger()
         self._total = Spend(config.privacy.budget_epsilon, config.privacy.delta)
         self._n_params = n_params(model)
-        n_shards = config.shards or min(cores(), data.n_instances)
+        n_shards = config.shards or default_shards(data.n_instances)
         self._runs = assign_instances(data.n_instances, n_shards)
         self._local: TrainShard | None = None
         self._backend: ShardBackend | None = None
@@ -250,6 +250,17 @@ def _results(calls: list[Future[Any]]) -> list[Any]:
         return [call.result() for call in calls]
     except BrokenExecutor:
         raise DispersError(ErrorCode.UNAVAILABLE, "a training shard's worker process died") from None
+
+
+AUTO_SHARDS_FROM = 10_000
+"""Without `experiment.shards`, populations this large get one shard per core; smaller ones
+train in the driver's process (starting a worker costs 5-12 s here, more than a small
+experiment's rounds, and a cohort of tens gains nothing from being split)."""
+
+
+def default_shards(instances: int) -> int:
+    """The number of shards when the experiment does not say."""
+    return min(cores(), instances) if instances >= AUTO_SHARDS_FROM else 1
 
 
 def cores() -> int:

@@ -254,3 +254,12 @@ def test_a_shard_worker_that_dies_is_a_clear_error(data: FederatedData) -> None:
         assert info.value.code is ErrorCode.UNAVAILABLE and "worker process died" in info.value.message
     finally:
         engine.close()
+
+
+def test_small_populations_train_in_the_driver_and_large_ones_on_a_shard_per_core() -> None:
+    from dispers.learn.engine import AUTO_SHARDS_FROM, cores, default_shards
+
+    assert default_shards(100) == 1
+    assert default_shards(AUTO_SHARDS_FROM - 1) == 1
+    assert default_shards(AUTO_SHARDS_FROM) == min(cores(), AUTO_SHARDS_FROM)
+    assert default_shards(100_000) == cores()
