@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from dispers.core.codec import field as get_field
 from dispers.core.config import ClusterSettings, Roster
@@ -351,26 +352,7 @@ class RoundAggregator:
             avg = average(
                 state.partial, noise_multiplier=spec.noise_multiplier, clip=spec.clip, cohort=spec.cohort
             )
-            exact = not self._settings.dp
-            p = state.partial
-            released: dict[str, object] = {
-                "query_id": query_id,
-                "run_id": spec.run_id,
-                "round": spec.round,
-                "average": base64.b64encode(avg.astype("<f8").tobytes()).decode(),
-                "asked": spec.cohort,
-                "contributed": p.count if exact else None,
-                "declined": p.declines if exact else None,
-                "dropped": sum(p.dropped.values()) if exact else None,
-                "cut": p.cut if exact else None,
-                "epsilon_charged": state.charged[0] if state.charged else 0.0,
-                "epsilon_run": epsilon_after(state.dp, spec.round + 1) if state.dp else 0.0,
-                "budget_left": state.left,
-            }
-            return seal_signed(
-                state.envelope.querier_sealing_key, self._keys.signing, self.name, released,
-                round_frame_bytes(spec.n_params), "round result",
-            )  # fmt: skip
+            return self._sealed_release(state, query_id, avg, {})
 
     def _release_evaluation(self, state: _Round) -> bytes:
         """The root's release of an evaluation round: the sums of loss, correct and examples,
@@ -389,13 +371,21 @@ class RoundAggregator:
             noise_multiplier=spec.noise_multiplier,
             max_examples=spec.max_examples,
         )
+        return self._sealed_release(state, spec.query_id, sums, {"task": "evaluate"})
+
+    def _sealed_release(
+        self, state: _Round, query_id: str, vector: npt.NDArray[np.float64], extra: dict[str, object]
+    ) -> bytes:
+        """A round's release sealed to Q: the released vector, the run's privacy spent, and the
+        exact counts only where the cluster's policy is not DP."""
+        spec, p = state.spec, state.partial
         exact = not self._settings.dp
         released: dict[str, object] = {
-            "query_id": spec.query_id,
+            "query_id": query_id,
             "run_id": spec.run_id,
             "round": spec.round,
-            "task": "evaluate",
-            "average": base64.b64encode(sums.astype("<f8").tobytes()).decode(),
+            **extra,
+            "average": base64.b64encode(vector.astype("<f8").tobytes()).decode(),
             "asked": spec.cohort,
             "contributed": p.count if exact else None,
             "declined": p.declines if exact else None,
