@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import resource
+import socket
 import tempfile
 import threading
 import time
@@ -122,6 +123,13 @@ def _rss(pid: int) -> int | None:
         return None
 
 
+def _local_pids(places: list[tuple[str, int]]) -> list[int] | None:
+    """The shards' process ids if every shard runs on this machine, else None (a Ray cluster's
+    workers elsewhere: a local process of the same id is not theirs)."""
+    here = socket.gethostname()
+    return [int(pid) for host, pid in places] if all(host == here for host, _ in places) else None
+
+
 class _MemorySampler:
     """The resident memory of the driver and its shards, summed at the same instants (every
     `every` seconds): the whole simulation's peak, where the sum of each process's own peak
@@ -129,9 +137,9 @@ class _MemorySampler:
     driver at the end of subscription). Shards on other machines (a remote Ray cluster) are
     not visible here: then only the sum of peaks is reported."""
 
-    def __init__(self, pids: list[int], every: float = 0.25) -> None:
-        self._pids = [os.getpid(), *pids]
-        self.visible = all(_rss(p) is not None for p in self._pids)
+    def __init__(self, pids: list[int] | None, every: float = 0.25) -> None:
+        self._pids = [os.getpid(), *(pids or [])]
+        self.visible = pids is not None and all(_rss(p) is not None for p in self._pids)
         self.peak = 0
         self._stop = threading.Event()
         self._every = every
@@ -354,7 +362,7 @@ def simulate(
             # populate phase's total is each shard's peak so far plus the driver's present size.
             built = [runner.call(s, "usage").result() for s in range(n_shards)]
             populate_peak = (_rss(os.getpid()) or 0) + sum(int(u["peak_rss"]) for u in built)
-            sampler = _MemorySampler([int(runner.call(s, "pid").result()) for s in range(n_shards)])
+            sampler = _MemorySampler(_local_pids([runner.call(s, "where").result() for s in range(n_shards)]))
             sampler.start()
 
             start, cpu_start = time.perf_counter(), time.process_time()

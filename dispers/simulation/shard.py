@@ -17,6 +17,7 @@ import hashlib
 import math
 import os
 import resource
+import socket
 import threading
 import time
 from collections import Counter
@@ -351,9 +352,10 @@ class Shard:
         """What every instance of this shard holds, by the reference code, and its faults."""
         return self._truth
 
-    def pid(self) -> int:
-        """This worker's process id (the driver samples its memory while the simulation runs)."""
-        return os.getpid()
+    def where(self) -> tuple[str, int]:
+        """This worker's host name and process id (the driver samples the memory of the
+        workers on its own machine while the simulation runs)."""
+        return socket.gethostname(), os.getpid()
 
     def usage(self) -> dict[str, object]:
         """This worker's peak memory (bytes) and the plaintexts opened in it, by (actor, kind)."""
