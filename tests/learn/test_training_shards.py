@@ -124,24 +124,9 @@ def test_sharded_rounds_equal_the_unsharded_engine_round_by_round(data: Federate
             w = w + got.average_update
 
 
-def test_two_ray_shards_train_the_same_model(data: FederatedData, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("ray")
-    import ray
-
-    # As in tests/simulation: a slow control server or raylet on a loaded machine is Ray's, not ours.
-    monkeypatch.setenv("RAY_gcs_server_port_wait_time_s", "180")
-    for attempt in range(3):
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as exc:  # Ray raises bare Exception / RuntimeError on a slow start
-            ray.shutdown()
-            if attempt == 2:
-                pytest.skip(f"a local Ray did not start on this machine: {str(exc)[:120]}")
-    try:
-        on_ray = run_experiment(experiment(shards=2, backend="ray", rounds=2), data=data)
-    finally:
-        ray.shutdown()
+@pytest.mark.usefixtures("local_ray")
+def test_two_ray_shards_train_the_same_model(data: FederatedData) -> None:
+    on_ray = run_experiment(experiment(shards=2, backend="ray", rounds=2), data=data)
     local = run_experiment(experiment(shards=1, rounds=2), data=data)
     np.testing.assert_array_equal(get_flat(on_ray.model), get_flat(local.model))
 

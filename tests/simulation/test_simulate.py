@@ -116,27 +116,10 @@ def test_20000_instances_equal_direct_computation_whatever_the_shards_and_crypto
     run_sizes(20_000)
 
 
-def test_ray_backend_two_shards_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("ray")
-    import ray
-
-    # Ray waits 30 s for its control server's port by default: too short on a loaded machine.
-    monkeypatch.setenv("RAY_gcs_server_port_wait_time_s", "180")
-    # Its raylet gets a fixed 30 s to register, which a machine shared with other test suites
-    # sometimes misses: try three times, and only then give up on Ray itself (not on dispers).
-    for attempt in range(3):
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as exc:  # Ray raises bare Exception / RuntimeError on a slow start
-            ray.shutdown()
-            if attempt == 2:
-                pytest.skip(f"a local Ray did not start on this machine: {str(exc)[:120]}")
-    try:
-        truth, _ = expected(2_000, 3)
-        check(simulate(scenario(2_000), shards=2, backend="ray", crypto="real"), truth)
-    finally:
-        ray.shutdown()
+@pytest.mark.usefixtures("local_ray")
+def test_ray_backend_two_shards_gives_the_same_result() -> None:
+    truth, _ = expected(2_000, 3)
+    check(simulate(scenario(2_000), shards=2, backend="ray", crypto="real"), truth)
 
 
 def test_learned_items_follow_the_design_table() -> None:
