@@ -83,6 +83,9 @@ def run_train(args: argparse.Namespace) -> int:
             r = federated[-1]
             print(f"federated accuracy {r.federated_accuracy:.4f}, federated loss {r.federated_loss:.4f} "
                   f"(round {r.round + 1}, on the instances' own records)")  # fmt: skip
+    unreleased = sum(not r.released for r in result.rounds)
+    if unreleased:
+        print(f"{unreleased} round(s) released nothing: fewer than k instances contributed (no DP)")
     if result.stopped:
         print(result.stopped)
     for path in result.outputs:

@@ -29,7 +29,7 @@ from dispers.core.errors import DispersError, ErrorCode
 from dispers.core.messages import SubscriptionOp
 from dispers.learn.config import ExperimentConfig
 from dispers.learn.data import FederatedData
-from dispers.learn.engine import EvaluationOutput, RoundOutput
+from dispers.learn.engine import K_MIN, EvaluationOutput, RoundOutput
 from dispers.learn.models import n_params
 from dispers.protocol.data_aggregator import DataAggregator
 from dispers.protocol.instance.host import PersonalCloudHost
@@ -57,7 +57,7 @@ def write_training_cluster(
     data: FederatedData,
     *,
     dp: bool,
-    k_min: int = 5,
+    k_min: int = K_MIN,
     leaf_aggregators: int = 2,
     extra_settings: dict[str, float] | None = None,
     insecure: bool = False,
@@ -140,6 +140,7 @@ class ClusterEngine:
         self._tmp = None
         self.das: dict[str, DataAggregator] = {}
         self._round_time: float | None = None  # None: the running cluster's round_time_s
+        self.clock = "real"  # "simulated": hosts answer when done, each round counted as its round time
         if config.engine == "cluster":
             self._join(config)
             return
@@ -164,6 +165,9 @@ class ClusterEngine:
         self.das = {n: a for n, a in actors.items() if isinstance(a, DataAggregator)}
         host = actors[HOST]
         assert isinstance(host, PersonalCloudHost)
+        self.clock = "real" if config.engine == "grpc" else (config.training.clock or "simulated")
+        if self.clock == "simulated":
+            host.simulate_round_time()
         host.serve_training_data(config.data.dataset, instance_ids(data.n_instances), data)
         self._k = cluster_config.settings.k_min
         if config.training.round_time_s is None:
@@ -227,6 +231,12 @@ class ClusterEngine:
             host.subscribe_all(SubscriptionOp.SUBSCRIBE)
         self._querier = querier
         return {s.name: s.actor for s in servers}
+
+    @property
+    def round_time_s(self) -> float:
+        """How long each round lasts: on the real clock, or counted so on a simulated one."""
+        t = self._config.training.round_time_s or self._round_time
+        return float(t if t is not None else self.cluster_config.settings.round_time_s)
 
     def plan(self, round_: int, weights: FloatArray) -> RoundPlan:
         """What the Querier asks of round `round_`."""

@@ -32,6 +32,7 @@ ENGINES = ("simulation", "local", "grpc", "cluster")
 SHARD_BACKENDS = ("local", "ray")
 EXPERIMENT_KEYS = ("address", "backend", "cluster", "engine", "name", "querier", "seed", "shards")
 WEIGHTINGS = ("examples", "uniform")
+CLOCKS = ("simulated", "real")
 
 
 def _bad(key: str, message: str) -> DispersError:
@@ -63,6 +64,10 @@ class TrainingConfig:
     # When every host answers a round (it stops training by then): None is the cluster's
     # round_time_s, or for the clusters `dispers train` builds itself, timed from the data.
     round_time_s: float | None = None
+    # Engine "local" only: "simulated" (default there) sends each host's answer as soon as its
+    # training is done and counts the round as lasting round_time_s; "real" waits it out, as
+    # the gRPC services and running clusters always do. Training is cut on the real clock either way.
+    clock: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +147,14 @@ class ExperimentConfig:
             _pos("training.clip", t.clip)
         if t.round_time_s is not None:
             _pos("training.round_time_s", t.round_time_s)
+        if t.clock is not None:
+            _choice("training.clock", t.clock, CLOCKS)
+            if t.clock == "simulated" and self.engine != "local":
+                raise _bad(
+                    "training.clock",
+                    f"'simulated' is for engine 'local' (engine {self.engine!r} "
+                    "waits out each round time for real)",
+                )
         if not 0 <= s.momentum < 1:
             raise _bad("server.momentum", "must be in [0, 1)")
         if p.user_level:

@@ -39,6 +39,16 @@ log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 SIM_QUERIER = "researcher"
+K_MIN = 5
+"""The k of the clusters `dispers train` builds (and of the simulation engine): without user-level
+DP, a round's update is exact, and the root releases none resting on fewer contributors."""
+
+
+def below_k(what: str) -> DispersError:
+    """The root's refusal of a release resting on fewer than k contributors (no DP)."""
+    return DispersError(
+        ErrorCode.TOO_FEW_TARGETS, f"{what} has fewer contributors than k; nothing is released"
+    )
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,8 @@ class SimulationEngine:
                 raise
             left = status.left.epsilon
         part = self._train(round_, weights, cohort.astype(np.int64))
+        if self._dp is None and part.count < K_MIN:  # as the root DA: an exact update from < k
+            raise below_k(f"round {round_ + 1}")
         total = UpdateSum(part.updates.value(), part.weight, part.count, part.declines)
         avg = average(
             total,
@@ -227,10 +239,14 @@ class SimulationEngine:
             left = status.left.epsilon
         set_flat(self._model, weights)
         sums = np.zeros(3)
+        contributors = 0
         for i in cohort:
             x, y = self._data.records(int(i))
             if len(y):
                 sums += evaluation_record(self._model, x, y, e.max_examples)
+                contributors += 1
+        if contributors < K_MIN:  # as the root DA, with or without DP
+            raise below_k(f"evaluation {index + 1}")
         released = release_sums(
             sums, noise_multiplier=dp.noise_multiplier if dp else None, max_examples=e.max_examples
         )

@@ -22,12 +22,13 @@ from torch import nn
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.learn import data as datasets
 from dispers.learn.config import ExperimentConfig
-from dispers.learn.engine import RoundEngine, SimulationEngine
+from dispers.learn.engine import RoundEngine, RoundOutput, SimulationEngine
 from dispers.learn.models import ModelShape, build_model, get_flat, n_params, set_flat
 from dispers.learn.report import RoundMetrics, write_outputs
 from dispers.learn.server import ServerOptimizer
 
 log = logging.getLogger(__name__)
+MAX_UNRELEASED = 5  # rounds in a row releasing nothing (fewer than k) before training stops
 FloatArray = npt.NDArray[np.float64]
 
 
@@ -95,42 +96,77 @@ def run_experiment(
 
         bar = tqdm(total=config.training.rounds, unit="round", desc=config.name)
     evaluated = 0  # federated evaluations run
-    eval_epsilon = 0.0
+    eval_epsilon = train_epsilon = 0.0
+    unreleased = 0  # rounds in a row that released nothing
     try:
         for r in range(config.training.rounds):
             start = time.perf_counter()
             try:
-                out = engine.run_round(r, weights)
+                out: RoundOutput | None = engine.run_round(r, weights)
             except DispersError as exc:
                 if exc.code is ErrorCode.BUDGET_EXCEEDED:
                     result.stopped = exc.message
                     log.info("%s", exc.message)
                     break
-                raise
-            weights = server.step(weights, out.average_update)
-            set_flat(model, weights)
+                if exc.code is not ErrorCode.TOO_FEW_TARGETS:
+                    raise
+                # Fewer than k contributed (Poisson's draw, declines, a host down): the root
+                # released nothing, and the model stays as it was for the next round.
+                log.info("round %d released nothing: %s", r + 1, exc.message)
+                out = None
+            if out is not None:
+                weights = server.step(weights, out.average_update)
+                set_flat(model, weights)
+                unreleased = 0
+            else:
+                unreleased += 1
             test_loss, acc = evaluate(model, fed.x_test, fed.y_test)
             fed_loss = fed_acc = None
-            budget_left = out.budget_left
+            if out is not None:
+                budget_left = out.budget_left
+            else:
+                budget_left = result.rounds[-1].budget_left if result.rounds else None
             if config.evaluation.federated and (r + 1) % config.evaluation.every == 0:
                 try:
                     ev = engine.run_evaluation(evaluated, weights)
                 except DispersError as exc:
-                    if exc.code is not ErrorCode.BUDGET_EXCEEDED:
+                    if exc.code is ErrorCode.TOO_FEW_TARGETS:
+                        # Nothing released. Under DP it was charged, and counts in the
+                        # evaluations' accounting: the next one's epsilon includes it.
+                        evaluated += 1
+                        log.info("evaluation %d released nothing: %s", evaluated, exc.message)
+                    elif exc.code is ErrorCode.BUDGET_EXCEEDED:
+                        result.stopped = exc.message
+                        log.info("%s", exc.message)
+                    else:
                         raise
-                    result.stopped = exc.message
-                    log.info("%s", exc.message)
                 else:
                     evaluated += 1
                     fed_loss, fed_acc, eval_epsilon = ev.loss, ev.accuracy, ev.epsilon_spent
                     budget_left = ev.budget_left if ev.budget_left is not None else budget_left
-            row = RoundMetrics(
-                round=r, asked=out.asked, contributed=out.contributed, declined=out.declined,
-                cut=out.cut, unreachable=out.unreachable, train_loss=out.train_loss, test_loss=test_loss,
-                test_accuracy=acc, federated_loss=fed_loss, federated_accuracy=fed_acc,
-                epsilon=out.epsilon_spent + eval_epsilon, budget_left=budget_left,
-                seconds=time.perf_counter() - start,
-            )  # fmt: skip
+            if out is not None:
+                train_epsilon = out.epsilon_spent
+                row = RoundMetrics(
+                    round=r, asked=out.asked, contributed=out.contributed, declined=out.declined,
+                    cut=out.cut, unreachable=out.unreachable, train_loss=out.train_loss,
+                    test_loss=test_loss, test_accuracy=acc, federated_loss=fed_loss,
+                    federated_accuracy=fed_acc, epsilon=train_epsilon + eval_epsilon,
+                    budget_left=budget_left, seconds=time.perf_counter() - start,
+                )  # fmt: skip
+            else:  # only without DP (under DP the root always releases, noised): nothing spent
+                row = RoundMetrics(
+                    round=r, asked=config.training.cohort, contributed=None, declined=None, cut=None,
+                    unreachable=0, train_loss=None, test_loss=test_loss, test_accuracy=acc,
+                    federated_loss=fed_loss, federated_accuracy=fed_acc,
+                    epsilon=train_epsilon + eval_epsilon, budget_left=budget_left,
+                    seconds=time.perf_counter() - start, released=False,
+                )  # fmt: skip
+                if unreleased >= MAX_UNRELEASED:
+                    result.stopped = (
+                        f"{unreleased} rounds in a row had fewer than k contributors and released "
+                        "nothing: raise training.cohort (or use user-level DP)"
+                    )
+                    log.info("%s", result.stopped)
             result.rounds.append(row)
             if on_round is not None:
                 on_round(row)
@@ -155,6 +191,14 @@ def run_experiment(
             "epsilon": result.rounds[-1].epsilon if result.rounds else 0.0,
             "delta": config.privacy.delta if config.privacy.user_level else 0.0,
             "stopped": result.stopped,
+            "rounds_unreleased": sum(not r.released for r in result.rounds),
         }
+        if config.engine != "simulation":
+            from dispers.learn.cluster import ClusterEngine
+
+            assert isinstance(engine, ClusterEngine)
+            # A round lasts its round time; on a simulated clock (engine "local"), only counted so.
+            summary["clock"] = engine.clock
+            summary["round_time_s"] = engine.round_time_s
         result.outputs = write_outputs(output, model, result.rounds, summary)
     return result

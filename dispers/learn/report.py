@@ -30,6 +30,9 @@ class RoundMetrics:
     epsilon: float
     budget_left: float | None
     seconds: float
+    # False: fewer than k instances contributed (no DP), the root released nothing and the
+    # model stayed as it was
+    released: bool = True
 
 
 def write_outputs(

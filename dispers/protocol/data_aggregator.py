@@ -16,6 +16,7 @@ from dispers.core.codec import dumps
 from dispers.core.codec import field as get_field
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
+from dispers.core.expiry import EXPIRY, Timer
 from dispers.core.ids import Role, check_query_id
 from dispers.core.messages import QueryEnvelope
 from dispers.core.spec import MAX_LABEL, MAX_QUANTILES, AggregateSpec
@@ -59,7 +60,7 @@ class _QueryState:
     forwarded: int | None = None  # leaves only: how many items T says it forwarded (stream closed)
     left: tuple[float, float] | None = None  # root, under DP: the querier's budget left once charged
     released: bool = False  # root: the result was sealed to Q (no refund then)
-    timer: threading.Timer | None = None  # forgets the query after query_timeout_s
+    timer: Timer | None = None  # forgets the query after query_timeout_s
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -159,8 +160,6 @@ class DataAggregator:
                 self._budget_total(),
             )
             left = (status.left.epsilon, status.left.delta)
-        timer = threading.Timer(self._settings.query_timeout_s, self._expire, (envelope.query_id,))
-        timer.daemon = True
         with self._lock:
             if envelope.query_id in self._queries:
                 raise DispersError(ErrorCode.REPLAY, "query was already prepared (replay)")
@@ -170,10 +169,12 @@ class DataAggregator:
                 partial=Partial.empty(len(spec.groups), spec.bins, spec.n_fields),
                 expected_children=frozenset(envelope.plan.children(self.name)),
                 attested=attested,
-                timer=timer,
                 left=left,
             )
-        timer.start()
+            qid = envelope.query_id
+            self._queries[qid].timer = EXPIRY.schedule(
+                self._settings.query_timeout_s, lambda: self._expire(qid)
+            )
 
     def ingest(self, caller: str, query_id: str, ciphertexts: Sequence[bytes]) -> int:
         """Open and fold a batch of items; bad ones are dropped and counted, never fatal.

@@ -6,6 +6,7 @@ import base64
 import logging
 import random
 import secrets
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -98,6 +99,10 @@ class Target:
         self._staged: Staging[tuple[SubscriptionOp, list[tuple[bytes, str]]]] = Staging(
             settings.query_timeout_s
         )
+        # Threads kept between training rounds (a thread started per call cost a round about a
+        # millisecond each): host calls, at most MAX_ROUND_CALLS at once per round, and forwards.
+        self._round_calls = ThreadPoolExecutor(max_workers=ROUND_THREADS, thread_name_prefix="t-round")
+        self._round_forwards = ThreadPoolExecutor(max_workers=8, thread_name_prefix="t-round-forward")
 
     def pseudonym(self, address: str) -> bytes:
         """Keyed PRF of an address under T's secret: stable, so re-subscribing changes nothing."""
@@ -369,12 +374,18 @@ class Target:
         workers = min(MAX_ROUND_CALLS, max(1, len(jobs)))
         waves = -(-len(jobs) // workers)
         deadline = time.monotonic() + waves * (request.round_time_s + self._deadline(size))
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="t-round")
-        futures = [pool.submit(ask, job) for job in jobs]
+        slots = threading.BoundedSemaphore(workers)
+        futures: list[Future[list[tuple[str, bytes]] | None]] = []
+        for job in jobs:  # a job is sent when one of this round's slots frees (the next wave)
+            if not slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                break  # past the deadline: the jobs not sent are late like those not answered
+            future = self._round_calls.submit(ask, job)
+            future.add_done_callback(lambda _: slots.release())
+            futures.append(future)
         wait(futures, timeout=max(0.0, deadline - time.monotonic()))
-        pool.shutdown(wait=False, cancel_futures=True)
-        answers = [f.result() if f.done() and not f.cancelled() else None for f in futures]
-        late = sum(1 for f in futures if not f.done())
+        answers = [f.result() if f.done() else None for f in futures]
+        answers += [None] * (len(jobs) - len(futures))
+        late = sum(1 for f in futures if not f.done()) + len(jobs) - len(futures)
         if late:
             log.warning("round %s: %d host call(s) past the round's deadline", envelope.query_id[:8], late)
         for job, pairs in zip(jobs, answers, strict=True):
@@ -391,8 +402,10 @@ class Target:
                 da.ingest_round(envelope.query_id, items[j : j + size])
             da.end_round_ingest(envelope.query_id, len(items))
 
-        with ThreadPoolExecutor(max_workers=len(leaves)) as pool:
-            list(pool.map(forward, leaves))
+        forwards = [self._round_forwards.submit(forward, leaf) for leaf in leaves]
+        wait(forwards)
+        for sent in forwards:
+            sent.result()
         return CollectReport(
             targets=len(pseudonyms),
             forwarded=sum(len(v) for v in per_da.values()),
@@ -410,6 +423,7 @@ def _expired() -> DispersError:
 
 
 MAX_ROUND_CALLS = 256
+ROUND_THREADS = 16 * MAX_ROUND_CALLS  # across concurrent rounds; started only as needed
 """Host calls T has in flight at once in a training round (each waits for the round time)."""
 
 MIN_WINDOW = 1000

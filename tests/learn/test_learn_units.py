@@ -184,6 +184,10 @@ def test_models_fit_one_contribution_record() -> None:
         ({"privacy": {"user_level": True}, "training": {"clip": 1.0}}, "training.weighting"),
         ({"server": {"optimizer": "sgd"}}, "server.optimizer"),
         ({"training": {"round_time_s": 0}}, "training.round_time_s"),
+        ({"training": {"clock": "wall"}}, "training.clock"),
+        # Only the local engine's actors are all one experimenter's: elsewhere the wait is real.
+        ({"experiment": {"engine": "grpc"}, "training": {"clock": "simulated"}}, "training.clock"),
+        ({"experiment": {"engine": "simulation"}, "training": {"clock": "simulated"}}, "training.clock"),
     ],
 )
 def test_config_errors_name_the_bad_key(doc: dict[str, object], key: str) -> None:

@@ -238,6 +238,51 @@ def test_a_round_whose_host_drops_out_is_tolerated_and_reported(
     assert [(r.contributed, r.unreachable) for r in (first, third)] == [(12, 0), (12, 0)]
 
 
+def test_an_experiment_goes_on_past_a_round_with_fewer_than_k_contributors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host is down in round 2: the root releases nothing (no DP, fewer than k), and the
+    experiment keeps its model for round 3 instead of failing; the metrics say which round."""
+    from dispers.protocol.instance.host import PersonalCloudHost
+
+    data = small_digits(12)
+    train = PersonalCloudHost.train
+    calls = {"n": 0}
+
+    def flaky(self: PersonalCloudHost, caller: str, request: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise DispersError(ErrorCode.UNAVAILABLE, "host down")
+        return train(self, caller, request)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PersonalCloudHost, "train", flaky)
+    cfg = config(12, model="logreg", rounds=3, cohort=12)
+    result = run_experiment(cfg, data=data, output=tmp_path / "out")
+    assert [r.released for r in result.rounds] == [True, False, True]
+    assert [r.contributed for r in result.rounds] == [12, None, 12]
+    first, skipped, _ = result.rounds
+    assert (skipped.test_loss, skipped.test_accuracy) == (first.test_loss, first.test_accuracy)
+    assert result.stopped is None
+    csv_rows = (tmp_path / "out" / "metrics.csv").read_text().splitlines()
+    assert csv_rows[0].endswith(",released") and csv_rows[2].endswith(",False")
+
+
+@pytest.mark.parametrize("engine", ["simulation", "local"])
+def test_training_stops_when_rounds_in_a_row_release_nothing(engine: str) -> None:
+    """Two instances of twelve hold records: without DP no round reaches k = 5. The simulation
+    engine refuses as the root does; after MAX_UNRELEASED rounds in a row, training stops with a
+    message saying what to change, and the model is the initial one."""
+    from dispers.learn.experiment import MAX_UNRELEASED
+
+    data = small_digits(12, empty=tuple(range(2, 12)))
+    cfg = dataclasses.replace(config(12, model="logreg", rounds=MAX_UNRELEASED + 3, cohort=12), engine=engine)
+    result = run_experiment(cfg, data=data)
+    assert len(result.rounds) == MAX_UNRELEASED and not any(r.released for r in result.rounds)
+    assert result.stopped is not None and "training.cohort" in result.stopped
+    initial = build_model("logreg", ModelShape(64, 10), seed=cfg.seed)
+    np.testing.assert_array_equal(get_flat(result.model), get_flat(initial))
+
+
 def test_a_round_that_fails_after_its_charge_stays_charged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

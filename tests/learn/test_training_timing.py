@@ -9,10 +9,12 @@ did; a host still training then stops and declines every instance asked, at that
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from dispers.core.wire import ContributionLayout
@@ -28,11 +30,11 @@ N = 6  # k_min of the training cluster is 5: every instance is asked (rate 1)
 EPOCHS, BATCH = 4, 1  # a thousand single-record SGD steps: seconds of work
 
 
-def cfg(dp: bool, round_time_s: float) -> ExperimentConfig:
+def cfg(dp: bool, round_time_s: float, clock: str = "real") -> ExperimentConfig:
     return ExperimentConfig(
         engine="local", model="mlp", seed=2, data=DataConfig(instances=N),
         training=TrainingConfig(rounds=1, cohort=N, local_epochs=EPOCHS, batch_size=BATCH, lr=0.05,
-                                clip=1.0, weighting="uniform", round_time_s=round_time_s),
+                                clip=1.0, weighting="uniform", round_time_s=round_time_s, clock=clock),
         privacy=PrivacyConfig(user_level=dp, noise_multiplier=1.0, delta=1e-5, budget_epsilon=50.0),
     )  # fmt: skip
 
@@ -48,7 +50,13 @@ def training_seconds() -> float:
 
 
 def answer_as_T_sees_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, eligible: bool, dp: bool, round_time_s: float
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    eligible: bool,
+    dp: bool,
+    round_time_s: float,
+    clock: str = "real",
 ) -> tuple[float, list[bytes], int]:
     """One round at a host whose only eligible instance (0) holds records, or whose instances
     all hold none: the seconds T waited for the host's answer, every record the DAs opened,
@@ -67,7 +75,7 @@ def answer_as_T_sees_it(
     monkeypatch.setattr(PersonalCloudHost, "train", timed)
     empty = tuple(range(1, N)) if eligible else tuple(range(N))
     data = small_digits(N, empty=empty)
-    config = cfg(dp, round_time_s)
+    config = cfg(dp, round_time_s, clock)
     model = build_model(config.model, ModelShape(data.n_features, data.n_classes))
     engine = ClusterEngine(config, data, model, directory=tmp_path / ("e" if eligible else "n"))
     w = get_flat(model)
@@ -113,17 +121,18 @@ def test_a_hosts_answer_time_does_not_tell_whether_anyone_trained(
     assert round_time <= t_declined < round_time + 0.15
 
 
-@pytest.mark.parametrize("dp", [True, False])
+@pytest.mark.parametrize(("dp", "clock"), [(True, "real"), (False, "real"), (True, "simulated")])
 def test_a_host_over_its_time_declines_every_instance_at_that_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dp: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dp: bool, clock: str
 ) -> None:
     """A round time shorter than the training: the host stops between batches and answers at the
     round time with a decline of the same length for every instance asked. Under DP the cut
-    instance's decline is like any other; without DP it is marked, so the root can count it."""
+    instance's decline is like any other; without DP it is marked, so the root can count it.
+    A simulated clock cuts training on the real clock too: what is trained does not change."""
     work = training_seconds()
     round_time = min(0.5, work / 3)
     took, records, _ = answer_as_T_sees_it(
-        tmp_path, monkeypatch, eligible=True, dp=dp, round_time_s=round_time
+        tmp_path, monkeypatch, eligible=True, dp=dp, round_time_s=round_time, clock=clock
     )
     assert round_time <= took < round_time + 0.15
     assert len({len(r) for r in records}) == 1
@@ -166,3 +175,27 @@ def test_the_round_time_is_capped_by_the_cluster(
         assert record.state == "failed" and "max_round_time_s" in record.error_message
     else:  # every host refused: all unreachable, nobody trained, no model from nobody
         assert counts["unreachable"] == N and "fewer contributors than k" in record.error_message
+
+
+def test_a_simulated_clock_answers_when_done_and_trains_the_same_model(tmp_path: Path) -> None:
+    """The local engine's default: every actor is the experimenter's object in one process, so no
+    party times the host, and the host answers as soon as it is done. The round is counted as
+    lasting its round time (the summary says so), and the model is the real clock's (up to the
+    order in which the DAs add the updates)."""
+    from dispers.learn.experiment import run_experiment
+
+    data = small_digits(N, empty=())
+    round_time = 3.0
+    runs = {}
+    for clock in ("real", "simulated"):
+        config = cfg(False, round_time, clock)
+        config = dataclasses.replace(config, training=dataclasses.replace(
+            config.training, rounds=2, local_epochs=1, batch_size=8))  # fmt: skip
+        result = run_experiment(config, data=data, output=tmp_path / clock, progress=False)
+        runs[clock] = result
+        summary = json.loads((tmp_path / clock / "metrics.json").read_text())["summary"]
+        assert (summary["clock"], summary["round_time_s"]) == (clock, round_time)
+    assert all(r.seconds >= round_time for r in runs["real"].rounds)
+    assert all(r.seconds < round_time / 2 for r in runs["simulated"].rounds)
+    assert [r.contributed for r in runs["simulated"].rounds] == [N, N]
+    np.testing.assert_allclose(get_flat(runs["simulated"].model), get_flat(runs["real"].model), atol=1e-6)

@@ -50,6 +50,9 @@ class PersonalCloudHost:
     """Serves every instance in one document store; no process or object per instance."""
 
     _trainer_obj: HostTrainer | None = None  # the training half, made on first use (needs torch)
+    # A simulation's host (every actor in one process, see `simulate_round_time`): answers a
+    # training round as soon as it is done, the round counted as lasting its round time.
+    _simulated_time = False
 
     def __init__(
         self,
@@ -238,6 +241,17 @@ class PersonalCloudHost:
         authorize(self._roster, caller, "personal_cloud.train", callee=self.name)
         return self._trainer().answer(request, self._claim)
 
+    def simulate_round_time(self) -> None:
+        """Answer training rounds on a simulated clock: as soon as the work is done, not at the
+        round's fixed time. Only for a cluster whose every actor is one experimenter's objects in
+        one process (the local training engine's), where no other party times the answer; a
+        served host (`dispers serve`) always waits the round time out. Training is still cut
+        when the round time runs out on the real clock, so what is trained does not change."""
+        with self._lock:
+            if self._trainer_obj is not None:
+                raise RuntimeError("simulate_round_time comes before the host's first training round")
+            self._simulated_time = True
+
     def _trainer(self) -> HostTrainer:
         from dispers.protocol.learning.instance import HostTrainer
 
@@ -251,6 +265,7 @@ class PersonalCloudHost:
                     self._store,
                     self._as_of,
                     self._started,
+                    wait_out_round=not self._simulated_time,
                 )
             return self._trainer_obj
 

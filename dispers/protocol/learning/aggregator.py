@@ -22,6 +22,7 @@ import numpy.typing as npt
 from dispers.core.codec import field as get_field
 from dispers.core.config import ClusterSettings, Roster
 from dispers.core.errors import DispersError, ErrorCode, malformed
+from dispers.core.expiry import EXPIRY, Timer
 from dispers.core.ids import Role, check_query_id
 from dispers.core.messages import QueryEnvelope
 from dispers.crypto import ActorKeys, Opener
@@ -57,7 +58,7 @@ class _Round:
     dp: UserLevelDP | None = None
     run: _Run | None = None  # root: the run this round was charged to (never looked up again)
     released: bool = False
-    timer: threading.Timer | None = None
+    timer: Timer | None = None  # forgets the round after query_timeout_s
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -141,14 +142,12 @@ class RoundAggregator:
             self._charge(state, envelope.querier)
         elif attestation:
             raise malformed("only the root aggregator takes the target count")
-        timer = threading.Timer(self._settings.query_timeout_s, self._forget, (envelope.query_id,))
-        timer.daemon = True
-        state.timer = timer
         with self._lock:
             if envelope.query_id in self._rounds:
                 raise DispersError(ErrorCode.REPLAY, "round was already prepared (replay)")
             self._rounds[envelope.query_id] = state
-        timer.start()
+            qid = envelope.query_id
+            state.timer = EXPIRY.schedule(self._settings.query_timeout_s, lambda: self._forget(qid))
 
     def _charge(self, state: _Round, querier: str) -> None:
         """The root's privacy check: DP policy, run bookkeeping and the ledger charge."""
@@ -346,7 +345,7 @@ class RoundAggregator:
                 # The update is exact under this policy: fewer than k contributors could be one
                 # person's. (Under DP it is noised for user-level DP, and the cohort is >= k.)
                 raise DispersError(
-                    ErrorCode.FAILED_PRECONDITION,
+                    ErrorCode.TOO_FEW_TARGETS,
                     "the round has fewer contributors than k; no model is released",
                 )
             avg = average(
@@ -363,7 +362,7 @@ class RoundAggregator:
         spec, p = state.spec, state.partial
         if p.count < spec.k:
             raise DispersError(
-                ErrorCode.FAILED_PRECONDITION,
+                ErrorCode.TOO_FEW_TARGETS,
                 "the evaluation has fewer contributors than k; nothing is released",
             )
         sums = release_sums(

@@ -16,6 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,8 +71,14 @@ class HostTrainer:
         store: Documents,
         as_of: dt.date | None = None,
         started: float | None = None,
+        *,
+        wait_out_round: bool = True,
     ) -> None:
         self.name = name
+        self._wait_out_round = wait_out_round  # False: a simulation's clock (see the host's)
+        # Trainings run beside their answers' clocks, on threads kept between rounds (started
+        # only as concurrent rounds need them).
+        self._training = ThreadPoolExecutor(max_workers=64, thread_name_prefix=f"train-{name}")
         self._opener = Opener(name, keys.sealing)
         self._roster = roster
         self._settings = settings
@@ -181,9 +188,11 @@ class HostTrainer:
                 lambda updates: [seal(keys[j], updates[j]) if j in updates
                                  else seal(keys[j], layout.decline(tr.query_id)) for j in range(n)],
                 tr.query_id,
+                self._training,
             )  # fmt: skip
             sealed = job.result_by(answer_at) or declined
-        time.sleep(max(0.0, answer_at - time.monotonic()))
+        if self._wait_out_round:
+            time.sleep(max(0.0, answer_at - time.monotonic()))
         order = list(range(n))
         self._random.shuffle(order)  # the host's own order: T cannot tie an item to a position
         return ContributionBatch(
@@ -279,6 +288,7 @@ class _Training:
         train: Callable[[Stop], dict[int, bytes]],
         seal_all: Callable[[dict[int, bytes]], list[bytes]],
         query_id: str,
+        pool: ThreadPoolExecutor,
     ) -> None:
         self._stop = threading.Event()
         self._done = threading.Event()
@@ -308,7 +318,7 @@ class _Training:
                     self._result = sealed
             self._done.set()
 
-        threading.Thread(target=run, name=f"train-{query_id[:8]}", daemon=True).start()
+        pool.submit(run)
 
     def result_by(self, deadline: float) -> list[bytes] | None:
         """The sealed records if ready by `deadline`; else None, and the training stops."""
