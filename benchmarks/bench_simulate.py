@@ -161,6 +161,85 @@ def scaling(n: int, scenario: Any, repeat: int) -> list[dict[str, Any]]:
     return rows
 
 
+def central(n: int, scenario: Any, repeat: int) -> list[dict[str, Any]]:
+    """The central actors alone (what the driver does when the shards run elsewhere): the
+    shards build and sign every subscription batch first, then fresh central actors take them
+    all, `inflight` batches at once, with their boxes opened and sealed in the driver's threads
+    (0 workers) or by a pool of two worker processes; alternated `repeat` times."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dispers.core.cluster_files import ClusterLayout, write_cluster
+    from dispers.core.ids import Role
+    from dispers.crypto.pool import CryptoPool, use_pool
+    from dispers.simulation.backends import make_backend
+    from dispers.simulation.driver import _central_actors, _shard_specs, scaled_settings
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dispers-central-") as tmp:
+        config = write_cluster(Path(tmp), ClusterLayout(
+            leaf_aggregators=scenario.leaf_aggregators, hosts=("pc-0", "pc-1"), k_min=scenario.k_min,
+            batch_size=scenario.batch_size, backend="memory", host_as_of=scenario.spec.as_of,
+            insecure=True, dp=False, extra_settings=scaled_settings(n, scenario)))  # fmt: skip
+        runner = make_backend("local")
+        runner.start(_shard_specs(config, scenario.with_overrides(instances=n), 2, True))
+        sizes = [int(runner.call(s, "ready").result()) for s in range(2)]
+        batch = config.settings.batch_size
+        hosts = [e.name for e in config.roster.by_role(Role.PERSONAL_CLOUD)]
+        signed = [
+            (hosts[s], runner.call(s, "subscription_batch", a, min(size, a + batch)).result())
+            for a in range(0, max(sizes), batch)
+            for s, size in enumerate(sizes)
+            if a < size
+        ]
+        runner.close()
+        pool = CryptoPool(2)
+        times: dict[int, list[float]] = {0: [], 2: []}
+        try:
+            for _ in range(repeat):
+                for workers in (0, 2):
+                    cluster = _central_actors(config, runner, lambda _n: None)
+                    subscribe = cluster.conductor.subscribe
+                    with use_pool(pool if workers else None), ThreadPoolExecutor(4) as threads:
+                        start = time.perf_counter()
+                        done = sum(threads.map(subscribe, *zip(*signed, strict=True)))
+                        took = time.perf_counter() - start
+                    cluster.close()
+                    assert done == n, (done, n)
+                    times[workers].append(took)
+                    print(f"central actors alone, {n:,} subscriptions, {workers} crypto workers: "
+                          f"{took:.2f} s", flush=True)  # fmt: skip
+        finally:
+            pool.close()
+    one, two = min(times[0]), min(times[2])
+    sub1, sub2 = _central_floor(n)
+    print(f"best of {repeat}: threads {one:.2f} s, 2 crypto workers {two:.2f} s: {one / two:.2f}x; "
+          f"the central boxes' floor: 1 core {sub1:.2f} s, 2 processes {sub2:.2f} s "
+          f"(threads {one / sub2:.2f}x it, workers {two / sub2:.2f}x)")  # fmt: skip
+    rows.append({"instances": n, "central": True, "threads_s": times[0], "workers_s": times[2],
+                 "floor_1core_s": sub1, "floor_2proc_s": sub2,
+                 "load_average": os.getloadavg()[0]})  # fmt: skip
+    return rows
+
+
+def _central_floor(n: int) -> tuple[float, float]:
+    """The central actors' own boxes per subscription (CI and T each open one and seal one, TF
+    opens two), for n subscriptions: one core, and two processes, from a sample of 5,000."""
+    sizes = [padded_size(SETTINGS.concepts_bytes), padded_size(SETTINGS.address_bytes)]
+    opens = [padded_size(tokens_bytes(SETTINGS)), padded_size(PSEUDONYM_FRAME)]
+    m = min(n, 5000)
+    with ProcessPoolExecutor(2) as pool:
+        pool.submit(int).result()
+        one = _seal_open(sizes + opens, m)  # a seal and an open of each: the central share
+        start = time.perf_counter()
+        list(pool.map(_seal_open, [sizes + opens] * 2, [m // 2, m - m // 2]))
+        two = time.perf_counter() - start
+    # Of the 4 seal+open pairs timed, the central actors do 4 opens and 2 seals.
+    seal_us, open_us = _seal_and_open_us(sizes[0])
+    share = (4 * open_us + 2 * seal_us) / (4 * (open_us + seal_us))
+    return one * n / m * share, two * n / m * share
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
@@ -175,6 +254,10 @@ def main() -> int:
         "--scaling", type=int, metavar="N",
         help="only the query phase over N instances with 1 shard and with 2, alternated --repeat times",
     )  # fmt: skip
+    parser.add_argument(
+        "--central", type=int, metavar="N",
+        help="only the central actors on N prebuilt subscriptions: threads against 2 crypto workers",
+    )  # fmt: skip
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     if args.replot:
@@ -183,6 +266,11 @@ def main() -> int:
     scenario = load_scenario(args.scenario).with_overrides(dp=False)
     rows: list[dict[str, Any]] = []
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (compare ratios)")
+    if args.central:
+        rows = central(args.central, scenario, args.repeat)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
     if args.scaling:
         rows = scaling(args.scaling, scenario, args.repeat)
         if args.json:

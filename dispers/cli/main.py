@@ -363,6 +363,7 @@ def _simulate(args: argparse.Namespace) -> int:
         crypto=args.crypto,
         address=args.address,
         inflight=args.inflight,
+        crypto_workers=args.crypto_workers,
         progress=sys.stderr.isatty() and not args.json,
     )
     if args.json:
@@ -502,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", type=int, help="worker shards (default: one per core)")
     s.add_argument(
         "--inflight", type=int, help="subscription batches in flight (default: shards, at least 2)"
+    )
+    s.add_argument(
+        "--crypto-workers",
+        type=int,
+        help="processes sealing and opening the central actors' batches of boxes (default: one "
+        "per core when the shards run on a Ray cluster at --address, else 0: the driver's threads)",
     )
     s.add_argument(
         "--backend",

@@ -11,6 +11,7 @@ turns it off, and its reports say so.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import nacl.exceptions
 import nacl.public
@@ -18,6 +19,7 @@ import nacl.public
 from dispers.core.errors import DispersError, ErrorCode
 from dispers.crypto.keys import SealingKeyPair, SealingPublicKey
 from dispers.crypto.observe import notify
+from dispers.crypto.pool import MIN_ITEMS, active_pool
 
 SEAL_OVERHEAD = 48  # ephemeral public key (32) + Poly1305 tag (16)
 
@@ -51,14 +53,24 @@ def seal(recipient: SealingPublicKey, plaintext: bytes) -> bytes:
     return bytes(box.encrypt(plaintext))
 
 
+def seal_many(recipient: SealingPublicKey, plaintexts: Sequence[bytes]) -> list[bytes]:
+    """`seal` of each plaintext, in order: across the process's crypto pool for a large batch
+    (dispers.crypto.pool), else in place."""
+    pool = active_pool()
+    if pool is None or not _real_everywhere or len(plaintexts) < MIN_ITEMS:
+        return [seal(recipient, p) for p in plaintexts]
+    return pool.seal_many(recipient.raw, plaintexts)
+
+
 class Opener:
     """Opens boxes sealed to one actor; the only way an actor reads a sealed payload."""
 
-    __slots__ = ("actor", "_box", "_public")
+    __slots__ = ("actor", "_box", "_keypair", "_public")
 
     def __init__(self, actor: str, keypair: SealingKeyPair) -> None:
         self.actor = actor
         self._box = keypair.unseal_box()
+        self._keypair = keypair  # its private half goes to a crypto pool's worker only
         self._public = keypair.public.raw
 
     def open(self, ciphertext: bytes, what: str) -> bytes:
@@ -83,6 +95,24 @@ class Opener:
             ) from None
         notify(self.actor, what, plaintext)
         return plaintext
+
+    def open_many(self, ciphertexts: Sequence[bytes], what: str) -> list[bytes | None]:
+        """`try_open` of each box, in order (None where one does not open): across the process's
+        crypto pool for a large batch, else in place. The plaintexts are observed here either way,
+        as opened by this actor (`what` names them all)."""
+        pool = active_pool()
+        if (
+            pool is None
+            or not _real_everywhere
+            or len(ciphertexts) < MIN_ITEMS
+            or not all(isinstance(c, bytes) and len(c) >= SEAL_OVERHEAD for c in ciphertexts)
+        ):
+            return [self.try_open(c, what) for c in ciphertexts]
+        opened = pool.open_many(self._keypair.private_bytes(), ciphertexts)
+        for plaintext in opened:
+            if plaintext is not None:
+                notify(self.actor, what, plaintext)
+        return opened
 
     def try_open(self, ciphertext: bytes, what: str) -> bytes | None:
         """Open one box or return None (used where bad items are dropped and counted)."""

@@ -17,7 +17,7 @@ from dispers.core.messages import BatchHeader, QueryEnvelope, SubscriptionOp, di
 from dispers.core.spec import Privacy
 from dispers.core.wire import pad, padded_size, unpad
 from dispers.crypto import Opener, seal
-from dispers.crypto.box import sealed_size
+from dispers.crypto.box import seal_many, sealed_size
 from dispers.crypto.keys import SealingPublicKey, SigningKeyPair, VerifyKey
 
 CLOCK_SKEW_S = 60.0
@@ -211,6 +211,30 @@ def seal_padded_strings(
 def open_padded_strings(opener: Opener, ciphertext: bytes, size: int, what: str) -> dict[str, Any]:
     """Open a box sealed with seal_padded_strings."""
     return loads_strings(unpad(opener.open(ciphertext, what), size, what), what)
+
+
+def open_padded_strings_many(
+    opener: Opener, ciphertexts: Sequence[bytes], size: int, what: str
+) -> list[dict[str, Any]]:
+    """open_padded_strings of each box of a batch (across the crypto pool where one is
+    installed); `what` holds "{i}" for the item's index. The first box that does not open fails
+    the batch with the error opening it alone gives."""
+    opened = opener.open_many(ciphertexts, what.replace(" {i}", ""))
+    out = []
+    for i, plaintext in enumerate(opened):
+        item = what.format(i=i)
+        if plaintext is None:
+            opener.open(ciphertexts[i], item)  # raises its BAD_CIPHERTEXT
+            raise malformed(f"{item} does not open")  # (only if it opened the second time)
+        out.append(loads_strings(unpad(plaintext, size, item), item))
+    return out
+
+
+def seal_padded_strings_many(
+    recipient: SealingPublicKey, objs: Sequence[Mapping[str, str | Sequence[str]]], size: int, what: str
+) -> list[bytes]:
+    """seal_padded_strings of each payload of a batch (across the crypto pool where one is installed)."""
+    return seal_many(recipient, [pad(dumps_strings(obj), size, what) for obj in objs])
 
 
 def seal_signed(

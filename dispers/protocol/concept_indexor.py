@@ -24,9 +24,9 @@ from dispers.protocol.common import (
     Staging,
     frame_size,
     open_padded,
-    open_padded_strings,
+    open_padded_strings_many,
     replay_memory_s,
-    seal_padded_strings,
+    seal_padded_strings_many,
     seal_signed,
     signed_tokens_bytes,
     take_to_commit,
@@ -106,17 +106,16 @@ class ConceptIndexor:
             raise malformed("a subscription batch holds an item twice")
         size, out_size = self._settings.concepts_bytes, tokens_bytes(self._settings)
         per_item: list[list[str]] = []
-        sealed: list[bytes] = []
-        for i, ciphertext in enumerate(sealed_concepts):
+        bodies: list[dict[str, str | list[str]]] = []
+        opened = open_padded_strings_many(self._opener, sealed_concepts, size, "subscription {i} concepts")
+        for i, obj in enumerate(opened):
             what = f"subscription {i} concepts"
-            obj = open_padded_strings(self._opener, ciphertext, size, what)
             nonce = hex_bytes(obj.get("nonce"), f"{what} nonce", NONCE_BYTES)
             # An unsubscription carries none: TF removes the instance from every set.
             concepts = self._concepts(field(obj, "concepts", list, what), what, least=0)
             per_item.append(concepts)
-            body = {"tokens": [self.token(c).hex() for c in concepts], "nonce": nonce.hex()}
-            sealed.append(seal_padded_strings(self._tf_key, body, out_size, "token list"))
-        items = tuple(sealed)
+            bodies.append({"tokens": [self.token(c).hex() for c in concepts], "nonce": nonce.hex()})
+        items = tuple(seal_padded_strings_many(self._tf_key, bodies, out_size, "token list"))
         self._staged.put(batch_id, (op, sorted({c for concepts in per_item for c in concepts})))
         signature = self._keys.signing.sign(signed_items_bytes(self.name, batch_id, op, items))
         return SignedItems(items, signature)

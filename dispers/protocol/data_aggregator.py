@@ -206,7 +206,7 @@ class DataAggregator:
                 dropped[reason] = dropped.get(reason, 0) + n
 
         with state.lock:
-            opened: list[bytes] = []
+            fresh: list[bytes] = []
             for ciphertext in ciphertexts:
                 if not isinstance(ciphertext, bytes) or len(ciphertext) != item_size:
                     drop("malformed")  # not even opened: every honest item has this length
@@ -216,7 +216,9 @@ class DataAggregator:
                     drop("duplicate")
                     continue
                 state.seen[item_digest] = None
-                plaintext = self._opener.try_open(ciphertext, "contribution")
+                fresh.append(ciphertext)
+            opened: list[bytes] = []
+            for plaintext in self._opener.open_many(fresh, "contribution"):
                 if plaintext is None:
                     drop("unopenable")
                 elif len(plaintext) != layout.size:

@@ -42,11 +42,11 @@ from dispers.protocol.common import (
     check_batch,
     frame_size,
     open_padded,
-    open_padded_strings,
+    open_padded_strings_many,
     open_signed,
     replay_memory_s,
     same_query,
-    seal_padded_strings,
+    seal_padded_strings_many,
     take_to_commit,
     unpack,
     verify_envelope,
@@ -125,10 +125,12 @@ class Target:
             item_size=frame_size(self._settings.address_bytes),
         )  # fmt: skip
         entries: list[tuple[bytes, str]] = []
-        sealed: list[bytes] = []
-        for i, ciphertext in enumerate(sealed_addresses):
+        bodies: list[dict[str, str]] = []
+        opened = open_padded_strings_many(
+            self._opener, sealed_addresses, self._settings.address_bytes, "subscription {i} address"
+        )
+        for i, obj in enumerate(opened):
             what = f"subscription {i} address"
-            obj = open_padded_strings(self._opener, ciphertext, self._settings.address_bytes, what)
             address = field(obj, "address", str, what)
             nonce = hex_bytes(obj.get("nonce"), f"{what} nonce", NONCE_BYTES)
             if len(address) > MAX_ADDRESS:
@@ -138,9 +140,8 @@ class Target:
                 raise DispersError(ErrorCode.UNAUTHORIZED, f"{what} is not an instance of the signing host")
             pseudonym = self.pseudonym(address)
             entries.append((pseudonym, address))
-            body = {"pseudonym": pseudonym.hex(), "nonce": nonce.hex()}
-            sealed.append(seal_padded_strings(self._tf_key, body, PSEUDONYM_FRAME, "pseudonym"))
-        items = tuple(sealed)
+            bodies.append({"pseudonym": pseudonym.hex(), "nonce": nonce.hex()})
+        items = tuple(seal_padded_strings_many(self._tf_key, bodies, PSEUDONYM_FRAME, "pseudonym"))
         self._staged.put(header.batch_id, (header.op, entries))
         signature = self._keys.signing.sign(signed_items_bytes(self.name, header.batch_id, header.op, items))
         return SignedItems(items, signature)

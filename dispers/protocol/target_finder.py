@@ -26,7 +26,7 @@ from dispers.protocol.common import (
     ReplayGuard,
     frame_size,
     open_padded,
-    open_padded_strings,
+    open_padded_strings_many,
     open_sealed_signed,
     pack,
     replay_memory_s,
@@ -90,18 +90,18 @@ class TargetFinder:
         ):
             raise malformed("a subscription item does not have the cluster's fixed length")
         pairs: list[tuple[list[bytes], bytes]] = []
-        for i, (sealed_tokens, sealed_pseudonym) in enumerate(
-            zip(tokens.items, pseudonyms.items, strict=True)
-        ):
+        token_objs = open_padded_strings_many(self._opener, tokens.items, size, "subscription {i} tokens")
+        pseudonym_objs = open_padded_strings_many(
+            self._opener, pseudonyms.items, PSEUDONYM_FRAME, "subscription {i} pseudonym"
+        )
+        for i, (obj, pobj) in enumerate(zip(token_objs, pseudonym_objs, strict=True)):
             what = f"subscription {i} tokens"
-            obj = open_padded_strings(self._opener, sealed_tokens, size, what)
             raw = field(obj, "tokens", list, what)
             if len(raw) > self._settings.max_concepts:
                 raise malformed(f"{what}: more than {self._settings.max_concepts} tokens")
             toks = [hex_bytes(tk, what, TOKEN_BYTES) for tk in raw]
             nonce = hex_bytes(obj.get("nonce"), f"{what} nonce", NONCE_BYTES)
             what = f"subscription {i} pseudonym"
-            pobj = open_padded_strings(self._opener, sealed_pseudonym, PSEUDONYM_FRAME, what)
             pseudonym = hex_bytes(pobj.get("pseudonym"), what, PSEUDONYM_BYTES)
             if hex_bytes(pobj.get("nonce"), f"{what} nonce", NONCE_BYTES) != nonce:
                 raise malformed(f"subscription {i}: its tokens and pseudonym carry different nonces")

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -37,6 +37,7 @@ from dispers.core.spec import QuerySpec
 from dispers.crypto import observe
 from dispers.crypto.box import set_crypto
 from dispers.crypto.keyfiles import read_key_file
+from dispers.crypto.pool import CryptoPool, use_pool
 from dispers.protocol.api import ConductorAPI, QuerierAPI
 from dispers.protocol.assemble import Closer, assemble_actor
 from dispers.protocol.conductor import Conductor, run_inline
@@ -121,6 +122,16 @@ def _rss(pid: int) -> int | None:
             return int(statm.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _cpu_seconds(pid: int) -> float:
+    """A process's user and system CPU seconds so far (0 where /proc does not show it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _local_pids(places: list[tuple[str, int]]) -> list[int] | None:
@@ -310,8 +321,14 @@ def simulate(
     inflight: int | None = None,
     progress: bool = False,
     num_cpus: int | None = None,
+    crypto_workers: int | None = None,
 ) -> SimulationReport:
-    """Run the scenario's population and query through the protocol; return the report."""
+    """Run the scenario's population and query through the protocol; return the report.
+
+    `crypto_workers`: worker processes on the driver's machine that seal and open the central
+    actors' batches of boxes (dispers.crypto.pool). Default: one per core when the shards run on
+    a Ray cluster elsewhere (`address`), with crypto real; else none (the driver's threads).
+    """
     if crypto not in CRYPTO_MODES:
         raise DispersError(ErrorCode.CONFIG, f"unknown crypto mode {crypto!r}; expected real or off")
     n_shards = default_shards() if shards is None else shards
@@ -321,6 +338,12 @@ def simulate(
     if inflight is not None and inflight < 1:
         raise DispersError(ErrorCode.CONFIG, "--inflight must be at least 1")
     real = crypto == "real"
+    if crypto_workers is not None and (isinstance(crypto_workers, bool) or crypto_workers < 0):
+        raise DispersError(ErrorCode.CONFIG, "--crypto-workers must be 0 or more")
+    # By default only when the shards run elsewhere (a Ray cluster's address): on one machine
+    # the shard processes already keep the cores busy, and workers only add copies and memory.
+    remote = backend == "ray" and address is not None
+    n_workers = (default_shards() if real and remote else 0) if crypto_workers is None else crypto_workers
     answered = [0]
     bar_holder: list[Any] = [None]
     lock = threading.Lock()
@@ -334,7 +357,12 @@ def simulate(
     phases: dict[str, float] = {}
     cpu: dict[str, float] = {}  # the driver's CPU seconds per phase: above the wall time, it used both cores
     runner = make_backend(backend, address=address, num_cpus=num_cpus)
-    with tempfile.TemporaryDirectory(prefix="dispers-sim-") as tmp, _crypto(real), _observed() as seen:
+    with (
+        tempfile.TemporaryDirectory(prefix="dispers-sim-") as tmp,
+        _crypto(real),
+        _observed() as seen,
+        ExitStack() as pool_scope,
+    ):
         config = write_cluster(
             Path(tmp),
             ClusterLayout(
@@ -352,7 +380,11 @@ def simulate(
         cluster = _central_actors(config, runner, on_answer)
         sampler: _MemorySampler | None = None
         populate_peak = 0
+        pool: CryptoPool | None = None
         try:
+            if n_workers and real:
+                pool = CryptoPool(n_workers)
+                pool_scope.enter_context(use_pool(pool))
             start, cpu_start = time.perf_counter(), time.process_time()
             runner.start(_shard_specs(config, scenario, n_shards, real))
             sizes = [int(f.result()) for f in [runner.call(s, "ready") for s in range(n_shards)]]
@@ -362,7 +394,9 @@ def simulate(
             # populate phase's total is each shard's peak so far plus the driver's present size.
             built = [runner.call(s, "usage").result() for s in range(n_shards)]
             populate_peak = (_rss(os.getpid()) or 0) + sum(int(u["peak_rss"]) for u in built)
-            sampler = _MemorySampler(_local_pids([runner.call(s, "where").result() for s in range(n_shards)]))
+            places = [runner.call(s, "where").result() for s in range(n_shards)]
+            local = _local_pids(places)
+            sampler = _MemorySampler(None if local is None else [*local, *(pool.pids() if pool else [])])
             sampler.start()
 
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -395,6 +429,7 @@ def simulate(
             )
             sampler.stop()
             usage = [runner.call(s, "usage").result() for s in range(n_shards)]
+            pool_cpu = [_cpu_seconds(pid) for pid in pool.pids()] if pool else []
         except (BrokenExecutor, OSError) as exc:
             raise DispersError(
                 ErrorCode.UNAVAILABLE, f"a shard's worker failed ({type(exc).__name__}); see its log above"
@@ -409,6 +444,9 @@ def simulate(
             if sampler is not None:
                 sampler.stop()
             gc.unfreeze()
+            pool_scope.close()
+            if pool is not None:
+                pool.close()
             cluster.close()
             runner.close()
     opened: Counter[tuple[str, str]] = Counter(seen)
@@ -457,6 +495,8 @@ def simulate(
         busy=cluster.meter.busy_seconds(),
         driver_cpu=cpu,
         shard_cpu=[float(u["cpu_s"]) for u in usage],
+        crypto_workers=n_workers if real else 0,
+        pool_cpu=pool_cpu,
         memory={
             "driver_peak_bytes": main_peak,
             "shard_peak_bytes": shard_peaks,

@@ -90,6 +90,8 @@ class SimulationReport:
     memory: dict[str, Any]
     learned: dict[str, dict[str, Any]]
     querier: str
+    crypto_workers: int = 0  # processes sealing and opening the central actors' batches
+    pool_cpu: list[float] = dataclasses.field(default_factory=list)  # each one's CPU seconds
 
     def to_obj(self) -> dict[str, Any]:
         """JSON-able form (report.json)."""
@@ -117,6 +119,8 @@ class SimulationReport:
             "busy_s": self.busy,
             "driver_cpu_s": self.driver_cpu,
             "shard_cpu_s": self.shard_cpu,
+            "crypto_workers": self.crypto_workers,
+            "crypto_worker_cpu_s": self.pool_cpu,
             "memory": self.memory,
             "learned": self.learned,
         }
@@ -212,6 +216,11 @@ class SimulationReport:
         ]
         lines += ["", table(["phase", "seconds", "driver CPU s"], rows)]
         lines.append("shard workers' CPU seconds: " + ", ".join(f"{c:.1f}" for c in self.shard_cpu))
+        if self.pool_cpu:
+            lines.append(
+                f"crypto workers' CPU seconds ({self.crypto_workers}, sealing and opening the central "
+                "actors' batches): " + ", ".join(f"{c:.1f}" for c in self.pool_cpu)
+            )
         lines += ["", table(["count", "value"], [[k, f"{v:,}"] for k, v in self.counts.items()])]
         rows = [
             [

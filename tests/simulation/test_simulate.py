@@ -105,6 +105,7 @@ def run_sizes(n: int) -> None:
             report = simulate(scenario(n), shards=shards, crypto=crypto)
             assert report.crypto == crypto and report.shards == shards
             check(report, truth)
+    check(simulate(scenario(n), shards=2, crypto="real", crypto_workers=2), truth)
 
 
 def test_result_equals_direct_computation_whatever_the_shards_and_crypto() -> None:
@@ -122,9 +123,15 @@ def test_ray_backend_two_shards_gives_the_same_result() -> None:
     check(simulate(scenario(2_000), shards=2, backend="ray", crypto="real"), truth)
 
 
-def test_learned_items_follow_the_design_table() -> None:
-    report = simulate(scenario(1_500, leaf_aggregators=2), shards=2, crypto="real")
+@pytest.mark.parametrize("crypto_workers", [0, 2])
+def test_learned_items_follow_the_design_table(crypto_workers: int) -> None:
+    """Also with the central actors' batches opened by worker processes: what a worker opens is
+    counted as opened by the actor whose key it used, in the driver."""
+    report = simulate(
+        scenario(1_500, leaf_aggregators=2), shards=2, crypto="real", crypto_workers=crypto_workers
+    )
     assert report.state == "done"
+    assert report.crypto_workers == crypto_workers and len(report.pool_cpu) == crypto_workers
     n = report.counts["subscribed"]
     targets = report.counts["conductor: targets"]
     opened = {actor: info["opened"] for actor, info in report.learned.items()}

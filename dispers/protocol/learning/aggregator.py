@@ -221,7 +221,7 @@ class RoundAggregator:
         expected = bytes.fromhex(query_id)
         partial = state.partial
         with state.lock:
-            opened: list[bytes] = []
+            fresh: list[bytes] = []
             for ciphertext in ciphertexts:
                 if not isinstance(ciphertext, bytes) or len(ciphertext) != item_size:
                     partial.drop("malformed")
@@ -231,7 +231,9 @@ class RoundAggregator:
                     partial.drop("duplicate")
                     continue
                 state.seen.add(digest)
-                plaintext = self._opener.try_open(ciphertext, "model update")
+                fresh.append(ciphertext)
+            opened: list[bytes] = []
+            for plaintext in self._opener.open_many(fresh, "model update"):
                 if plaintext is None:
                     partial.drop("unopenable")
                 elif len(plaintext) != layout.size:
