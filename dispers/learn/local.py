@@ -21,7 +21,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad_and_value, vmap
 
 from dispers.learn.models import get_flat, set_flat
 
@@ -237,8 +237,8 @@ def train_batched(
         per = F.cross_entropy(out, yb, reduction="none")
         return (per * mb).sum() / mb.sum().clamp(min=1.0)
 
-    step_grad = vmap(grad(loss_fn), in_dims=(0, 0, 0, 0))
-    step_loss = vmap(loss_fn, in_dims=(0, 0, 0, 0))
+    # One forward pass per step gives both the gradient and the loss (the latter for the metric).
+    step = vmap(grad_and_value(loss_fn), in_dims=(0, 0, 0, 0))
     tail_from = np.array(
         [len(p) - _last_epoch_steps(len(y), settings) for p, (_, y) in zip(plans, records, strict=True)]
     )
@@ -249,9 +249,9 @@ def train_batched(
         yb = ys[rows, idx_t[s]]
         mb = mask_t[s]
         in_tail = torch.from_numpy((s >= tail_from).astype(np.float32))
+        g, loss = step(params, xb, yb, mb)
         with torch.no_grad():
-            loss_sum += step_loss(params, xb, yb, mb) * mb.sum(1) * in_tail
-        g = step_grad(params, xb, yb, mb)
+            loss_sum += loss * mb.sum(1) * in_tail
         params = {n: params[n] - settings.lr * g[n] for n in names}
     with torch.no_grad():
         flat = torch.cat([params[n].reshape(k, -1) for n in names], dim=1).to(torch.float64).numpy()

@@ -177,7 +177,13 @@ class HostTrainer:
         fallback = [layout.decline(tr.query_id)] * n
         for j in fresh:
             fallback[j] = layout.decline(tr.query_id, reason)
-        declined = [seal(keys[j], fallback[j]) for j in range(n)]
+
+        def seal_declines() -> list[bytes]:
+            return [seal(keys[j], fallback[j]) for j in range(n)]
+
+        # A served host seals them before training, ready at the round time whatever happens; a
+        # simulation's host (no one times it) only if it sends them: the same boxes, less work.
+        declined = seal_declines() if self._wait_out_round else None
         sealed = declined
         if fresh and model is not None:
             job = _Training(
@@ -191,6 +197,8 @@ class HostTrainer:
                 self._training,
             )  # fmt: skip
             sealed = job.result_by(answer_at) or declined
+        if sealed is None:
+            sealed = seal_declines()
         if self._wait_out_round:
             time.sleep(max(0.0, answer_at - time.monotonic()))
         order = list(range(n))
