@@ -153,7 +153,15 @@ class QueryEnvelope:
     cohort: int = 0
 
     def signing_bytes(self) -> bytes:
-        """The canonical bytes Q signs: every field but the signature."""
+        """The canonical bytes Q signs: every field but the signature (computed once per
+        envelope object: it is immutable, and every actor that holds it verifies them)."""
+        cached = self.__dict__.get("_signing_bytes")
+        if cached is None:
+            cached = self._signing_bytes_uncached()
+            self.__dict__["_signing_bytes"] = cached  # not a field: frozen, eq and replace ignore it
+        return cached
+
+    def _signing_bytes_uncached(self) -> bytes:
         specs = [[name, hashlib.blake2b(ct).hexdigest()] for name, ct in self.sealed_specs]
         return b"dispers-query-v1\x00" + dumps(
             {

@@ -177,12 +177,15 @@ def sign_payload(signing: SigningKeyPair, signer: str, body: dict[str, Any]) -> 
     """Wrap a JSON body with the signer's name and Ed25519 signature (sealed boxes are anonymous)."""
     raw = dumps(body)
     sig = signing.sign(b"dispers-signed-v1\x00" + signer.encode() + b"\x00" + raw)
-    return dumps({"body": raw.decode(), "signer": signer, "sig": sig.hex()})
+    # The wrapper holds only text (the body's canonical JSON, which is ASCII, a name and a hex
+    # signature): orjson writes the same bytes as the standard library, several times faster on
+    # a model-sized body, and nobody signs the wrapper itself.
+    return dumps_strings({"body": raw.decode(), "signer": signer, "sig": sig.hex()})
 
 
 def open_signed(payload: bytes, expected_signer: str, key: VerifyKey, what: str) -> dict[str, Any]:
     """Check a signed payload came from `expected_signer` and return its body."""
-    outer = loads_object(payload, what)
+    outer = loads_strings(payload, what)
     if outer.get("signer") != expected_signer or not isinstance(outer.get("body"), str):
         raise DispersError(ErrorCode.BAD_SIGNATURE, f"{what}: not signed by the expected actor")
     raw = outer["body"].encode()

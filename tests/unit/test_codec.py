@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispers.core.codec import dumps, dumps_strings, loads_list, loads_object, loads_strings
@@ -95,3 +95,25 @@ def test_decoding_errors_name_what_failed_never_the_content(reader: Any) -> None
         loads_list(b'{"a": 1}', "x")
     with pytest.raises(DispersError, match="not valid JSON"):
         loads_list(b"[" * 5000, "x")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=20), max_size=6),
+    st.text(min_size=1, max_size=12, alphabet="abcdefghij-0123456789"),
+)
+def test_the_signed_wrapper_is_the_standard_librarys_bytes(body: dict[str, Any], signer: str) -> None:
+    """sign_payload writes its wrapper with orjson: the bytes the standard library would write
+    (the body is canonical ASCII JSON), so a verifier of either kind reads it alike."""
+    import json
+
+    from dispers.core.codec import dumps
+    from dispers.crypto.keys import SigningKeyPair
+    from dispers.protocol.common import open_signed, sign_payload
+
+    key = SigningKeyPair.generate()
+    wrapped = sign_payload(key, signer, body)
+    outer = json.loads(wrapped)
+    assert wrapped == json.dumps(outer, sort_keys=True, separators=(",", ":")).encode()
+    assert outer["body"].encode() == dumps(body)
+    assert open_signed(wrapped, signer, key.verify_key, "x") == json.loads(dumps(body))

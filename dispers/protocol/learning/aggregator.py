@@ -60,6 +60,10 @@ class _Round:
     released: bool = False
     timer: Timer | None = None  # forgets the round after query_timeout_s
     lock: threading.Lock = field(default_factory=threading.Lock)
+    spec_digest: str = ""  # what partials of this round carry (set at prepare)
+
+    def __post_init__(self) -> None:
+        self.spec_digest = _digest(self.spec)
 
 
 @dataclass
@@ -289,7 +293,7 @@ class RoundAggregator:
         body = open_sealed_signed(
             self._opener, sealed_partial, round_frame_bytes(state.spec.n_params), child, key, what
         )
-        if body.get("query_id") != query_id or body.get("spec") != _digest(state.spec):
+        if body.get("query_id") != query_id or body.get("spec") != state.spec_digest:
             raise malformed(f"{what} belongs to another round")
         partial = UpdateSum.from_obj(body.get("partial"), state.spec.sum_size)
         if partial.weight > state.spec.max_weight * partial.count * (1 + NORM_SLACK):
@@ -326,7 +330,7 @@ class RoundAggregator:
         parent = state.envelope.plan.parent(self.name)
         with state.lock:
             if parent is not None:
-                body = {"query_id": query_id, "partial": state.partial.to_obj(), "spec": _digest(spec)}
+                body = {"query_id": query_id, "partial": state.partial.to_obj(), "spec": state.spec_digest}
                 return seal_signed(
                     self._roster.require(parent, Role.DATA_AGGREGATOR).sealing_key, self._keys.signing,
                     self.name, body, round_frame_bytes(spec.n_params), "partial sum of updates",
