@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -200,9 +201,15 @@ def test_the_same_rounds_over_grpc_and_in_process_give_the_same_model(tmp_path: 
     models = {}
     for engine in ("local", "grpc"):
         cfg = dataclasses.replace(config(10, model="logreg", rounds=2, clip=2.0), engine=engine)
-        result = run_experiment(cfg, data=data)
+        result = run_experiment(cfg, data=data, output=tmp_path / engine)
         assert [r.contributed for r in result.rounds] == [9, 9]
         models[engine] = get_flat(result.model)
+        summary = json.loads((tmp_path / engine / "metrics.json").read_text())["summary"]
+        if engine == "grpc":  # served hosts always wait the round time out
+            assert summary["clock"] == "real"
+            assert all(r.seconds >= summary["round_time_s"] for r in result.rounds)
+        else:
+            assert summary["clock"] == "simulated"
     np.testing.assert_allclose(models["grpc"], models["local"], atol=1e-6)
     assert not np.allclose(models["local"], get_flat(build_model("logreg", ModelShape(64, 10), seed=5)))
 
