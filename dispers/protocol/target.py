@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 import random
 import secrets
@@ -11,6 +12,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import TypeVar
 
 from dispers.core.codec import field, hex_bytes, loads_object
 from dispers.core.config import ClusterSettings, Roster
@@ -215,9 +217,7 @@ class Target:
             host, instance = split_address(address)
             by_host[host].append((instance, leaves[i % len(leaves)]))
         size = self._settings.batch_size
-        jobs = [
-            (host, items[j : j + size]) for host, items in by_host.items() for j in range(0, len(items), size)
-        ]
+        jobs = host_batches(by_host, size)
         forwarder = _Forwarder(
             self._peers, envelope.query_id, leaves, size, self._settings.shuffle_window * size
         )
@@ -338,9 +338,7 @@ class Target:
             host, instance = split_address(address)
             by_host[host].append((instance, leaves[i % len(leaves)]))
         size = self._settings.batch_size
-        jobs = [
-            (host, items[j : j + size]) for host, items in by_host.items() for j in range(0, len(items), size)
-        ]
+        jobs = host_batches(by_host, size)
         per_da: dict[str, list[bytes]] = {leaf: [] for leaf in leaves}
 
         def ask(job: tuple[str, list[tuple[str, str]]]) -> list[tuple[str, bytes]] | None:
@@ -423,6 +421,7 @@ def _expired() -> DispersError:
     )
 
 
+T_ = TypeVar("T_")
 MAX_ROUND_CALLS = 256
 ROUND_THREADS = 16 * MAX_ROUND_CALLS  # across concurrent rounds; started only as needed
 """Host calls T has in flight at once in a training round (each waits for the round time)."""
@@ -490,6 +489,16 @@ class _Forwarder:
         """Stop sending (the query failed: the Conductor aborts the DAs)."""
         for worker in self._workers.values():
             worker.shutdown(wait=False, cancel_futures=True)
+
+
+def host_batches(by_host: dict[str, list[T_]], size: int) -> list[tuple[str, list[T_]]]:
+    """Each host's items in batches of `size`, the hosts taken in turn (a batch of each, then
+    the next of each): the calls in flight reach every host at once, instead of one host's
+    batches all queueing while the others wait for their turn."""
+    per_host = [
+        [(host, items[j : j + size]) for j in range(0, len(items), size)] for host, items in by_host.items()
+    ]
+    return [batch for turn in itertools.zip_longest(*per_host) for batch in turn if batch is not None]
 
 
 def draw_cohort(
