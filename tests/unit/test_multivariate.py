@@ -150,8 +150,13 @@ def test_under_dp_the_coefficients_intervals_cover_the_truth(privacy: Privacy) -
         for name, true in TRUE_BETA.items():
             lo, hi = g.intervals[f"ols.{name}"]
             hits[name] += lo <= true <= hi
-        lo, hi = g.intervals["corr(y,b)"]
-        hits["corr"] += lo <= exact["corr(y,b)"] <= hi  # type: ignore[operator]
+        # About one release in 10,000 noises y's variance below zero: its correlation is then
+        # released as None, with no interval, which counts as a miss here.
+        if "corr(y,b)" in g.intervals:
+            lo, hi = g.intervals["corr(y,b)"]
+            hits["corr"] += lo <= exact["corr(y,b)"] <= hi  # type: ignore[operator]
+        else:
+            assert g.values["corr(y,b)"] is None
     for name, n_hit in hits.items():
         # Conditional on one sample, the coverage of the true coefficient is not exactly 95%
         # (here it measures 95-97% over 400 runs): 85% is far below any honest calibration and
