@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from dispers.cli.main import main
 from dispers.cli.workflow import dataset_instance_ids
@@ -20,9 +18,9 @@ from dispers.learn.cluster import ClusterEngine
 from dispers.learn.config import DataConfig, ExperimentConfig, TrainingConfig
 from dispers.learn.data import FederatedData, digits
 from dispers.learn.experiment import evaluate, run_experiment
-from dispers.learn.local import LocalSettings, batches
-from dispers.learn.models import ModelShape, build_model, get_flat, set_flat
+from dispers.learn.models import ModelShape, build_model, get_flat
 from dispers.state.documents import DocumentStore
+from tests.learn.test_training_protocol import direct_fedavg
 
 N, SEED = 24, 7
 IMPORT = ["import", "--dataset", "digits", "--instances", str(N), "--split", "dirichlet", "--alpha", "0.5",
@@ -74,25 +72,13 @@ def test_import_errors_are_one_line_and_name_what_is_wrong(
 
 
 def direct_round(data: FederatedData, ids: list[str], w0: np.ndarray, cfg: ExperimentConfig) -> np.ndarray:
-    """Ground truth: each instance trained with a plain torch loop on its records, its batches
-    drawn from its id (as a host reading its store draws them); the example-weighted mean."""
-    t = cfg.training
-    model = build_model(cfg.model, ModelShape(64, 10))
-    total, weight = np.zeros_like(w0), 0.0
-    for i, name in enumerate(ids):
-        x, y = data.records(i)
-        seed = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "big")
-        set_flat(model, w0)
-        opt = torch.optim.SGD(model.parameters(), lr=t.lr)
-        plan = batches(len(y), LocalSettings(epochs=t.local_epochs, batch_size=t.batch_size), seed=cfg.seed,
-                       round_=0, instance=seed)  # fmt: skip
-        for b in plan:
-            opt.zero_grad()
-            F.cross_entropy(model(x[b]), y[b]).backward()
-            opt.step()
-        total += len(y) * (get_flat(model) - w0)
-        weight += len(y)
-    return total / weight
+    """Ground truth: the direct FedAvg, each instance's batches drawn from its id (as a host
+    reading its store draws them)."""
+
+    def key(i: int) -> int:
+        return int.from_bytes(hashlib.blake2b(ids[i].encode(), digest_size=4).digest(), "big")
+
+    return direct_fedavg(cfg, data, w0, 0, instance_key=key)
 
 
 def test_dispers_train_on_digits_through_a_running_cluster(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,15 @@ def config(n: int, *, model: str = "mlp", **training: object) -> ExperimentConfi
     )  # fmt: skip
 
 
-def direct_fedavg(cfg: ExperimentConfig, data: FederatedData, w0: np.ndarray, round_: int) -> np.ndarray:
-    """Each instance trained with a plain torch loop on its own records; the example-weighted mean."""
+def direct_fedavg(
+    cfg: ExperimentConfig,
+    data: FederatedData,
+    w0: np.ndarray,
+    round_: int,
+    instance_key: Callable[[int], int] = lambda i: i,
+) -> np.ndarray:
+    """Each instance trained with a plain torch loop on its own records, its batches drawn by
+    `instance_key(i)` (the row itself, as the simulation draws them); the example-weighted mean."""
     settings = LocalSettings(epochs=cfg.training.local_epochs, batch_size=cfg.training.batch_size)
     model = build_model(cfg.model, ModelShape(data.n_features, data.n_classes))
     total, weight = np.zeros_like(w0), 0.0
@@ -56,7 +64,7 @@ def direct_fedavg(cfg: ExperimentConfig, data: FederatedData, w0: np.ndarray, ro
             continue
         set_flat(model, w0)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.training.lr)
-        for b in batches(len(y), settings, seed=cfg.seed, round_=round_, instance=i):
+        for b in batches(len(y), settings, seed=cfg.seed, round_=round_, instance=instance_key(i)):
             opt.zero_grad()
             F.cross_entropy(model(x[b]), y[b]).backward()
             opt.step()
